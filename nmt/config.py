@@ -1,0 +1,240 @@
+"""Typed configuration: the one place where defaults live.
+
+Hydra composes YAML from ``configs/`` on top of these dataclasses (registered as the schema
+``base_config``), so a misspelled key is an error. Entry points turn the composed config into
+plain dataclasses once with :func:`to_config`; nothing below the CLI sees a ``DictConfig``.
+Every check a config value needs happens in ``__post_init__``, before any expensive work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says which and how to fix it."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    _check(value in allowed, f"{name}={value!r} is not valid; choose one of {', '.join(allowed)}.")
+
+
+@dataclass
+class DataConfig:
+    # Where the corpus lives. For format=text the files are DIR/{split}.{lang}[.gz].
+    dir: str = "data/multi30k"
+    src_lang: str = "en"
+    tgt_lang: str = "de"
+    # text: PREFIX.SRC / PREFIX.TGT; tsv: DIR/{split}.tsv (src<TAB>tgt); jsonl: DIR/{split}.jsonl;
+    # hub: a dataset on the Hugging Face hub (hub_name / hub_config), needs network.
+    format: str = "text"
+    train: str = "train"
+    valid: str = "val"
+    test: str = "test_2016_flickr"
+    hub_name: str = ""
+    hub_config: str = ""
+    # If the text files are missing: "multi30k" downloads them, "" fails with a clear message.
+    download: str = "multi30k"
+    # Use only the first N pairs of a split (0 = all). For smoke runs and quick experiments.
+    train_limit: int = 0
+    valid_limit: int = 0
+    # SentencePiece
+    vocab_size: int = 8000
+    joint_vocab: bool = True
+    spm_model_type: str = "unigram"
+    character_coverage: float = 1.0
+    # Filtering of the training split (validation and test are never filtered).
+    max_len: int = 128
+    max_len_ratio: float = 3.0
+    # Batching: a batch holds at most max_tokens padded tokens on its longer side.
+    max_tokens: int = 4096
+    # Where tokenizers and encoded Arrow caches are kept between runs ("" = DIR/.cache).
+    cache_dir: str = ""
+
+    def __post_init__(self) -> None:
+        _one_of("data.format", self.format, ("text", "tsv", "jsonl", "hub"))
+        _one_of("data.download", self.download, ("", "multi30k"))
+        _one_of("data.spm_model_type", self.spm_model_type, ("unigram", "bpe"))
+        _check(bool(self.src_lang) and bool(self.tgt_lang), "data.src_lang and data.tgt_lang must be set.")
+        _check(self.src_lang != self.tgt_lang, "data.src_lang and data.tgt_lang must differ.")
+        _check(self.format != "hub" or bool(self.hub_name), "data.format=hub needs data.hub_name.")
+        _check(self.train_limit >= 0 and self.valid_limit >= 0, "data.train_limit/valid_limit must be >= 0.")
+        _check(100 <= self.vocab_size <= 1_000_000, f"data.vocab_size={self.vocab_size} must be in [100, 1000000].")
+        _check(0.9 <= self.character_coverage <= 1.0, "data.character_coverage must be in [0.9, 1.0].")
+        _check(2 <= self.max_len <= 100_000, f"data.max_len={self.max_len} must be in [2, 100000].")
+        _check(self.max_len_ratio >= 1.0, f"data.max_len_ratio={self.max_len_ratio} must be >= 1.")
+        _check(
+            self.max_tokens >= self.max_len + 2,
+            f"data.max_tokens={self.max_tokens} must be at least data.max_len + 2 = {self.max_len + 2} "
+            "so that the longest kept sentence fits in a batch.",
+        )
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 256
+    n_heads: int = 4
+    enc_layers: int = 3
+    dec_layers: int = 3
+    ffn_dim: int = 1024
+    dropout: float = 0.1  # on residual branches and embeddings
+    attn_dropout: float = 0.0  # on attention probabilities
+    act_dropout: float = 0.0  # after the feed-forward activation
+    activation: str = "relu"
+    norm_first: bool = True  # pre-norm (with a final LayerNorm); false = post-norm
+    positions: str = "sinusoidal"  # or "learned"
+    max_positions: int = 1024
+    tie_output: bool = True  # decoder input embedding == output projection
+    share_embeddings: bool = True  # source embedding == target embedding (needs a joint vocabulary)
+
+    def __post_init__(self) -> None:
+        _one_of("model.activation", self.activation, ("relu", "gelu"))
+        _one_of("model.positions", self.positions, ("sinusoidal", "learned"))
+        for name in ("d_model", "n_heads", "enc_layers", "dec_layers", "ffn_dim", "max_positions"):
+            value = getattr(self, name)
+            _check(0 < value <= 1_000_000, f"model.{name}={value} must be a positive integer.")
+        _check(
+            self.d_model % self.n_heads == 0,
+            f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}.",
+        )
+        for name in ("dropout", "attn_dropout", "act_dropout"):
+            value = getattr(self, name)
+            _check(0.0 <= value < 1.0, f"model.{name}={value} must be in [0, 1).")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    compile: bool = False
+    # optimisation
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    adam_eps: float = 1e-9
+    weight_decay: float = 0.0
+    schedule: str = "inverse_sqrt"  # or "cosine"
+    warmup_steps: int = 1000
+    min_lr: float = 0.0  # floor of the cosine schedule
+    accum_steps: int = 1
+    clip_norm: float = 1.0  # 0 disables clipping
+    label_smoothing: float = 0.1
+    # stopping
+    max_steps: int = 10_000
+    max_epochs: int = 0  # 0 = no limit
+    max_time_min: float = 0.0  # wall-clock limit in minutes, 0 = none
+    patience: int = 0  # validations without improvement before stopping, 0 = never
+    max_bad_steps: int = 5  # NaN/Inf losses in a row before aborting
+    # validation, logging, checkpoints
+    valid_every: int = 1000
+    log_every: int = 50
+    num_samples: int = 3  # sample translations logged at each validation
+    best_metric: str = "bleu"  # bleu | chrf | loss
+    keep_last: int = 5  # numbered checkpoints kept besides latest/best
+    resume: str = ""  # "" = fresh run, "true"/"latest" = latest checkpoint in run_dir, or a path
+
+    def __post_init__(self) -> None:
+        _one_of("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _one_of("train.schedule", self.schedule, ("inverse_sqrt", "cosine"))
+        _one_of("train.best_metric", self.best_metric, ("bleu", "chrf", "loss"))
+        _check(
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            f"train.device={self.device!r} is not valid; use auto, cpu, cuda or cuda:N.",
+        )
+        _check(0 < self.lr < 1.0, f"train.lr={self.lr} must be in (0, 1).")
+        _check(
+            len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+            f"train.betas={list(self.betas)} must be two numbers in [0, 1).",
+        )
+        _check(self.warmup_steps >= 0, "train.warmup_steps must be >= 0.")
+        _check(self.accum_steps >= 1, f"train.accum_steps={self.accum_steps} must be >= 1.")
+        _check(self.clip_norm >= 0, "train.clip_norm must be >= 0 (0 disables clipping).")
+        _check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1).")
+        _check(self.max_steps >= 1, f"train.max_steps={self.max_steps} must be >= 1.")
+        _check(self.max_epochs >= 0 and self.max_time_min >= 0, "train.max_epochs/max_time_min must be >= 0.")
+        _check(self.valid_every >= 1 and self.log_every >= 1, "train.valid_every and train.log_every must be >= 1.")
+        _check(self.keep_last >= 0 and self.patience >= 0, "train.keep_last and train.patience must be >= 0.")
+        _check(self.max_bad_steps >= 1, "train.max_bad_steps must be >= 1.")
+
+    @property
+    def resume_requested(self) -> bool:
+        return self.resume.lower() not in ("", "false", "none", "no", "0")
+
+
+@dataclass
+class DecodeConfig:
+    beam: int = 5  # 1 = greedy
+    len_penalty: float = 1.0  # GNMT alpha: score / ((5 + len) / 6) ** alpha
+    max_len_a: float = 1.2  # hypotheses end at max_len_a * src_len + max_len_b tokens
+    max_len_b: int = 10
+    min_len: int = 1
+    nbest: int = 1
+    batch_size: int = 64  # sentences per batch (cap)
+    max_tokens: int = 4096  # source tokens per batch (cap)
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.beam <= 1000, f"decode.beam={self.beam} must be in [1, 1000].")
+        _check(1 <= self.nbest <= self.beam, f"decode.nbest={self.nbest} must be in [1, decode.beam].")
+        _check(self.len_penalty >= 0, "decode.len_penalty must be >= 0.")
+        _check(self.max_len_a >= 0 and self.max_len_b >= 1, "decode.max_len_a >= 0 and decode.max_len_b >= 1.")
+        _check(self.min_len >= 0, "decode.min_len must be >= 0.")
+        _check(self.batch_size >= 1 and self.max_tokens >= 1, "decode.batch_size and decode.max_tokens must be >= 1.")
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    # Everything a run writes goes here: checkpoints, TensorBoard events, tokenizer, resolved config.
+    run_dir: str = "runs/${name}"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (str/int/float/bool/list only): safe inside a weights_only checkpoint."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        """Rebuild from :meth:`to_dict` output. Unknown keys are an error, missing keys take defaults."""
+
+        def build(klass: type, values: dict[str, Any]) -> Any:
+            names = {f.name for f in dataclasses.fields(klass)}
+            unknown = set(values) - names
+            if unknown:
+                raise ConfigError(f"unknown {klass.__name__} keys: {', '.join(sorted(unknown))}")
+            return klass(**values)
+
+        d = dict(d)
+        parts = {
+            "data": build(DataConfig, d.pop("data", {})),
+            "model": build(ModelConfig, d.pop("model", {})),
+            "train": build(TrainConfig, d.pop("train", {})),
+            "decode": build(DecodeConfig, d.pop("decode", {})),
+        }
+        return build(cls, {**d, **parts})
+
+
+def register_schema() -> None:
+    """Register :class:`Config` with Hydra's ConfigStore as ``base_config`` (see configs/config.yaml)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def to_config(cfg: Any) -> Config:
+    """Turn a composed Hydra/OmegaConf config into a plain :class:`Config` (runs all checks)."""
+    from omegaconf import OmegaConf
+
+    obj = OmegaConf.to_object(cfg)
+    if not isinstance(obj, Config):  # composed without the schema: validate by rebuilding
+        obj = Config.from_dict(obj)
+    return obj
