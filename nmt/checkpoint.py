@@ -92,7 +92,9 @@ def average_checkpoints(paths: list[str | os.PathLike]) -> dict[str, Any]:
         last = load_checkpoint(path)
         weights = last["model"]
         if total and set(weights) != set(total):
-            raise CheckpointError(f"{path} has different parameters from {paths[0]}; average one run's checkpoints.")
+            raise CheckpointError(
+                f"{path} has different parameters from {paths[0]}; average one run's checkpoints."
+            )
         for name, tensor in weights.items():
             if not tensor.is_floating_point():
                 if name in total and not torch.equal(total[name], tensor):

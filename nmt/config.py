@@ -66,7 +66,10 @@ class DataConfig:
         _check(self.src_lang != self.tgt_lang, "data.src_lang and data.tgt_lang must differ.")
         _check(self.format != "hub" or bool(self.hub_name), "data.format=hub needs data.hub_name.")
         _check(self.train_limit >= 0 and self.valid_limit >= 0, "data.train_limit/valid_limit must be >= 0.")
-        _check(100 <= self.vocab_size <= 1_000_000, f"data.vocab_size={self.vocab_size} must be in [100, 1000000].")
+        _check(
+            100 <= self.vocab_size <= 1_000_000,
+            f"data.vocab_size={self.vocab_size} must be in [100, 1000000].",
+        )
         _check(0.9 <= self.character_coverage <= 1.0, "data.character_coverage must be in [0.9, 1.0].")
         _check(2 <= self.max_len <= 100_000, f"data.max_len={self.max_len} must be in [2, 100000].")
         _check(self.max_len_ratio >= 1.0, f"data.max_len_ratio={self.max_len_ratio} must be >= 1.")
@@ -159,7 +162,10 @@ class TrainConfig:
         _check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1).")
         _check(self.max_steps >= 1, f"train.max_steps={self.max_steps} must be >= 1.")
         _check(self.max_epochs >= 0 and self.max_time_min >= 0, "train.max_epochs/max_time_min must be >= 0.")
-        _check(self.valid_every >= 1 and self.log_every >= 1, "train.valid_every and train.log_every must be >= 1.")
+        _check(
+            self.valid_every >= 1 and self.log_every >= 1,
+            "train.valid_every and train.log_every must be >= 1.",
+        )
         _check(self.keep_last >= 0 and self.patience >= 0, "train.keep_last and train.patience must be >= 0.")
         _check(self.max_bad_steps >= 1, "train.max_bad_steps must be >= 1.")
 
@@ -183,9 +189,14 @@ class DecodeConfig:
         _check(1 <= self.beam <= 1000, f"decode.beam={self.beam} must be in [1, 1000].")
         _check(1 <= self.nbest <= self.beam, f"decode.nbest={self.nbest} must be in [1, decode.beam].")
         _check(self.len_penalty >= 0, "decode.len_penalty must be >= 0.")
-        _check(self.max_len_a >= 0 and self.max_len_b >= 1, "decode.max_len_a >= 0 and decode.max_len_b >= 1.")
+        _check(
+            self.max_len_a >= 0 and self.max_len_b >= 1, "decode.max_len_a >= 0 and decode.max_len_b >= 1."
+        )
         _check(self.min_len >= 0, "decode.min_len must be >= 0.")
-        _check(self.batch_size >= 1 and self.max_tokens >= 1, "decode.batch_size and decode.max_tokens must be >= 1.")
+        _check(
+            self.batch_size >= 1 and self.max_tokens >= 1,
+            "decode.batch_size and decode.max_tokens must be >= 1.",
+        )
 
 
 @dataclass

@@ -82,7 +82,9 @@ def test_unreadable_and_foreign_files_give_clear_errors(tmp_path):
 
 
 def test_average_of_checkpoints(tmp_path):
-    paths = [save_checkpoint(minimal_state(w), tmp_path / f"step_{i}.pt") for i, w in enumerate([1.0, 2.0, 6.0])]
+    paths = [
+        save_checkpoint(minimal_state(w), tmp_path / f"step_{i}.pt") for i, w in enumerate([1.0, 2.0, 6.0])
+    ]
     avg = average_checkpoints(paths)
     assert torch.allclose(avg["model"]["w"], torch.full((2, 3), 3.0))
     assert avg["model"]["w"].dtype == torch.float32

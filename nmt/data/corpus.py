@@ -1,0 +1,277 @@
+"""From raw corpus to encoded, filtered Arrow datasets, cached between runs.
+
+:func:`prepare_data` is what training calls. It reads the training and validation splits (failing early on
+bad input), trains or reuses the SentencePiece model, and encodes both splits. Encoded splits are saved
+with ``datasets.Dataset.save_to_disk`` under ``cache_dir/encoded-KEY`` where KEY hashes the split's text,
+the tokenizer model bytes and the filter settings, so a second run with the same data and tokenizer
+only memory-maps the Arrow files and tokenizes nothing.
+
+Filtering (training split only; validation and test are never filtered), with lengths counted in
+SentencePiece pieces without BOS/EOS:
+
+* empty: either side has no pieces (blank lines, whitespace-only lines);
+* too long: either side has more than ``max_len`` pieces;
+* bad ratio: ``max(ls, lt) > max_len_ratio * max(min(ls, lt), RATIO_FLOOR)``. Lengths below RATIO_FLOOR
+  count as RATIO_FLOOR, so short pairs such as "Yes." / "Ja, genau." are not dropped for a ratio
+  that means nothing at that length.
+
+A pair is counted under the first rule it breaks, in that order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+
+from nmt.config import DataConfig
+from nmt.data.download import ensure_multi30k
+from nmt.data.sources import DataError, content_hash, read_split, split_prefix, text_paths
+from nmt.data.tokenizer import Tokenizer
+
+__all__ = [
+    "RATIO_FLOOR",
+    "FilterStats",
+    "PreparedData",
+    "encode_split",
+    "filter_mask",
+    "prepare_data",
+    "read_split",
+    "resolve_cache_dir",
+]
+
+log = logging.getLogger(__name__)
+
+RATIO_FLOOR = 5
+# Bump when the layout or meaning of the encoded cache changes.
+ENCODING_VERSION = 1
+ENCODE_BLOCK = 200_000  # sentences per SentencePiece call
+ID_ARROW = pa.list_(pa.int32())
+ID_LIST = datasets.List(datasets.Value("int32"))
+ENCODED_FEATURES = datasets.Features(
+    {"src_ids": ID_LIST, "tgt_ids": ID_LIST, "index": datasets.Value("int64")}
+)
+
+
+@dataclass
+class FilterStats:
+    total: int
+    empty: int = 0
+    too_long: int = 0
+    bad_ratio: int = 0
+
+    @property
+    def kept(self) -> int:
+        return self.total - self.empty - self.too_long - self.bad_ratio
+
+    def format(self) -> str:
+        return (
+            f"kept {self.kept:,} of {self.total:,} pairs: {self.empty:,} empty, {self.too_long:,} too long, "
+            f"{self.bad_ratio:,} bad ratio"
+        )
+
+
+@dataclass
+class PreparedData:
+    """Everything training needs from the data side."""
+
+    tokenizer: Tokenizer
+    train: datasets.Dataset  # columns src_ids (pieces + EOS), tgt_ids (pieces), index (line in the split)
+    valid: datasets.Dataset  # same columns, unfiltered: row i is validation pair i
+    valid_src: list[str]
+    valid_ref: list[str]
+    train_stats: FilterStats
+    cache_dir: Path
+
+
+def filter_mask(
+    src_lens: np.ndarray, tgt_lens: np.ndarray, max_len: int, max_len_ratio: float
+) -> tuple[np.ndarray, FilterStats]:
+    """Which pairs to keep (bool array) and why the others go; lengths in pieces without BOS/EOS."""
+    src_lens, tgt_lens = np.asarray(src_lens), np.asarray(tgt_lens)
+    empty = (src_lens == 0) | (tgt_lens == 0)
+    too_long = ~empty & ((src_lens > max_len) | (tgt_lens > max_len))
+    shorter = np.maximum(np.minimum(src_lens, tgt_lens), RATIO_FLOOR)
+    bad_ratio = ~empty & ~too_long & (np.maximum(src_lens, tgt_lens) > max_len_ratio * shorter)
+    stats = FilterStats(len(src_lens), int(empty.sum()), int(too_long.sum()), int(bad_ratio.sum()))
+    return ~(empty | too_long | bad_ratio), stats
+
+
+def encode_split(
+    tokenizer: Tokenizer, src: list[str], tgt: list[str], cfg: DataConfig | None = None
+) -> tuple[datasets.Dataset, FilterStats]:
+    """Encode a split in bulk; with ``cfg`` also filter it (training split) by its length rules."""
+    src_ids = _encode_column(tokenizer.encode_src, src)
+    tgt_ids = _encode_column(tokenizer.encode_tgt, tgt)
+    keep = np.ones(len(src), dtype=bool)
+    stats = FilterStats(len(src))
+    if cfg is not None:
+        src_lens = np.diff(src_ids.offsets.to_numpy()) - 1  # pieces: without EOS
+        tgt_lens = np.diff(tgt_ids.offsets.to_numpy())
+        keep, stats = filter_mask(src_lens, tgt_lens, cfg.max_len, cfg.max_len_ratio)
+        if stats.kept == 0:
+            raise DataError(
+                f"no training pairs left after filtering ({stats.format()}); check the data in {cfg.dir} or "
+                "raise data.max_len / data.max_len_ratio."
+            )
+    rows = pa.array(np.flatnonzero(keep))
+    columns = {"src_ids": src_ids.take(rows), "tgt_ids": tgt_ids.take(rows), "index": rows}
+    return datasets.Dataset.from_dict(columns, features=ENCODED_FEATURES), stats
+
+
+def _encode_column(encode: Callable[[list[str]], list[list[int]]], texts: list[str]) -> pa.ListArray:
+    """Encode in large blocks (SentencePiece spreads each over its threads) straight into Arrow.
+
+    pyarrow converts nested id lists far faster than ``datasets``' row-wise typing, and blocks bound the
+    memory held as Python lists on large corpora.
+    """
+    blocks = [
+        pa.array(encode(texts[i : i + ENCODE_BLOCK]), type=ID_ARROW)
+        for i in range(0, len(texts), ENCODE_BLOCK)
+    ]
+    return pa.concat_arrays(blocks) if blocks else pa.array([], type=ID_ARROW)
+
+
+def cached_encode_split(
+    tokenizer: Tokenizer,
+    src: list[str],
+    tgt: list[str],
+    cache_dir: Path,
+    name: str,
+    cfg: DataConfig | None = None,
+) -> tuple[datasets.Dataset, FilterStats]:
+    """:func:`encode_split` through the Arrow cache: reused when text, tokenizer and filter are unchanged."""
+    filter_settings = None if cfg is None else {"max_len": cfg.max_len, "max_len_ratio": cfg.max_len_ratio}
+    key_parts = [
+        ENCODING_VERSION,
+        content_hash(src, tgt),
+        tokenizer.fingerprint(),
+        filter_settings,
+        RATIO_FLOOR,
+    ]
+    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]
+    folder = cache_dir / f"encoded-{name}-{key}"
+    if (folder / "stats.json").is_file():
+        log.info("%s: reusing encoded split %s", name, folder)
+        stats = FilterStats(**json.loads((folder / "stats.json").read_text()))
+        return datasets.load_from_disk(str(folder)), stats
+    dataset, stats = encode_split(tokenizer, src, tgt, cfg)
+    _save_atomic(dataset, stats, folder)
+    return datasets.load_from_disk(str(folder)), stats  # memory-mapped, like a cached run
+
+
+def _save_atomic(dataset: datasets.Dataset, stats: FilterStats, folder: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    bars_were_on = not datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # a bar per save is noise next to the one-line log
+    try:
+        dataset.save_to_disk(str(tmp))
+        (tmp / "stats.json").write_text(json.dumps(asdict(stats)))  # written last: marks the folder complete
+        os.replace(tmp, folder)
+    except OSError:
+        if not (folder / "stats.json").is_file():  # not just another process that finished first
+            raise
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_cache_dir(cfg: DataConfig) -> Path:
+    """``cfg.cache_dir`` or DIR/.cache; a read-only data folder falls back to the user cache folder."""
+    folder = Path(cfg.cache_dir or Path(cfg.dir) / ".cache")
+    if _writable(folder):
+        return folder
+    if cfg.cache_dir:
+        raise DataError(f"data.cache_dir={cfg.cache_dir!r} is not writable; choose another folder.")
+    fallback = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nmt"
+    log.warning("%s is not writable; caching in %s instead (set data.cache_dir to choose)", folder, fallback)
+    if not _writable(fallback):
+        raise DataError(f"neither {folder} nor {fallback} is writable; set data.cache_dir=PATH.")
+    return fallback
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError:
+        return False
+    return True
+
+
+def prepare_data(
+    cfg: DataConfig,
+    tokenizer_dir: str | os.PathLike | None = None,
+    *,
+    tokenizer: Tokenizer | None = None,
+    run_dir: str | os.PathLike | None = None,
+    resume_from: str | os.PathLike | None = None,
+) -> PreparedData:
+    """Read, tokenize, filter and encode the training and validation splits (cached between runs).
+
+    The tokenizer is, in order of preference: ``tokenizer``; the one in the checkpoint ``resume_from``;
+    the one saved in ``tokenizer_dir`` (when that folder holds one); else one trained on the training
+    split, or reused from the cache when the same text and settings were seen before. With ``run_dir``
+    the tokenizer used is saved in ``run_dir/tokenizer``; with ``tokenizer_dir``, saved there if absent.
+    With several processes (DDP), run this on rank 0 first and on the other ranks after a barrier: they
+    then only read the caches.
+    """
+    if cfg.format == "text" and cfg.download:
+        ensure_multi30k(cfg)
+    # Read everything first so that a bad file fails before any training of the tokenizer.
+    train_src, train_tgt = read_split(cfg, "train")
+    valid_src, valid_ref = read_split(cfg, "valid")
+    _warn_if_test_missing(cfg)
+    cache_dir = resolve_cache_dir(cfg)
+    tokenizer = tokenizer or _given_tokenizer(tokenizer_dir, resume_from)
+    if tokenizer is None:
+        tokenizer = Tokenizer.load_or_train(train_src, train_tgt, cfg, cache_dir)
+    if tokenizer_dir is not None and not Tokenizer.exists(tokenizer_dir):
+        tokenizer.save(tokenizer_dir)
+    if run_dir is not None:
+        tokenizer.save(Path(run_dir) / "tokenizer")
+    train, stats = cached_encode_split(tokenizer, train_src, train_tgt, cache_dir, "train", cfg)
+    log.info("train: %s", stats.format())
+    valid, _ = cached_encode_split(tokenizer, valid_src, valid_ref, cache_dir, "valid")
+    log.info("valid: %s pairs (not filtered); %s", f"{len(valid):,}", tokenizer.describe())
+    return PreparedData(tokenizer, train, valid, valid_src, valid_ref, stats, cache_dir)
+
+
+def _given_tokenizer(
+    tokenizer_dir: str | os.PathLike | None, resume_from: str | os.PathLike | None
+) -> Tokenizer | None:
+    if resume_from is not None:
+        from nmt.checkpoint import load_checkpoint  # only resumed runs need it
+
+        log.info("tokenizer: from checkpoint %s", resume_from)
+        return Tokenizer.from_state(load_checkpoint(resume_from)["tokenizer"])
+    if tokenizer_dir is not None and Tokenizer.exists(tokenizer_dir):
+        log.info("tokenizer: loaded from %s", tokenizer_dir)
+        return Tokenizer.load(tokenizer_dir)
+    return None
+
+
+def _warn_if_test_missing(cfg: DataConfig) -> None:
+    """The test split is read only at the end of training; say now if it is not there."""
+    if cfg.format == "hub":
+        return
+    prefix = split_prefix(cfg, "test")
+    if cfg.format == "text":
+        missing = [p for p in text_paths(cfg, prefix) if not p.exists()]
+    else:
+        path = Path(cfg.dir) / f"{prefix}.{cfg.format}"
+        missing = [] if path.exists() or path.with_name(path.name + ".gz").exists() else [path]
+    if missing:
+        log.warning("test split files missing: %s (training continues; testing will fail)", missing)

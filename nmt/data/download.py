@@ -1,0 +1,108 @@
+"""Download of Multi30k (task 1, raw text) when ``data.download=multi30k`` and its files are missing.
+
+Files come from the public Multi30k repository (``data/task1/raw``) and are checked against known sha256
+sums before they are moved into place, so a truncated or altered download never reaches training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tqdm import tqdm
+
+from nmt.config import DataConfig
+from nmt.data.sources import DataError, split_prefix
+
+log = logging.getLogger(__name__)
+
+MULTI30K_URL = "https://github.com/multi30k/dataset/raw/master/data/task1/raw/"
+MULTI30K_SHA256 = {
+    "train.en.gz": "d79cfa999dd4c51d2cb42499b6796d5a882c3a8a961923c25a898c90f8bbd56f",
+    "train.de.gz": "726e39b2fa9eb9ffb6dc763fb35a179f80fae06ffc5d28b6ace5faa883de28a6",
+    "train.fr.gz": "622e75069e9f4c577425c4f277116ce66e63a2401c0a2312d90073cb12379a3c",
+    "val.en.gz": "14f7d25ddd868909a9213e361768460edcacdd6ab9d1e77b92560dc10c10dc28",
+    "val.de.gz": "f0cba2f995189cf5770f29a8a9a537a3ad3f51657ad873405082ff6863a5e75a",
+    "val.fr.gz": "ca3106f1a72390591d25f6c45cb4cd39dec4cd3f123e099748a3ce5256c160e9",
+    "test_2016_flickr.en.gz": "611d361c6334bc7246101d48097c13cf5c4413c5befc793cc629934359d532d9",
+    "test_2016_flickr.de.gz": "9204244e408ccb38d2a55cfcd344df15005fc42a07a6e55ca6c52b6ababb8cc8",
+    "test_2016_flickr.fr.gz": "6d326e188d259fb1d04ac19eae3af956559b3a0b93d7635e56c90987c40c8b90",
+}
+TIMEOUT_S = 60
+CHUNK = 1 << 16
+
+
+class DownloadError(DataError):
+    """Multi30k could not be downloaded or failed its checksum."""
+
+
+def missing_multi30k_files(cfg: DataConfig) -> list[str]:
+    """Names of the Multi30k files this config needs that are in neither plain nor gzipped form in DIR."""
+    folder = Path(cfg.dir)
+    missing = []
+    for split in ("train", "valid", "test"):
+        for lang in (cfg.src_lang, cfg.tgt_lang):
+            plain = f"{split_prefix(cfg, split)}.{lang}"
+            if (
+                f"{plain}.gz" in MULTI30K_SHA256
+                and not (folder / plain).exists()
+                and not (folder / f"{plain}.gz").exists()
+            ):
+                missing.append(f"{plain}.gz")
+    return missing
+
+
+def ensure_multi30k(cfg: DataConfig) -> list[Path]:
+    """Download the missing Multi30k files the config needs into ``cfg.dir``; returns what was downloaded."""
+    names = missing_multi30k_files(cfg)
+    if not names:
+        return []
+    folder = Path(cfg.dir)
+    log.info("downloading Multi30k (%s) into %s", ", ".join(names), folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DownloadError(f"could not create data.dir={cfg.dir!r} to download Multi30k into ({e}).") from e
+    return [download_file(MULTI30K_URL + name, folder / name, MULTI30K_SHA256[name]) for name in names]
+
+
+def download_file(url: str, dest: Path, sha256: str) -> Path:
+    """Fetch ``url`` into ``dest`` (temp file, checksum, then atomic rename) with a progress bar."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            digest = _fetch(url, out, dest.name)
+        if digest != sha256:
+            raise DownloadError(
+                f"downloaded {dest.name} from {url} has sha256 {digest}, expected {sha256}; the file was "
+                f"discarded. Retry, or put the Multi30k files in a folder and set data.dir=PATH."
+            )
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def _fetch(url: str, out, name: str) -> str:
+    """Stream ``url`` into the open file ``out``; returns the sha256 of what was written."""
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=name, leave=False) as bar:
+                while chunk := response.read(CHUNK):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise DownloadError(
+            f"could not download Multi30k ({name}: {reason}); put the files in a folder and set data.dir=PATH"
+        ) from e
+    return digest.hexdigest()

@@ -1,0 +1,224 @@
+"""Reading parallel corpora into ``datasets.Dataset`` objects with columns ``src`` and ``tgt``.
+
+Formats (``cfg.format``), for a split whose file prefix is ``PREFIX`` (``cfg.train``/``valid``/``test``):
+
+* ``text``: ``DIR/PREFIX.SRC`` and ``DIR/PREFIX.TGT``, one sentence a line, optionally gzipped
+  (``PREFIX.SRC.gz`` is used when the plain file is absent);
+* ``tsv``: ``DIR/PREFIX.tsv``, ``source<TAB>target`` a line, no header, no quoting;
+* ``jsonl``: ``DIR/PREFIX.jsonl``, one object a line, either ``{"translation": {SRC: ..., TGT: ...}}``
+  (the Hugging Face layout) or flat ``{SRC: ..., TGT: ...}``;
+* ``hub``: ``datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=PREFIX)`` with a ``translation``
+  column or one column per language.
+
+Every line is one pair, so line *i* of the source always stays aligned with line *i* of the target.
+A UTF-8 byte-order mark and CRLF line ends are accepted; surrounding whitespace is stripped. A blank line
+becomes an empty pair: filtering drops (and counts) it in the training split, validation and test keep it.
+Anything malformed raises :class:`DataError` naming the file and, where it applies, the line.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from nmt.config import DataConfig
+
+if TYPE_CHECKING:
+    import datasets
+
+log = logging.getLogger(__name__)
+
+SPLIT_ROLES = ("train", "valid", "test")
+
+
+class DataError(ValueError):
+    """The corpus is missing or malformed; the message names the file (and line) and how to fix it."""
+
+
+def split_prefix(cfg: DataConfig, split: str) -> str:
+    """File prefix (or hub split name) of ``split``: a role (train/valid/test) or a prefix itself."""
+    return getattr(cfg, split) if split in SPLIT_ROLES else split
+
+
+def split_limit(cfg: DataConfig, split: str) -> int:
+    """First-N limit of a split (0 = all); only the training and validation splits have one."""
+    return {"train": cfg.train_limit, "valid": cfg.valid_limit}.get(split, 0)
+
+
+def read_split(cfg: DataConfig, split: str) -> tuple[list[str], list[str]]:
+    """Source and target sentences of ``split`` (a role or a file prefix), limits applied."""
+    prefix = split_prefix(cfg, split)
+    readers = {"text": _read_text_pair, "tsv": _read_tsv, "jsonl": _read_jsonl, "hub": _read_hub}
+    src, tgt = readers[cfg.format](cfg, prefix)
+    limit = split_limit(cfg, split)
+    if limit:
+        src, tgt = src[:limit], tgt[:limit]
+    return src, tgt
+
+
+def load_split(cfg: DataConfig, split: str) -> datasets.Dataset:
+    """``read_split`` as an in-memory Arrow ``Dataset`` with string columns ``src`` and ``tgt``."""
+    import datasets  # here, not at the top: importing it takes a second that tokenizer users need not pay
+
+    src, tgt = read_split(cfg, split)
+    return datasets.Dataset.from_dict({"src": src, "tgt": tgt})
+
+
+def content_hash(src: Iterable[str], tgt: Iterable[str]) -> str:
+    """sha256 of a parallel corpus' text; cache keys are built from it."""
+    h = hashlib.sha256()
+    for side in (src, tgt):
+        for line in side:
+            h.update(line.encode("utf-8"))
+            h.update(b"\n")
+        h.update(b"\0")  # side separator: (["a"], ["b c"]) and (["a", "b"], ["c"]) must differ
+    return h.hexdigest()
+
+
+def text_paths(cfg: DataConfig, prefix: str) -> list[Path]:
+    """Where the text-format files of a split are, whether or not they exist (``.gz`` when only it does)."""
+    return [_resolve(Path(cfg.dir) / f"{prefix}.{lang}") for lang in (cfg.src_lang, cfg.tgt_lang)]
+
+
+def _resolve(path: Path) -> Path:
+    gz = path.with_name(path.name + ".gz")
+    return gz if not path.exists() and gz.exists() else path
+
+
+def _missing(path: Path, cfg: DataConfig, what: str) -> DataError:
+    return DataError(
+        f"missing {what} file {path} (also looked for {path.name}.gz); put the corpus in a folder and set "
+        f"data.dir=PATH (now {cfg.dir!r}), or data.train/valid/test to the file prefixes."
+    )
+
+
+def read_lines(path: Path) -> list[str]:
+    """Lines of a UTF-8 text file (gzipped if it ends in .gz) without BOM and line ends (LF or CRLF)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:  # also a corrupt gzip stream
+        raise DataError(f"could not read {path}: {e}") from e
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path} line {line}: invalid UTF-8 ({e.reason}); convert the file to UTF-8.") from e
+    # split("\n") rather than splitlines(): the latter also breaks at \x1c, \x85, \u2028, ... which would
+    # shift every following line against the other language's file.
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the final newline ends the last line, it does not start a new one
+    if not any(line.strip() for line in lines):
+        raise DataError(f"{path} is empty; every split needs at least one sentence.")
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def _read_text_pair(cfg: DataConfig, prefix: str) -> tuple[list[str], list[str]]:
+    src_path, tgt_path = text_paths(cfg, prefix)
+    for path in (src_path, tgt_path):
+        if not path.exists():
+            raise _missing(path, cfg, "text")
+    src = [line.strip() for line in read_lines(src_path)]
+    tgt = [line.strip() for line in read_lines(tgt_path)]
+    if len(src) != len(tgt):
+        raise DataError(
+            f"{src_path} has {len(src):,} lines but {tgt_path} has {len(tgt):,}; line i of one must "
+            "translate line i of the other."
+        )
+    return src, tgt
+
+
+def _format_path(cfg: DataConfig, prefix: str, ext: str) -> Path:
+    path = _resolve(Path(cfg.dir) / f"{prefix}.{ext}")
+    if not path.exists():
+        raise _missing(path, cfg, ext)
+    return path
+
+
+def _read_tsv(cfg: DataConfig, prefix: str) -> tuple[list[str], list[str]]:
+    path = _format_path(cfg, prefix, "tsv")
+    src, tgt = [], []
+    for number, line in enumerate(read_lines(path), start=1):
+        if not line.strip():
+            src.append("")
+            tgt.append("")
+            continue
+        columns = line.split("\t")
+        if len(columns) != 2:
+            raise DataError(
+                f"{path} line {number}: expected 2 tab-separated columns "
+                f"({cfg.src_lang}<TAB>{cfg.tgt_lang}), found {len(columns)}."
+            )
+        src.append(columns[0].strip())
+        tgt.append(columns[1].strip())
+    return src, tgt
+
+
+def _read_jsonl(cfg: DataConfig, prefix: str) -> tuple[list[str], list[str]]:
+    path = _format_path(cfg, prefix, "jsonl")
+    src, tgt = [], []
+    for number, line in enumerate(read_lines(path), start=1):
+        if not line.strip():
+            src.append("")
+            tgt.append("")
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {number}: invalid JSON ({e.msg}).") from e
+        pair = _pair_from_row(row, cfg)
+        if pair is None:
+            raise DataError(
+                f'{path} line {number}: expected {{"translation": {{"{cfg.src_lang}": ..., '
+                f'"{cfg.tgt_lang}": ...}}}} or {{"{cfg.src_lang}": ..., "{cfg.tgt_lang}": ...}} '
+                "with string values."
+            )
+        src.append(pair[0])
+        tgt.append(pair[1])
+    return src, tgt
+
+
+def _pair_from_row(row: object, cfg: DataConfig) -> tuple[str, str] | None:
+    if isinstance(row, dict) and isinstance(row.get("translation"), dict):
+        row = row["translation"]
+    if not isinstance(row, dict):
+        return None
+    src, tgt = row.get(cfg.src_lang), row.get(cfg.tgt_lang)
+    if not isinstance(src, str) or not isinstance(tgt, str):
+        return None
+    return src.strip(), tgt.strip()
+
+
+def _read_hub(cfg: DataConfig, split_name: str) -> tuple[list[str], list[str]]:
+    import datasets
+
+    name = f"{cfg.hub_name}" + (f" ({cfg.hub_config})" if cfg.hub_config else "")
+    try:
+        ds = datasets.load_dataset(cfg.hub_name, cfg.hub_config or None, split=split_name)
+    except Exception as e:  # noqa: BLE001 - network, missing split, unknown name: all reported the same way
+        raise DataError(f"could not load hub dataset {name} split {split_name!r}: {e}") from e
+    if "translation" in ds.column_names:
+        rows = ds["translation"]
+        src = [(r or {}).get(cfg.src_lang) for r in rows]
+        tgt = [(r or {}).get(cfg.tgt_lang) for r in rows]
+    elif cfg.src_lang in ds.column_names and cfg.tgt_lang in ds.column_names:
+        src, tgt = list(ds[cfg.src_lang]), list(ds[cfg.tgt_lang])
+    else:
+        raise DataError(
+            f"hub dataset {name} split {split_name!r} has columns {ds.column_names}; expected 'translation' "
+            f"or '{cfg.src_lang}' and '{cfg.tgt_lang}'."
+        )
+    for side, lang in ((src, cfg.src_lang), (tgt, cfg.tgt_lang)):
+        bad = next((i for i, s in enumerate(side) if not isinstance(s, str)), None)
+        if bad is not None:
+            raise DataError(f"hub dataset {name} split {split_name!r} row {bad}: no {lang!r} string.")
+    if not src:
+        raise DataError(f"hub dataset {name} split {split_name!r} is empty.")
+    return [s.strip() for s in src], [t.strip() for t in tgt]

@@ -1,0 +1,109 @@
+"""Multi-head attention on ``torch.nn.functional.scaled_dot_product_attention`` (SDPA).
+
+Mask convention (the only one in this package): a boolean tensor broadcastable to
+(B, H, T_query, T_key) where **True means the query may attend to that key**. ``None`` means
+every key may be attended; passing ``None`` (and ``is_causal`` for plain causal masks) lets SDPA
+pick the fused flash / memory-efficient kernels on GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nmt.model.cache import CrossAttentionCache, SelfAttentionCache
+
+
+class MultiHeadAttention(nn.Module):
+    """Scaled dot-product attention with ``n_heads`` heads, for self- and cross-attention.
+
+    One input projection ``in_proj`` of shape (3D, D) holds the query, key and value weights stacked.
+    Self-attention applies it in one matmul (fused QKV); cross-attention applies the query rows to
+    the decoder states and the key/value rows to the encoder output (separate Q, fused KV), so both
+    uses share one parameter layout.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+        self.d_model = d_model
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.dropout = dropout  # on the attention probabilities, training only
+        self.in_proj = nn.Linear(d_model, 3 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: Tensor | None = None,
+        mask: Tensor | None = None,
+        causal: bool = False,
+        cache: SelfAttentionCache | CrossAttentionCache | None = None,
+    ) -> Tensor:
+        """Attend from ``x`` (B, T, D) to ``x`` itself (memory=None) or to ``memory`` (B, S, D).
+
+        mask: bool, broadcastable to (B, H, T, T_key), True = may attend; None = no restriction.
+        causal: query ``i`` (at absolute position ``past + i``) sees keys ``<= past + i``, where
+            ``past`` is the number of keys cached before this call.
+        cache: for self-attention a :class:`SelfAttentionCache` (new keys/values are appended);
+            for cross-attention a :class:`CrossAttentionCache` (keys/values of ``memory`` are
+            computed on the first call and reused after). For inference only.
+        Returns (B, T, D).
+        """
+        if memory is None:
+            q, k, v = self._self_qkv(x, cache)
+        else:
+            if causal:
+                raise ValueError("causal masking only applies to self-attention")
+            q, k, v = self._cross_qkv(x, memory, cache)
+        out = self._attend(q, k, v, mask, causal)  # (B, H, T, Dh)
+        out = out.transpose(1, 2).reshape(x.shape)  # (B, T, D)
+        return self.out_proj(out)
+
+    def _split_heads(self, t: Tensor) -> Tensor:
+        batch, length, _ = t.shape
+        return t.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+
+    def _self_qkv(self, x: Tensor, cache: SelfAttentionCache | None) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = self.in_proj(x).chunk(3, dim=-1)  # 3 x (B, T, D)
+        q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)  # (B, H, T, Dh)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, H, past + T, Dh)
+        return q, k, v
+
+    def _cross_qkv(
+        self, x: Tensor, memory: Tensor, cache: CrossAttentionCache | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        d = self.d_model
+        weight, bias = self.in_proj.weight, self.in_proj.bias  # (3D, D), (3D,)
+        q = self._split_heads(F.linear(x, weight[:d], bias[:d]))  # (B, H, T, Dh)
+        if cache is not None and cache.k is not None:
+            return q, cache.k, cache.v
+        k, v = F.linear(memory, weight[d:], bias[d:]).chunk(2, dim=-1)  # 2 x (B, S, D)
+        k, v = self._split_heads(k), self._split_heads(v)  # (B, H, S, Dh)
+        if cache is not None:
+            cache.k, cache.v = k, v
+        return q, k, v
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+        query_len, key_len = q.size(2), k.size(2)
+        past = key_len - query_len
+        use_is_causal = False
+        if causal and past == 0 and mask is None:
+            use_is_causal = True  # SDPA's built-in mask is top-left aligned: right only without a cache
+        elif causal and query_len > 1:
+            # Bottom-right aligned: query i sits at position past + i. (One cached query needs no mask.)
+            allowed = torch.ones(query_len, key_len, dtype=torch.bool, device=q.device).tril(past)  # (T, Tk)
+            mask = allowed if mask is None else mask & allowed
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=use_is_causal,
+            scale=self.head_dim**-0.5,
+        )  # (B, H, T, Dh)

@@ -1,0 +1,58 @@
+"""Optimizer and learning-rate schedules.
+
+The schedule is a ``LambdaLR`` stepped once per optimizer step (never per micro-batch), so
+gradient accumulation does not change the curve.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from nmt.config import TrainConfig
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay only on matrices (not on biases, norms or embeddings' pad row semantics)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        (decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    # The fused CUDA kernel updates all parameters in one launch; on CPU the foreach path is fastest.
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(
+        groups,
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.adam_eps,
+        fused=fused,
+        foreach=None if fused else True,
+    )
+
+
+def lr_multiplier(step: int, cfg: TrainConfig) -> float:
+    """Factor applied to ``cfg.lr`` after ``step`` optimizer steps (step 0 is the first update).
+
+    inverse_sqrt: linear warmup to the peak, then decay with 1/sqrt(step) (Vaswani et al., 2017).
+    cosine: linear warmup, then half a cosine from the peak down to ``cfg.min_lr`` at ``max_steps``.
+    """
+    step = step + 1  # the first update uses a non-zero learning rate
+    warmup = cfg.warmup_steps
+    if warmup and step < warmup:
+        return step / warmup
+    if cfg.schedule == "inverse_sqrt":
+        return math.sqrt(max(warmup, 1) / step)
+    progress = min(1.0, (step - warmup) / max(1, cfg.max_steps - warmup))
+    floor = cfg.min_lr / cfg.lr
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg))

@@ -1,0 +1,536 @@
+"""Training: train step, validation, checkpoints, exact resume, stopping rules.
+
+Everything the run needs to continue exactly (weights, optimizer, scheduler, scaler, step, sampler
+position, RNG states) is in each checkpoint, so stopping at any step and resuming gives, on CPU, the
+same losses bit for bit as a run that never stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from nmt.checkpoint import load_checkpoint, save_checkpoint
+from nmt.config import Config
+from nmt.data.batching import Batch, make_loader
+from nmt.data.tokenizer import PAD_ID
+from nmt.distributed import DistInfo, all_reduce_sum, any_flag, barrier, broadcast_flag
+from nmt.evaluate import score
+from nmt.loss import label_smoothed_nll
+from nmt.model import Transformer
+from nmt.optim import build_optimizer, build_scheduler
+from nmt.translator import Translator
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (repeated NaN losses, a checkpoint that does not fit the config, ...)."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    best_score: float | None = None
+    best_step: int = 0
+    bad_validations: int = 0  # validations in a row without improvement (early stopping)
+    elapsed_sec: float = 0.0  # training wall-clock time, summed over resumed runs
+    losses: list[float] = field(default_factory=list)  # per-step training loss of this process's data
+
+
+@dataclass
+class TrainResult:
+    state: TrainState
+    stop_reason: str
+    best_checkpoint: Path | None
+    last_valid: dict[str, float]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"train.device={name} but CUDA is not available; use train.device=cpu.")
+    return device
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """Autocast dtype: bf16 on CUDA and fp32 on CPU unless asked otherwise."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if precision == "fp16" and device.type != "cuda":
+        raise TrainingError("train.precision=fp16 needs a CUDA device; use fp32 or bf16 on CPU.")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def rng_state() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Owns the model, optimizer and data stream of one run; ``train()`` runs until a stop rule fires."""
+
+    def __init__(
+        self, cfg: Config, data: Any, run_dir: Path, dist: DistInfo | None = None, writer: Any = None
+    ):
+        self.cfg, self.data, self.run_dir = cfg, data, Path(run_dir)
+        self.dist = dist or DistInfo()
+        self.writer = writer if self.dist.is_main else None
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.device = resolve_device(cfg.train.device)
+        if self.device.type == "cuda" and self.dist.enabled:
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.dtype = resolve_dtype(cfg.train.precision, self.device)
+        seed_everything(cfg.train.seed)
+
+        tok = data.tokenizer
+        self.raw_model = Transformer(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, pad_id=PAD_ID).to(
+            self.device
+        )
+        self.model: nn.Module = self.raw_model
+        if cfg.train.compile:
+            self.model = torch.compile(self.model)
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.optimizer = build_optimizer(self.raw_model, cfg.train, self.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.state = TrainState()
+
+        self.loader = make_loader(
+            data.train,
+            cfg.data.max_tokens,
+            shuffle=True,
+            seed=cfg.train.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            pin_memory=self.device.type == "cuda",
+        )
+        self.sampler = self.loader.sampler
+        self._stop_signal: int | None = None
+        self._bad_steps = 0
+
+    # ------------------------------------------------------------------ data
+    def _batch_stream(self) -> Iterator[Batch]:
+        """Training batches forever, epoch after epoch; the sampler tracks the position for resume."""
+        if self.dist.is_main:
+            log.info(
+                "padding efficiency of this epoch's batches: %.1f%%", 100 * self.loader.padding_efficiency()
+            )
+        while True:
+            for batch in self.loader:
+                yield batch.to(self.device, non_blocking=True)
+            self.state.epoch += 1
+            self.loader.set_epoch(self.state.epoch)
+
+    # ------------------------------------------------------------------ one step
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _micro_step(self, batch: Batch, loss_scale: float, sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        no_sync = getattr(self.model, "no_sync", None)
+        ctx = no_sync() if (no_sync is not None and not sync) else nullcontext()
+        with ctx:
+            with self._autocast():
+                logits = self.model(batch.src, batch.tgt_in)  # (B, T, V)
+            loss_sum, nll_sum = label_smoothed_nll(
+                logits, batch.tgt_out, self.cfg.train.label_smoothing, PAD_ID
+            )
+            self.scaler.scale(loss_sum * loss_scale).backward()
+        return loss_sum.detach(), nll_sum.detach()
+
+    def train_step(self, batches: list[Batch]) -> dict[str, float] | None:
+        """One optimizer step over ``accum_steps`` micro-batches. Returns None if the step was skipped.
+
+        The loss is normalised by the number of target tokens in the whole step (all micro-batches,
+        all ranks), so accumulating two half batches gives the same update as one full batch. DDP
+        averages gradients over ranks, hence the factor world_size.
+        """
+        local_tokens = float(sum(b.num_tgt_tokens for b in batches))  # counted at collate time: no sync
+        global_tokens = all_reduce_sum(torch.tensor(local_tokens, device=self.device), self.dist)
+        scale = self.dist.world_size / global_tokens.clamp(min=1.0)
+        loss = torch.zeros((), device=self.device)
+        nll = torch.zeros((), device=self.device)
+        for i, batch in enumerate(batches):
+            loss_i, nll_i = self._micro_step(batch, scale, sync=i == len(batches) - 1)
+            loss, nll = loss + loss_i, nll + nll_i
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.train.clip_norm if self.cfg.train.clip_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
+        loss_value = float(loss) / max(local_tokens, 1.0)  # the one host sync of the step
+        if not math.isfinite(loss_value) or (not self.scaler.is_enabled() and not torch.isfinite(grad_norm)):
+            return self._skip_step(loss_value)
+        self.scaler.step(self.optimizer)  # skips the update itself if fp16 gradients overflowed
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self._bad_steps = 0
+        return {
+            "loss": loss_value,
+            "nll": float(nll) / max(local_tokens, 1.0),
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens": float(global_tokens),
+        }
+
+    def _skip_step(self, loss_value: float) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler.is_enabled():
+            self.scaler.update()
+        self._bad_steps += 1
+        log.warning(
+            "non-finite loss or gradient at step %d (loss %s): step skipped (%d in a row)",
+            self.state.step + 1,
+            loss_value,
+            self._bad_steps,
+        )
+        if self._bad_steps >= self.cfg.train.max_bad_steps:
+            raise TrainingError(
+                f"{self._bad_steps} steps in a row had a NaN/Inf loss or gradient; stopping. "
+                "Lower train.lr, raise train.warmup_steps, or use train.precision=bf16/fp32 instead of fp16. "
+                f"The last good checkpoint is in {self.ckpt_dir}."
+            )
+        return None
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validation_loss(self) -> tuple[float, float]:
+        """Label-smoothed loss and NLL per target token on the validation set (teacher forcing)."""
+        loss = nll = tokens = 0.0
+        for batch in make_loader(self.data.valid, self.cfg.data.max_tokens, shuffle=False):
+            batch = batch.to(self.device)
+            with self._autocast():
+                logits = self.raw_model(batch.src, batch.tgt_in)
+            loss_i, nll_i = label_smoothed_nll(logits, batch.tgt_out, self.cfg.train.label_smoothing, PAD_ID)
+            loss, nll, tokens = loss + float(loss_i), nll + float(nll_i), tokens + batch.num_tgt_tokens
+        return loss / max(tokens, 1.0), nll / max(tokens, 1.0)
+
+    def validate(self) -> dict[str, float]:
+        """Loss, perplexity, BLEU and chrF on the validation set, decoded like ``nmt.translate`` does."""
+        self.raw_model.eval()
+        try:
+            loss, nll = self.validation_loss()
+            translator = Translator(self.raw_model, self.data.tokenizer, self.cfg.decode, self.device)
+            hyps = translator.translate(self.data.valid_src)
+            scores = score(hyps, self.data.valid_ref)
+        finally:
+            self.raw_model.train()
+        metrics = {"loss": loss, "ppl": math.exp(min(nll, 50.0)), "bleu": scores.bleu, "chrf": scores.chrf}
+        samples = list(zip(self.data.valid_src, self.data.valid_ref, hyps))[: self.cfg.train.num_samples]
+        for src, ref, hyp in samples:
+            log.info("sample | src: %s\n         | ref: %s\n         | hyp: %s", src, ref, hyp)
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(f"valid/{key}", value, self.state.step)
+            text = "\n\n".join(f"**src** {s}  \n**ref** {r}  \n**hyp** {h}" for s, r, h in samples)
+            self.writer.add_text("valid/samples", text, self.state.step)
+            self.writer.flush()
+        log.info(
+            "validation at step %d | loss %.3f | ppl %.2f | BLEU %.2f | chrF %.2f | %s",
+            self.state.step,
+            loss,
+            metrics["ppl"],
+            scores.bleu,
+            scores.chrf,
+            scores.bleu_signature,
+        )
+        return metrics
+
+    def _improved(self, metrics: dict[str, float]) -> bool:
+        value = metrics[self.cfg.train.best_metric]
+        best = self.state.best_score
+        if best is None:
+            return True
+        return value < best if self.cfg.train.best_metric == "loss" else value > best
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_state(self) -> dict[str, Any]:
+        train_state = asdict(self.state)
+        return {
+            "config": self.cfg.to_dict(),
+            "tokenizer": self.data.tokenizer.state_dict(),
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "train_state": train_state,
+            "sampler": self.loader.state_dict(),
+            "rng": rng_state(),
+            "world_size": self.dist.world_size,
+        }
+
+    def save(self, best: bool) -> Path | None:
+        """Write latest.pt atomically; link it as step_N.pt (keep_last) and as best.pt if it is the best."""
+        if not self.dist.is_main:
+            return None
+        latest = save_checkpoint(self.checkpoint_state(), self.ckpt_dir / "latest.pt")
+        if self.cfg.train.keep_last > 0:
+            _link(latest, self.ckpt_dir / f"step_{self.state.step:08d}.pt")
+            for old in sorted(self.ckpt_dir.glob("step_*.pt"))[: -self.cfg.train.keep_last]:
+                old.unlink(missing_ok=True)
+        if best:
+            _link(latest, self.ckpt_dir / "best.pt")
+        log.info("saved checkpoint %s%s", latest, " (best)" if best else "")
+        return latest
+
+    def resume(self, path: str | os.PathLike) -> None:
+        """Continue exactly from a training checkpoint: weights, optimizer, scheduler, scaler, data, RNG."""
+        state = load_checkpoint(path, map_location=self.device)
+        if "optimizer" not in state:
+            raise TrainingError(f"{path} holds weights only (e.g. an average); it cannot be resumed from.")
+        if state.get("world_size", 1) != self.dist.world_size:
+            raise TrainingError(
+                f"{path} was written by a run with {state.get('world_size', 1)} processes; resume it with the "
+                f"same number (this run has {self.dist.world_size}) so the data order stays exact."
+            )
+        try:
+            self.raw_model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise TrainingError(
+                f"{path} does not fit this model config ({e}); resume with the run's own config."
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.state = TrainState(**state["train_state"])
+        self.loader.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d (epoch %d)", path, self.state.step, self.state.epoch)
+
+    # ------------------------------------------------------------------ loop
+    def _handle_signal(self, signum: int, frame: Any) -> None:
+        log.warning(
+            "received %s: finishing the current step, saving a checkpoint, then exiting",
+            signal.Signals(signum).name,
+        )
+        self._stop_signal = signum
+
+    def _should_stop(self, start_time: float, start_elapsed: float) -> str | None:
+        t = self.cfg.train
+        elapsed = start_elapsed + time.monotonic() - start_time
+        reason = None
+        if self.state.step >= t.max_steps:
+            reason = f"reached train.max_steps={t.max_steps}"
+        elif t.max_epochs and self.state.epoch >= t.max_epochs:
+            reason = f"reached train.max_epochs={t.max_epochs}"
+        elif t.max_time_min and elapsed >= t.max_time_min * 60:
+            reason = f"reached train.max_time_min={t.max_time_min}"
+        if any_flag(self._stop_signal is not None, self.dist, self.device):
+            reason = "interrupted by a signal"
+        return reason
+
+    def _validate_and_save(self) -> tuple[dict[str, float], bool]:
+        """Validate on rank 0, save, and tell every rank whether patience ran out."""
+        metrics: dict[str, float] = {}
+        stop = False
+        if self.dist.is_main:
+            metrics = self.validate()
+            best = self._improved(metrics)
+            if best:
+                self.state.best_score = metrics[self.cfg.train.best_metric]
+                self.state.best_step = self.state.step
+                self.state.bad_validations = 0
+            else:
+                self.state.bad_validations += 1
+            self.save(best=best)
+            stop = bool(self.cfg.train.patience) and self.state.bad_validations >= self.cfg.train.patience
+        barrier(self.dist)
+        return metrics, broadcast_flag(stop, self.dist, self.device)
+
+    def train(self) -> TrainResult:
+        handlers = _install_signal_handlers(self._handle_signal)
+        try:
+            return self._train_loop()
+        finally:
+            _restore_signal_handlers(handlers)
+
+    def _train_loop(self) -> TrainResult:
+        t = self.cfg.train
+        self.model.train()
+        progress = _Progress(t.max_steps, self.state.step, enabled=self.dist.is_main)
+        stream = self._batch_stream()
+        start, start_elapsed = time.monotonic(), self.state.elapsed_sec
+        metrics: dict[str, float] = {}
+        window_tokens, window_start = 0.0, time.monotonic()
+        reason = self._should_stop(start, start_elapsed)
+        while reason is None:
+            stats = self.train_step([next(stream) for _ in range(t.accum_steps)])
+            self.state.elapsed_sec = start_elapsed + time.monotonic() - start
+            if stats is not None:
+                self.state.step += 1
+                self.state.losses.append(stats["loss"])
+                window_tokens += stats["tokens"]
+                if self.state.step % t.log_every == 0 or self.state.step == t.max_steps:
+                    now = time.monotonic()
+                    stats["tokens_per_sec"] = window_tokens / max(now - window_start, 1e-9)
+                    window_tokens, window_start = 0.0, now
+                    self._log_train(stats)
+                    progress.update(self.state.step, stats)
+                if self.state.step % t.valid_every == 0:
+                    metrics, patience_out = self._validate_and_save()
+                    window_start = time.monotonic()  # validation time is not training throughput
+                    if patience_out:
+                        reason = f"no improvement in {t.patience} validations (train.patience)"
+                        break
+            reason = self._should_stop(start, start_elapsed)
+        progress.close()
+        if self.state.step % t.valid_every != 0 and reason != "interrupted by a signal":
+            metrics, _ = self._validate_and_save()
+        elif self.state.step % t.valid_every != 0:
+            self.save(best=False)  # interrupted: keep the exact position, validate later
+            barrier(self.dist)
+        log.info("training stopped at step %d: %s", self.state.step, reason)
+        best = self.ckpt_dir / "best.pt"
+        return TrainResult(self.state, reason, best if best.exists() else None, metrics)
+
+    def _log_train(self, stats: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        step = self.state.step
+        self.writer.add_scalar("train/loss", stats["loss"], step)
+        self.writer.add_scalar("train/ppl", math.exp(min(stats["nll"], 50.0)), step)
+        self.writer.add_scalar("train/lr", stats["lr"], step)
+        self.writer.add_scalar("train/grad_norm", stats["grad_norm"], step)
+        self.writer.add_scalar("train/tokens_per_sec", stats["tokens_per_sec"], step)
+
+
+class _Progress:
+    """A tqdm bar on a terminal; plain periodic log lines otherwise (files, CI, nohup)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.enabled = enabled
+        self.total = total
+        self.start, self.initial = time.monotonic(), initial
+        self.bar = None
+        if enabled and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, file=sys.stdout)
+        self.last = initial
+
+    def update(self, step: int, stats: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(step - self.last)
+            self.bar.set_postfix(
+                loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}", tok_s=f"{stats['tokens_per_sec']:.0f}"
+            )
+        else:
+            rate = (step - self.initial) / max(time.monotonic() - self.start, 1e-9)
+            eta = (self.total - step) / rate if rate > 0 else float("inf")
+            log.info(
+                "step %d/%d | loss %.3f | lr %.2e | grad_norm %.2f | %.0f tok/s | eta %s",
+                step,
+                self.total,
+                stats["loss"],
+                stats["lr"],
+                stats["grad_norm"],
+                stats["tokens_per_sec"],
+                _format_duration(eta),
+            )
+        self.last = step
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _link(src: Path, dst: Path) -> None:
+    """Point ``dst`` at ``src``'s current contents atomically (hard link; copy where links fail)."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _install_signal_handlers(handler: Any) -> dict[int, Any]:
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signal_handlers(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def find_resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
+    """Which checkpoint ``train.resume`` names, or None for a fresh run (refusing to overwrite one)."""
+    latest = run_dir / "checkpoints" / "latest.pt"
+    if not cfg.train.resume_requested:
+        if latest.exists():
+            raise TrainingError(
+                f"{run_dir} already holds a run (checkpoints/latest.pt). Continue it with train.resume=true, "
+                "or start a new one elsewhere with run_dir=PATH (or name=NEW_NAME)."
+            )
+        return None
+    if cfg.train.resume.lower() in ("true", "latest", "yes", "1"):
+        if not latest.exists():
+            raise TrainingError(f"train.resume={cfg.train.resume} but {latest} does not exist.")
+        return latest
+    path = Path(cfg.train.resume)
+    if path.is_dir():
+        path = path / "checkpoints" / "latest.pt"
+    if not path.is_file():
+        raise TrainingError(f"train.resume={cfg.train.resume}: no checkpoint at {path}.")
+    return path

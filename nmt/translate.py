@@ -1,0 +1,224 @@
+"""Translate text with a trained checkpoint, one sentence per line.
+
+    python -m nmt.translate --ckpt runs/x/checkpoints/best.pt < input.en > output.de
+    python -m nmt.translate --ckpt best.pt --input test.en --output test.de --ref test.de.ref
+
+Output: exactly one line per input line, in order; an empty input line gives an empty output
+line. Input is read as bytes and decoded as UTF-8; invalid bytes become U+FFFD, with a warning.
+Standard input is translated as it arrives: lines are gathered into chunks of up to 1000 and a
+chunk is translated as soon as no more input is waiting, so interactive use answers line by line
+while piped files are batched efficiently.
+
+With ``--nbest N`` (N > 1) each input line gives up to N lines ``INDEX ||| TRANSLATION ||| SCORE``,
+best first, where INDEX is the 0-based input line number and SCORE the length-normalised
+log-probability that beam search ranks by (the Moses n-best layout without a feature column).
+
+``--ref FILE`` scores the (best) translations with sacreBLEU BLEU and chrF and prints the scores
+and their signatures on standard error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import io
+import logging
+import queue
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import BinaryIO, TextIO
+
+from tqdm import tqdm
+
+from nmt.checkpoint import CheckpointError
+from nmt.config import ConfigError
+from nmt.evaluate import read_lines, score
+from nmt.translator import Translation, Translator
+
+log = logging.getLogger("nmt.translate")
+
+CHUNK_LINES = 1000
+# After the first line of a chunk, wait this long for more input before translating what is there.
+INPUT_IDLE_SECONDS = 0.05
+# Characters that some readers (str.splitlines, universal newlines) take as line breaks.
+LINE_BREAKS = str.maketrans({c: " " for c in "\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
+
+
+def decode_line(raw: bytes, number: int) -> str:
+    """One input line (without its line ending) as text; invalid UTF-8 is replaced, with a warning."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        log.warning(
+            "input line %d is not valid UTF-8 (%s); invalid bytes replaced by U+FFFD", number, e.reason
+        )
+        return raw.decode("utf-8", errors="replace")
+
+
+def read_lines_from(stream: BinaryIO) -> Iterator[str]:
+    """Lines of a byte stream, decoded; a last line without a newline still counts."""
+    for number, raw in enumerate(stream, start=1):
+        if raw.endswith(b"\n"):
+            raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+        yield decode_line(raw, number)
+
+
+def read_chunks(stream: BinaryIO, chunk_lines: int = CHUNK_LINES) -> Iterator[list[str]]:
+    """Chunks of decoded lines, each handed over once full or once the input pauses.
+
+    A reader thread fills a bounded queue, so translation never waits for the end of the input.
+    """
+    lines: queue.Queue = queue.Queue(maxsize=4 * chunk_lines)
+    end = object()
+
+    def reader() -> None:
+        try:
+            for line in read_lines_from(stream):
+                lines.put(line)
+        except BaseException as e:  # handed to the main thread, which raises it
+            lines.put(e)
+        lines.put(end)
+
+    threading.Thread(target=reader, daemon=True, name="nmt-input").start()
+    finished = False
+    while not finished:
+        chunk: list[str] = []
+        item = lines.get()  # block for the first line of a chunk
+        while item is not end:
+            if isinstance(item, BaseException):
+                raise item
+            chunk.append(item)
+            if len(chunk) >= chunk_lines:
+                break
+            try:
+                item = lines.get(timeout=INPUT_IDLE_SECONDS)
+            except queue.Empty:
+                break
+        finished = item is end
+        if chunk:
+            yield chunk
+
+
+def format_output(index: int, translations: list[Translation], nbest: int) -> str:
+    """The output line(s) of one input line, with a trailing newline."""
+    if nbest == 1:
+        return translations[0].text.translate(LINE_BREAKS) + "\n"
+    return "".join(f"{index} ||| {t.text.translate(LINE_BREAKS)} ||| {t.score:.4f}\n" for t in translations)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m nmt.translate",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    p.add_argument(
+        "--ckpt", required=True, help="checkpoint file (or a run folder: its checkpoints/latest.pt)"
+    )
+    p.add_argument("--input", help="source text file (.gz allowed); default standard input")
+    p.add_argument("--output", help="file for the translations; default standard output")
+    p.add_argument("--ref", help="reference translations: score the output with BLEU and chrF (stderr)")
+    p.add_argument("--lowercase", action="store_true", help="with --ref: lowercased BLEU (chrF stays cased)")
+    p.add_argument("--beam", type=int, help="beam size (1 = greedy); default from the checkpoint")
+    p.add_argument("--nbest", type=int, default=1, help="hypotheses per line (format above)")
+    p.add_argument("--len-penalty", type=float, help="GNMT length penalty alpha")
+    p.add_argument("--max-len-a", type=float, help="outputs end at max_len_a * source length + max_len_b")
+    p.add_argument("--max-len-b", type=int)
+    p.add_argument("--min-len", type=int, help="minimum output length in tokens")
+    p.add_argument("--batch-size", type=int, help="sentences per batch (cap)")
+    p.add_argument("--max-tokens", type=int, help="padded source tokens per batch (cap)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return p.parse_args(argv)
+
+
+DECODE_OVERRIDES = ("beam", "len_penalty", "max_len_a", "max_len_b", "min_len", "batch_size", "max_tokens")
+
+
+def load_translator(args: argparse.Namespace) -> Translator:
+    """The checkpoint's model with the decoding settings given on the command line."""
+    if args.beam is not None and args.nbest > args.beam:
+        raise ConfigError(f"--nbest {args.nbest} needs --beam of at least {args.nbest}.")
+    overrides = {k: getattr(args, k) for k in DECODE_OVERRIDES if getattr(args, k) is not None}
+    translator = Translator.from_checkpoint(args.ckpt, device=args.device, dtype=args.dtype)
+    translator.cfg = replace(translator.cfg, **overrides, nbest=1)  # nbest goes to translate_nbest
+    return translator
+
+
+def open_input(path: str | None) -> tuple[BinaryIO, int | None]:
+    """The input byte stream and its number of lines when known (for the progress bar)."""
+    if path is None:
+        return sys.stdin.buffer, None
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        total = sum(1 for _ in f)
+    return opener(path, "rb"), total
+
+
+@contextlib.contextmanager
+def open_output(path: str | None) -> Iterator[TextIO]:
+    """UTF-8 text with "\n" line endings, whatever the locale; standard output is left open."""
+    if path is not None:
+        with open(path, "w", encoding="utf-8", newline="\n") as f:
+            yield f
+        return
+    out = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", newline="\n", write_through=True)
+    try:
+        yield out
+    finally:
+        out.flush()
+        out.detach()
+
+
+def translate_stream(
+    translator: Translator, source: BinaryIO, out: TextIO, nbest: int, total: int | None
+) -> list[str]:
+    """Translate chunk by chunk, writing as it goes; returns the best translation of every line."""
+    best: list[str] = []
+    bar = tqdm(total=total, unit=" lines", file=sys.stderr, disable=not sys.stderr.isatty())
+    with bar:
+        for chunk in read_chunks(source):
+            if nbest == 1:  # translate() takes the faster greedy path for beam 1
+                results = [[Translation(t, 0.0)] for t in translator.translate(chunk, progress=bar.update)]
+            else:
+                results = translator.translate_nbest(chunk, nbest=nbest, progress=bar.update)
+            out.write("".join(format_output(len(best) + i, r, nbest) for i, r in enumerate(results)))
+            out.flush()
+            best.extend(r[0].text for r in results)
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        for path in (args.ckpt, args.input, args.ref):
+            if path is not None and not Path(path).exists():
+                raise FileNotFoundError(f"{path} does not exist.")
+        refs = read_lines(args.ref) if args.ref else None
+        translator = load_translator(args)
+        source, total = open_input(args.input)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(source)
+            out = stack.enter_context(open_output(args.output))
+            hyps = translate_stream(translator, source, out, args.nbest, total)
+        if refs is not None:
+            scores = score(hyps, refs, lowercase=args.lowercase)
+            print(scores.bleu_detail, file=sys.stderr)
+            print(scores.format(), file=sys.stderr)
+    except (CheckpointError, ConfigError, OSError, ValueError) as e:
+        print(f"nmt.translate: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

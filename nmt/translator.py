@@ -1,0 +1,251 @@
+"""Sentences in, translations out: tokenization, length-sorted batching, search, detokenization.
+
+The trainer validates with this class and ``nmt.translate`` uses it, so validation scores and
+test scores come from the same decoding code. Guarantees:
+
+* exactly one result per input sentence, in input order;
+* an empty (or whitespace-only) sentence gives an empty translation without running the model;
+* a source longer than the model can take (``max_src_len``, by default the model's
+  ``max_positions``) is truncated, with a warning, rather than failing the whole batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from nmt.checkpoint import config_from_checkpoint, load_checkpoint
+from nmt.config import DecodeConfig
+from nmt.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
+from nmt.search import Hypothesis, beam_search, greedy_search
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Translation:
+    text: str
+    score: float  # length-normalised log-probability (see nmt.search); 0.0 for an empty input
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` = the first CUDA device if there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``"auto"`` = bf16 on a GPU that supports it, else fp32."""
+    if dtype == "auto":
+        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16_ok else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not valid; choose auto, {', '.join(DTYPES)}.")
+    if dtype == "fp16" and device.type != "cuda":
+        raise ValueError("dtype=fp16 needs a CUDA device; use fp32 or bf16 on the CPU.")
+    return DTYPES[dtype]
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Dropout off while decoding; the caller's training mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class Translator:
+    """Decodes with ``model`` and ``tokenizer`` as ``decode_cfg`` says.
+
+    ``model`` must already be on ``device`` (default: where its parameters are). ``max_src_len``
+    defaults to ``model.cfg.max_positions`` when the model has a config.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Tokenizer,
+        decode_cfg: DecodeConfig,
+        device: str | torch.device | None = None,
+        max_src_len: int | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cfg = decode_cfg
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        model_cfg = getattr(model, "cfg", None)
+        self.max_positions: int | None = getattr(model_cfg, "max_positions", None)
+        self.max_src_len = max_src_len or self.max_positions
+        # The decoder reads BOS plus every generated token, so outputs get one position less.
+        self.max_len_cap = None if self.max_positions is None else self.max_positions - 1
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        device: str | torch.device = "auto",
+        dtype: str = "auto",
+        decode_cfg: DecodeConfig | None = None,
+    ) -> Translator:
+        """Everything comes from the checkpoint: configuration, tokenizer, weights.
+
+        ``decode_cfg`` replaces the checkpoint's decoding settings (beam size, lengths, batching).
+        """
+        from nmt.model import Transformer  # the model is needed only here
+
+        device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, device)
+        state = load_checkpoint(path, map_location="cpu")
+        cfg = config_from_checkpoint(state)
+        tokenizer = Tokenizer.from_state(state["tokenizer"])
+        model = Transformer(cfg.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+        model.load_state_dict(state["model"])
+        model.to(device=device, dtype=torch_dtype).eval()
+        log.info(
+            "loaded %s: %s parameters, %s, on %s in %s",
+            path,
+            f"{model.num_parameters():,}",
+            tokenizer.describe(),
+            device,
+            str(torch_dtype).replace("torch.", ""),
+        )
+        return cls(model, tokenizer, decode_cfg or cfg.decode, device)
+
+    # ---- public API ----------------------------------------------------------------------------
+
+    def translate(
+        self,
+        sentences: list[str],
+        beam: int | None = None,
+        nbest: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[str]:
+        """The best translation of each sentence, in input order.
+
+        ``nbest`` exists for symmetry with the configuration and must be 1 (or None); use
+        :meth:`translate_nbest` for several hypotheses per sentence. ``progress(n)`` is called
+        after each batch with the number of sentences it held.
+        """
+        if nbest not in (None, 1):
+            raise ValueError(
+                f"translate returns one string per sentence (nbest={nbest}); use translate_nbest."
+            )
+        results = self._translate(sentences, beam or self.cfg.beam, 1, progress, greedy_ok=True)
+        return [best[0].text for best in results]
+
+    def translate_nbest(
+        self,
+        sentences: list[str],
+        nbest: int | None = None,
+        beam: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[list[Translation]]:
+        """Up to ``nbest`` translations per sentence, best first (at least one; empty input: one "")."""
+        nbest = nbest or self.cfg.nbest
+        beam = max(beam or self.cfg.beam, nbest)
+        return self._translate(sentences, beam, nbest, progress, greedy_ok=False)
+
+    # ---- steps ---------------------------------------------------------------------------------
+
+    def _translate(
+        self,
+        sentences: list[str],
+        beam: int,
+        nbest: int,
+        progress: Callable[[int], None] | None,
+        greedy_ok: bool,
+    ) -> list[list[Translation]]:
+        results = [[Translation("", 0.0)] for _ in sentences]
+        source = self.encode(sentences)
+        with _eval_mode(self.model):
+            for batch in self.batches({i: len(ids) for i, ids in source.items()}):
+                src, src_mask = self.collate([source[i] for i in batch])
+                hyps = self._search(src, src_mask, beam, nbest, greedy_ok)
+                for i, texts in zip(batch, self._detokenize(hyps), strict=True):
+                    results[i] = texts
+                if progress is not None:
+                    progress(len(batch))
+        if progress is not None and len(source) < len(sentences):
+            progress(len(sentences) - len(source))  # the empty ones
+        return results
+
+    def encode(self, sentences: list[str]) -> dict[int, list[int]]:
+        """Source ids of the non-empty sentences, by input position; over-long ones truncated."""
+        positions = [i for i, s in enumerate(sentences) if s.strip()]
+        encoded = self.tokenizer.encode_src([sentences[i] for i in positions]) if positions else []
+        source = dict(zip(positions, encoded, strict=True))
+        limit = self.max_src_len
+        for i, ids in source.items():
+            if limit is not None and len(ids) > limit:
+                log.warning(
+                    "source sentence %d has %d tokens, more than the %d the model takes; "
+                    "translating only its beginning: %.60r...",
+                    i,
+                    len(ids),
+                    limit,
+                    sentences[i],
+                )
+                source[i] = ids[: limit - 1] + [EOS_ID]
+        return source
+
+    def batches(self, lengths: dict[int, int]) -> list[list[int]]:
+        """Sentence positions grouped into batches of similar length.
+
+        Longest first, so that a batch that does not fit in memory fails at once. A batch holds at
+        most ``batch_size`` sentences and ``max_tokens`` padded source tokens (always at least one).
+        """
+        order = sorted(lengths, key=lambda i: lengths[i], reverse=True)
+        batches: list[list[int]] = []
+        for i in order:
+            # Sorted longest first: the first sentence of a batch sets its padded width.
+            if batches and self._fits(len(batches[-1]) + 1, lengths[batches[-1][0]]):
+                batches[-1].append(i)
+            else:
+                batches.append([i])
+        return batches
+
+    def _fits(self, size: int, width: int) -> bool:
+        return size <= self.cfg.batch_size and size * width <= self.cfg.max_tokens
+
+    def collate(self, source: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded (B, S) ids and their mask (True = real token), on the model's device."""
+        src = torch.full((len(source), max(map(len, source))), PAD_ID, dtype=torch.long)
+        for row, ids in enumerate(source):
+            src[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        src = src.to(self.device)
+        return src, src != PAD_ID
+
+    def _search(
+        self, src: torch.Tensor, src_mask: torch.Tensor, beam: int, nbest: int, greedy_ok: bool
+    ) -> list[list[Hypothesis]]:
+        cfg = replace(self.cfg, beam=beam, nbest=nbest)  # validates the combination
+        lengths = dict(
+            max_len_a=cfg.max_len_a,
+            max_len_b=cfg.max_len_b,
+            min_len=cfg.min_len,
+            max_len_cap=self.max_len_cap,
+        )
+        if beam == 1 and greedy_ok:  # beam search's result with less bookkeeping, but without scores
+            return [
+                [Hypothesis(tokens, 0.0, 0.0)]
+                for tokens in greedy_search(self.model, src, src_mask, **lengths)
+            ]
+        return beam_search(
+            self.model, src, src_mask, beam=beam, len_penalty=cfg.len_penalty, nbest=nbest, **lengths
+        )
+
+    def _detokenize(self, hyps: list[list[Hypothesis]]) -> list[list[Translation]]:
+        texts = iter(self.tokenizer.decode_tgt([h.tokens for sentence in hyps for h in sentence]))
+        return [[Translation(next(texts), h.score) for h in sentence] for sentence in hyps]

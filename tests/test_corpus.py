@@ -1,0 +1,262 @@
+"""prepare_data end to end: filtering rules and counts, unfiltered validation, and the caches."""
+
+from __future__ import annotations
+
+import logging
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from data_fixtures import data_cfg, multi30k_dir, toy_pairs, write_corpus, write_lines
+
+from nmt.config import DataConfig
+from nmt.data import corpus
+from nmt.data import tokenizer as tokenizer_module
+from nmt.data.corpus import FilterStats, filter_mask, prepare_data
+from nmt.data.sources import DataError
+from nmt.data.tokenizer import EOS_ID, Tokenizer
+
+
+@pytest.fixture
+def count_work(monkeypatch):
+    """Counts SentencePiece trainings and encode calls."""
+    calls = {"train": 0, "encode": 0}
+    real_train = tokenizer_module._run_trainer
+    real_src, real_tgt = Tokenizer.encode_src, Tokenizer.encode_tgt
+
+    def train(*args, **kwargs):
+        calls["train"] += 1
+        return real_train(*args, **kwargs)
+
+    def encoder(real):
+        def encode(self, texts):
+            calls["encode"] += 1
+            return real(self, texts)
+
+        return encode
+
+    monkeypatch.setattr(tokenizer_module, "_run_trainer", train)
+    monkeypatch.setattr(Tokenizer, "encode_src", encoder(real_src))
+    monkeypatch.setattr(Tokenizer, "encode_tgt", encoder(real_tgt))
+    return calls
+
+
+# ---- filtering ------------------------------------------------------------------------------------
+
+
+def test_filter_rules_by_hand():
+    pairs = [
+        (3, 4),
+        (0, 5),
+        (5, 0),
+        (0, 0),
+        (33, 4),
+        (4, 33),
+        (1, 6),
+        (1, 16),
+        (6, 18),
+        (6, 19),
+        (32, 32),
+        (0, 40),
+    ]
+    src, tgt = np.array(pairs).T
+    keep, stats = filter_mask(src, tgt, max_len=32, max_len_ratio=3.0)
+    # (1, 6): 6 <= 3 * max(1, RATIO_FLOOR=5) is kept; (1, 16) is not; (6, 19): 19 > 3 * 6.
+    assert keep.tolist() == [True, False, False, False, False, False, True, False, True, False, True, False]
+    assert stats == FilterStats(total=12, empty=4, too_long=2, bad_ratio=2)
+    assert stats.kept == 4 == keep.sum()
+    assert stats.format() == "kept 4 of 12 pairs: 4 empty, 2 too long, 2 bad ratio"
+
+
+def filtered_corpus(folder):
+    """Toy train split plus 3 blank pairs, 1 one-sided pair, 2 too long and 2 bad-ratio pairs."""
+    src, tgt = toy_pairs(200)
+    long_en, long_de = " ".join(["the big dog"] * 15), " ".join(["der große hund"] * 15)
+    extra = [("", ""), ("A dog.", ""), ("", ""), (long_en, long_de), ("Dog.", long_de[:80]), ("", ""),
+             ("A cat.", "Eine katze sitzt in dem haus mit dem hund."),
+             ("Dog.", "Ein hund."), (long_en, "Ein hund.")]  # fmt: skip
+    positions = [3, 10, 50, 60, 70, 80, 90, 100, 110]
+    for position, (s, t) in zip(positions, extra, strict=True):
+        src.insert(position, s)
+        tgt.insert(position, t)
+    write_lines(folder / "train.en", src)
+    write_lines(folder / "train.de", tgt)
+    write_lines(folder / "val.en", ["A dog.", "", "Dog."])
+    write_lines(folder / "val.de", ["Ein hund.", "", long_de])
+    return src, tgt
+
+
+def test_prepare_filters_training_split_only(tmp_path, caplog):
+    src, tgt = filtered_corpus(tmp_path)
+    with caplog.at_level(logging.INFO, logger="nmt.data.corpus"):
+        data = prepare_data(data_cfg(tmp_path, max_len=32, max_len_ratio=3.0))
+    assert data.train_stats == FilterStats(total=209, empty=4, too_long=2, bad_ratio=2)
+    assert "train: kept 201 of 209 pairs: 4 empty, 2 too long, 2 bad ratio" in caplog.text
+    dropped = {3, 10, 50, 60, 70, 80, 90, 110}  # line 100 ("Dog." / "Ein hund.") is short, not a bad ratio
+    assert data.train["index"][:] == [i for i in range(209) if i not in dropped]
+    tok = data.tokenizer
+    assert data.train["src_ids"][:] == tok.encode_src([src[i] for i in data.train["index"]])
+    # validation: nothing dropped, blank and long pairs included, in order
+    assert data.valid_src == ["A dog.", "", "Dog."] and data.valid_ref[1] == ""
+    assert len(data.valid) == 3 and data.valid["index"][:] == [0, 1, 2]
+    assert data.valid["src_ids"][1] == [EOS_ID] and data.valid["tgt_ids"][1] == []
+    assert len(data.valid["tgt_ids"][2]) > 32
+
+
+def test_block_encoding_equals_one_call(tmp_path, monkeypatch):
+    src, tgt = toy_pairs(50)
+    tok = Tokenizer.train(src, tgt, data_cfg(tmp_path))
+    whole, _ = corpus.encode_split(tok, src, tgt, data_cfg(tmp_path))
+    monkeypatch.setattr(corpus, "ENCODE_BLOCK", 7)
+    blocks, _ = corpus.encode_split(tok, src, tgt, data_cfg(tmp_path))
+    assert blocks["src_ids"][:] == whole["src_ids"][:] == tok.encode_src(src)
+    assert blocks["tgt_ids"][:] == whole["tgt_ids"][:] == tok.encode_tgt(tgt)
+
+
+def test_nothing_left_after_filtering(tmp_path):
+    write_lines(tmp_path / "train.en", ["", "a"])
+    write_lines(tmp_path / "train.de", ["b", ""])
+    write_corpus(tmp_path, sizes={"val": 3})
+    with pytest.raises(DataError, match="no training pairs left after filtering"):
+        prepare_data(data_cfg(tmp_path))
+
+
+def test_limits(tmp_path):
+    write_corpus(tmp_path)
+    data = prepare_data(data_cfg(tmp_path, train_limit=50, valid_limit=5))
+    assert len(data.train) == 50 and len(data.valid) == 5 and len(data.valid_src) == 5
+
+
+# ---- formats and language pairs -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("fmt", "src_lang", "tgt_lang"), [("jsonl", "de", "en"), ("tsv", "en", "fr")])
+def test_prepare_other_formats_and_pairs(tmp_path, fmt, src_lang, tgt_lang):
+    written = write_corpus(tmp_path, fmt, src_lang=src_lang, tgt_lang=tgt_lang)
+    data = prepare_data(data_cfg(tmp_path, format=fmt, src_lang=src_lang, tgt_lang=tgt_lang))
+    assert (data.valid_src, data.valid_ref) == written["val"]
+    assert data.tokenizer.decode_tgt(data.valid["tgt_ids"][:]) == written["val"][1]
+    assert data.tokenizer.decode_src(data.train["src_ids"][:3]) == written["train"][0][:3]
+
+
+# ---- caches -------------------------------------------------------------------------------------------
+
+
+def test_second_run_tokenizes_nothing(tmp_path, count_work):
+    write_corpus(tmp_path)
+    cfg = data_cfg(tmp_path)
+    first = prepare_data(cfg)
+    assert count_work["train"] >= 1 and count_work["encode"] == 4  # src + tgt of train and valid
+    count_work.update(train=0, encode=0)
+    second = prepare_data(cfg)
+    assert count_work == {"train": 0, "encode": 0}
+    assert second.train["src_ids"][:] == first.train["src_ids"][:]
+    assert second.valid["tgt_ids"][:] == first.valid["tgt_ids"][:]
+    assert second.train_stats == first.train_stats
+    assert second.tokenizer.fingerprint() == first.tokenizer.fingerprint()
+    assert second.cache_dir == tmp_path / "cache"
+
+
+def test_changes_invalidate_only_what_they_affect(tmp_path, count_work):
+    write_corpus(tmp_path)
+    prepare_data(data_cfg(tmp_path))
+    count_work.update(train=0, encode=0)
+    prepare_data(data_cfg(tmp_path, max_len=20))  # new filter: re-encode train, same tokenizer and valid
+    assert count_work == {"train": 0, "encode": 2}
+    count_work.update(train=0, encode=0)
+    src, tgt = toy_pairs(20, seed=1)
+    write_lines(tmp_path / "val.de", [*tgt[:-1], "Ein anderer satz."])
+    prepare_data(data_cfg(tmp_path, max_len=20))  # new validation text: re-encode valid only
+    assert count_work == {"train": 0, "encode": 2}
+    count_work.update(train=0, encode=0)
+    write_lines(tmp_path / "train.en", toy_pairs(301)[0][1:])  # new training text: everything again
+    prepare_data(data_cfg(tmp_path, max_len=20))
+    assert count_work["train"] >= 1 and count_work["encode"] == 4
+
+
+def test_tokenizer_dir_and_explicit_tokenizer_take_precedence(tmp_path, count_work):
+    write_corpus(tmp_path)
+    run_dir = tmp_path / "run" / "tokenizer"
+    data = prepare_data(data_cfg(tmp_path), tokenizer_dir=run_dir)
+    assert Tokenizer.load(run_dir).fingerprint() == data.tokenizer.fingerprint()
+    other = Tokenizer.train(*toy_pairs(100, seed=5), data_cfg(tmp_path, spm_model_type="bpe"))
+    other.save(tmp_path / "other")
+    count_work.update(train=0)
+    assert (
+        prepare_data(data_cfg(tmp_path), tokenizer_dir=tmp_path / "other").tokenizer.fingerprint()
+        == other.fingerprint()
+    )
+    restored = Tokenizer.from_state(other.state_dict())
+    assert prepare_data(data_cfg(tmp_path), run_dir, tokenizer=restored).tokenizer is restored
+    assert count_work["train"] == 0
+
+
+def test_run_dir_gets_the_tokenizer_and_resume_takes_the_checkpoints(tmp_path, count_work):
+    from nmt.checkpoint import save_checkpoint
+    from nmt.config import Config
+
+    write_corpus(tmp_path)
+    run_dir = tmp_path / "run"
+    first = prepare_data(data_cfg(tmp_path), run_dir=run_dir)
+    assert Tokenizer.load(run_dir / "tokenizer").fingerprint() == first.tokenizer.fingerprint()
+    # a fresh run in the same folder with other settings does not pick up the old tokenizer
+    bpe = prepare_data(data_cfg(tmp_path, spm_model_type="bpe"), run_dir=run_dir)
+    assert bpe.tokenizer.fingerprint() != first.tokenizer.fingerprint()
+    assert Tokenizer.load(run_dir / "tokenizer").fingerprint() == bpe.tokenizer.fingerprint()
+    checkpoint = save_checkpoint(
+        {"config": Config().to_dict(), "tokenizer": first.tokenizer.state_dict(), "model": {}},
+        tmp_path / "elsewhere" / "latest.pt",
+    )
+    count_work.update(train=0)
+    resumed = prepare_data(data_cfg(tmp_path, spm_model_type="bpe"), run_dir=run_dir, resume_from=checkpoint)
+    assert resumed.tokenizer.fingerprint() == first.tokenizer.fingerprint() and count_work["train"] == 0
+
+
+def test_read_only_data_dir_caches_in_user_cache(tmp_path, monkeypatch):
+    write_corpus(tmp_path / "data")
+    real = corpus._writable
+    monkeypatch.setattr(corpus, "_writable", lambda folder: "data" not in folder.parts and real(folder))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    cfg = data_cfg(tmp_path / "data", cache_dir="")
+    assert prepare_data(cfg).cache_dir == tmp_path / "xdg" / "nmt"
+    with pytest.raises(DataError, match="not writable"):
+        prepare_data(data_cfg(tmp_path / "data", cache_dir=str(tmp_path / "data" / "c")))
+
+
+# ---- missing data and download -------------------------------------------------------------------------
+
+
+def test_missing_multi30k_is_downloaded_or_explained(tmp_path, monkeypatch):
+    def offline(url, timeout):
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    cfg = DataConfig(dir=str(tmp_path / "m30k"), cache_dir=str(tmp_path / "cache"))  # the defaults: Multi30k
+    with pytest.raises(DataError, match=r"could not download Multi30k \(train\.en\.gz: offline\)"):
+        prepare_data(cfg)
+    no_download = DataConfig(dir=str(tmp_path / "m30k"), download="")
+    with pytest.raises(DataError, match=r"missing text file .*train\.en.*data\.dir="):
+        prepare_data(no_download)
+
+
+def test_bad_validation_file_fails_before_tokenizer_training(tmp_path, count_work):
+    write_corpus(tmp_path, sizes={"train": 100, "val": 5})
+    write_lines(tmp_path / "val.de", ["nur eine zeile"])
+    with pytest.raises(DataError, match=r"val\.en has 5 lines but .*val\.de has 1"):
+        prepare_data(data_cfg(tmp_path))
+    assert count_work["train"] == 0
+
+
+def test_multi30k_subset(tmp_path):
+    folder = multi30k_dir()
+    if folder is None:
+        pytest.skip("the shared Multi30k copy (shared/data/multi30k) is not available")
+    cfg = DataConfig(
+        dir=str(folder), cache_dir=str(tmp_path), train_limit=2000, vocab_size=1000, download="", max_len=64
+    )
+    data = prepare_data(cfg)
+    assert data.train_stats.total == 2000 and len(data.valid) == len(data.valid_src) == 1014
+    assert data.valid_src[0] == "A group of men are loading cotton onto a truck"
+    decoded = data.tokenizer.decode_tgt(data.valid["tgt_ids"][:])
+    assert sum(d == r for d, r in zip(decoded, data.valid_ref, strict=True)) > 1000

@@ -1,0 +1,290 @@
+"""Reading every corpus format, the errors bad input gives, and the Multi30k download checks."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import urllib.error
+import urllib.request
+
+import datasets
+import pytest
+from data_fixtures import data_cfg, multi30k_dir, toy_pairs, write_corpus, write_lines
+
+from nmt.data import download
+from nmt.data.sources import DataError, load_split, read_split
+
+MULTI30K = multi30k_dir()
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_text_plain_and_gzip(tmp_path, gz):
+    written = write_corpus(tmp_path, "text", gz=gz)
+    cfg = data_cfg(tmp_path)
+    assert read_split(cfg, "train") == written["train"]
+    assert read_split(cfg, "valid") == written["val"]
+    assert read_split(cfg, "test") == written["test"]
+    assert (tmp_path / "train.en.gz").exists() == gz
+
+
+def test_plain_file_preferred_over_gzip(tmp_path):
+    write_lines(tmp_path / "train.en", ["plain"])
+    write_lines(tmp_path / "train.en", ["zipped"], gz=True)
+    write_lines(tmp_path / "train.de", ["klar"])
+    assert read_split(data_cfg(tmp_path), "train") == (["plain"], ["klar"])
+
+
+def test_tsv(tmp_path):
+    written = write_corpus(tmp_path, "tsv")
+    cfg = data_cfg(tmp_path, format="tsv")
+    assert read_split(cfg, "train") == written["train"]
+    assert read_split(cfg, "valid") == written["val"]
+
+
+@pytest.mark.parametrize("layout", ["translation", "flat"])
+def test_jsonl_layouts(tmp_path, layout):
+    written = write_corpus(tmp_path, "jsonl", layout=layout)
+    assert read_split(data_cfg(tmp_path, format="jsonl"), "train") == written["train"]
+
+
+@pytest.mark.parametrize("fmt", ["text", "tsv", "jsonl"])
+def test_other_language_pair(tmp_path, fmt):
+    """Nothing assumes en-de: an en-fr corpus reads the fr side, a de-en corpus swaps sides."""
+    written = write_corpus(tmp_path, fmt, src_lang="en", tgt_lang="fr")
+    src, tgt = read_split(data_cfg(tmp_path, format=fmt, src_lang="en", tgt_lang="fr"), "train")
+    assert (src, tgt) == written["train"]
+    assert "homme" in " ".join(tgt) or "femme" in " ".join(tgt)
+
+
+def test_de_en_reads_sides_swapped(tmp_path):
+    write_corpus(tmp_path, "jsonl")
+    en, de = read_split(data_cfg(tmp_path, format="jsonl"), "train")
+    assert read_split(data_cfg(tmp_path, format="jsonl", src_lang="de", tgt_lang="en"), "train") == (de, en)
+
+
+def test_load_split_is_a_dataset(tmp_path):
+    written = write_corpus(tmp_path, "text")
+    ds = load_split(data_cfg(tmp_path), "valid")
+    assert isinstance(ds, datasets.Dataset)
+    assert ds["src"][:] == written["val"][0] and ds["tgt"][:] == written["val"][1]
+
+
+@pytest.mark.parametrize("layout", ["translation", "columns"])
+def test_hub_through_load_dataset(tmp_path, monkeypatch, layout):
+    src, tgt = toy_pairs(5, "en", "fr")
+    if layout == "translation":
+        columns = {"translation": [{"en": s, "fr": t} for s, t in zip(src, tgt, strict=True)]}
+    else:
+        columns = {"en": src, "fr": tgt, "id": list(range(5))}
+    calls = []
+
+    def fake_load_dataset(name, config=None, split=None):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_dict(columns)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    cfg = data_cfg(
+        tmp_path, format="hub", hub_name="someone/corpus", hub_config="en-fr", tgt_lang="fr", valid="dev"
+    )
+    assert read_split(cfg, "valid") == (src, tgt)
+    assert calls == [("someone/corpus", "en-fr", "dev")]
+
+
+def test_hub_without_language_columns(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_dict({"text": ["x"]}))
+    cfg = data_cfg(tmp_path, format="hub", hub_name="someone/corpus")
+    with pytest.raises(DataError, match=r"columns \['text'\].*'translation' or 'en' and 'de'"):
+        read_split(cfg, "train")
+
+
+def test_limits_take_the_first_pairs(tmp_path):
+    written = write_corpus(tmp_path, "text")
+    cfg = data_cfg(tmp_path, train_limit=7, valid_limit=3)
+    assert read_split(cfg, "train") == (written["train"][0][:7], written["train"][1][:7])
+    assert read_split(cfg, "valid") == (written["val"][0][:3], written["val"][1][:3])
+    assert len(read_split(cfg, "test")[0]) == 20  # no limit on the test split
+
+
+# ---- bad input -------------------------------------------------------------------------------------
+
+
+def test_mismatched_line_counts_name_both_files_and_counts(tmp_path):
+    write_lines(tmp_path / "train.en", ["a", "b", "c"])
+    write_lines(tmp_path / "train.de", ["x", "y"], gz=True)
+    with pytest.raises(DataError) as e:
+        read_split(data_cfg(tmp_path), "train")
+    message = str(e.value)
+    assert "train.en has 3 lines" in message and "train.de.gz has 2" in message
+
+
+def test_missing_file_says_how_to_set_data_dir(tmp_path):
+    write_lines(tmp_path / "train.en", ["a"])
+    with pytest.raises(DataError) as e:
+        read_split(data_cfg(tmp_path), "train")
+    assert "train.de" in str(e.value) and "data.dir=" in str(e.value)
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n"])
+def test_empty_file(tmp_path, content):
+    write_lines(tmp_path / "train.en", ["a", "b", "c"])
+    (tmp_path / "train.de").write_bytes(content)
+    with pytest.raises(DataError, match=r"train\.de is empty"):
+        read_split(data_cfg(tmp_path), "train")
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+    write_lines(tmp_path / "train.en", ["one", "two", "three"])
+    (tmp_path / "train.de").write_bytes(b"eins\nzwei\ndr\xe4i\n")  # latin-1 a-umlaut on line 3
+    with pytest.raises(DataError, match=r"train\.de line 3: invalid UTF-8"):
+        read_split(data_cfg(tmp_path), "train")
+
+
+def test_invalid_utf8_inside_gzip(tmp_path):
+    write_lines(tmp_path / "train.en", ["one", "two"])
+    with gzip.open(tmp_path / "train.de.gz", "wb") as f:
+        f.write(b"ok\n\xff\xfe\n")
+    with pytest.raises(DataError, match=r"train\.de\.gz line 2: invalid UTF-8"):
+        read_split(data_cfg(tmp_path), "train")
+
+
+def test_tsv_wrong_column_count_names_line(tmp_path):
+    write_lines(tmp_path / "train.tsv", ["a\tb", "c\td", "only one column", "e\tf"])
+    with pytest.raises(DataError, match=r"train\.tsv line 3: expected 2 tab-separated columns .* found 1"):
+        read_split(data_cfg(tmp_path, format="tsv"), "train")
+    write_lines(tmp_path / "train.tsv", ["a\tb", "c\td\te"])
+    with pytest.raises(DataError, match=r"line 2: .* found 3"):
+        read_split(data_cfg(tmp_path, format="tsv"), "train")
+
+
+def test_tsv_empty_column_is_an_empty_side_not_an_error(tmp_path):
+    write_lines(tmp_path / "train.tsv", ["a\tb", "c\t", "\td", "\t"])
+    assert read_split(data_cfg(tmp_path, format="tsv"), "train") == (["a", "c", "", ""], ["b", "", "d", ""])
+
+
+def test_jsonl_bad_rows_name_line(tmp_path):
+    rows = [json.dumps({"en": "a", "de": "b"}), "{not json", json.dumps({"en": "a"})]
+    write_lines(tmp_path / "train.jsonl", rows)
+    with pytest.raises(DataError, match=r"train\.jsonl line 2: invalid JSON"):
+        read_split(data_cfg(tmp_path, format="jsonl"), "train")
+    write_lines(tmp_path / "train.jsonl", [rows[0], rows[2]])
+    with pytest.raises(DataError, match=r"train\.jsonl line 2: expected .*\"de\""):
+        read_split(data_cfg(tmp_path, format="jsonl"), "train")
+
+
+def test_missing_tsv_and_jsonl(tmp_path):
+    with pytest.raises(DataError, match=r"missing tsv file .*train\.tsv.*data\.dir="):
+        read_split(data_cfg(tmp_path, format="tsv"), "train")
+    with pytest.raises(DataError, match=r"missing jsonl file .*val\.jsonl"):
+        read_split(data_cfg(tmp_path, format="jsonl"), "valid")
+
+
+def test_data_error_is_a_value_error():
+    assert issubclass(DataError, ValueError)
+
+
+# ---- BOM, CRLF, blank lines, odd line separators -------------------------------------------------------
+
+
+def test_bom_crlf_and_blank_lines_keep_alignment(tmp_path):
+    write_lines(tmp_path / "train.en", ["Hello.", "", "  Two  ", "Three."], bom=True, crlf=True)
+    write_lines(tmp_path / "train.de", ["Hallo.", "Leer?", "Zwei", ""], gz=True)
+    src, tgt = read_split(data_cfg(tmp_path), "train")
+    assert src == ["Hello.", "", "Two", "Three."]
+    assert tgt == ["Hallo.", "Leer?", "Zwei", ""]
+
+
+def test_unicode_line_separators_inside_a_line_do_not_split_it(tmp_path):
+    """str.splitlines() would break these lines and shift the file against its translation."""
+    write_lines(tmp_path / "train.en", ["a\u2028b", "c\x85d", "e\x1cf"])
+    write_lines(tmp_path / "train.de", ["1", "2", "3"])
+    src, tgt = read_split(data_cfg(tmp_path), "train")
+    assert src == ["a\u2028b", "c\x85d", "e\x1cf"] and tgt == ["1", "2", "3"]
+
+
+def test_missing_final_newline(tmp_path):
+    (tmp_path / "train.en").write_text("a\nb")
+    (tmp_path / "train.de").write_text("x\ny\n")
+    assert read_split(data_cfg(tmp_path), "train") == (["a", "b"], ["x", "y"])
+
+
+def test_tsv_and_jsonl_with_bom_crlf_and_blank_lines(tmp_path):
+    write_lines(tmp_path / "train.tsv", ["a\tb", "", "c\td"], bom=True, crlf=True)
+    assert read_split(data_cfg(tmp_path, format="tsv"), "train") == (["a", "", "c"], ["b", "", "d"])
+    write_lines(
+        tmp_path / "train.jsonl",
+        ['{"en": "a", "de": "b"}', "", '{"en": "c", "de": "d"}'],
+        bom=True,
+        crlf=True,
+    )
+    assert read_split(data_cfg(tmp_path, format="jsonl"), "train") == (["a", "", "c"], ["b", "", "d"])
+
+
+# ---- Multi30k download (never touches the network) ----------------------------------------------------
+
+
+class FakeResponse(io.BytesIO):
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        self.headers = {"Content-Length": str(len(data))}
+
+
+def _multi30k_cfg(tmp_path, **overrides):
+    settings = {"train": "train", "valid": "val", "test": "test_2016_flickr", "download": "multi30k"}
+    return data_cfg(tmp_path / "m30k", **{**settings, **overrides})
+
+
+def test_download_checks_sha256_and_writes_atomically(tmp_path, monkeypatch):
+    payload = gzip.compress(b"A dog.\n")
+    name = "val.en.gz"
+    monkeypatch.setattr(download, "MULTI30K_SHA256", {name: hashlib.sha256(payload).hexdigest()})
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: FakeResponse(payload))
+    cfg = _multi30k_cfg(tmp_path)
+    assert download.missing_multi30k_files(cfg) == [name]
+    assert download.ensure_multi30k(cfg) == [tmp_path / "m30k" / name]
+    assert (tmp_path / "m30k" / name).read_bytes() == payload
+    assert download.missing_multi30k_files(cfg) == [] and download.ensure_multi30k(cfg) == []
+
+
+def test_download_checksum_mismatch_leaves_nothing(tmp_path, monkeypatch):
+    urls = []
+
+    def fake_urlopen(url, timeout):
+        urls.append(url)
+        return FakeResponse(b"truncated")
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    with pytest.raises(download.DownloadError, match=r"train\.en\.gz .* has sha256 .*expected d79cfa99"):
+        download.ensure_multi30k(_multi30k_cfg(tmp_path))
+    assert urls == ["https://github.com/multi30k/dataset/raw/master/data/task1/raw/train.en.gz"]
+    assert list((tmp_path / "m30k").iterdir()) == []
+
+
+def test_download_offline_message(tmp_path, monkeypatch):
+    def offline(url, timeout):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(DataError) as e:
+        download.ensure_multi30k(_multi30k_cfg(tmp_path, src_lang="de", tgt_lang="fr"))
+    message = str(e.value)
+    assert message.startswith("could not download Multi30k (train.de.gz: Name or service not known)")
+    assert message.endswith("put the files in a folder and set data.dir=PATH")
+
+
+def test_download_only_for_known_multi30k_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(urllib.request, "urlopen", pytest.fail)
+    (tmp_path / "m30k").mkdir()
+    write_lines(tmp_path / "m30k" / "train.en", ["x"], gz=True)
+    cfg = _multi30k_cfg(tmp_path, train="mytrain", valid="mydev", test="mytest")
+    assert download.missing_multi30k_files(cfg) == []
+    cfg = _multi30k_cfg(tmp_path, valid="mydev", test="mytest")
+    assert download.missing_multi30k_files(cfg) == ["train.de.gz"]  # train.en.gz is present
+
+
+def test_expected_checksums_match_the_shared_copy():
+    if MULTI30K is None:
+        pytest.skip("the shared Multi30k copy (shared/data/multi30k) is not available")
+    for name, expected in download.MULTI30K_SHA256.items():
+        assert hashlib.sha256((MULTI30K / name).read_bytes()).hexdigest() == expected, name

@@ -1,0 +1,98 @@
+"""nmt.evaluate agrees with sacreBLEU's own command line on the same files."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nmt.evaluate import main, read_lines, score
+
+REFS = [
+    "Ein Mann fährt Fahrrad auf der Straße.",
+    "Zwei Hunde spielen im Schnee.",
+    "Eine Frau liest ein Buch im Park.",
+    "Kinder spielen Fußball auf einer Wiese.",
+]
+HYPS = [
+    "ein Mann fährt ein Fahrrad auf der Straße.",
+    "Zwei Hunde spielen im Schnee.",
+    "Die Frau liest im Park.",
+    "kinder spielen auf der Wiese Fußball.",
+]
+
+
+def write(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def sacrebleu_cli(ref: Path, hyp: Path, *extra: str) -> dict[str, dict]:
+    """BLEU and chrF from ``python -m sacrebleu`` (JSON, 4 decimals), keyed by metric name."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "sacrebleu",
+        str(ref),
+        "-i",
+        str(hyp),
+        "-m",
+        "bleu",
+        "chrf",
+        "-w",
+        "4",
+        *extra,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=60)
+    return {entry["name"]: entry for entry in json.loads(proc.stdout)}
+
+
+@pytest.mark.parametrize("lowercase", [False, True])
+def test_scores_and_signatures_equal_sacrebleu_cli(tmp_path, lowercase):
+    ref, hyp = write(tmp_path / "ref.de", REFS), write(tmp_path / "hyp.de", HYPS)
+    expected = sacrebleu_cli(ref, hyp, *(["-lc"] if lowercase else []))
+    got = score(read_lines(hyp), read_lines(ref), lowercase=lowercase)
+    assert got.bleu == pytest.approx(expected["BLEU"]["score"], abs=1e-4)
+    assert got.chrf == pytest.approx(expected["chrF2"]["score"], abs=1e-4)
+    assert got.bleu_signature == expected["BLEU"]["signature"]
+    assert got.chrf_signature == expected["chrF2"]["signature"]
+    assert 0 < got.bleu < 100 and 0 < got.chrf < 100  # a comparison at 0 or 100 would prove little
+
+
+def test_lowercase_changes_bleu_only_and_says_so():
+    cased, lowered = score(HYPS, REFS), score(HYPS, REFS, lowercase=True)
+    assert lowered.bleu > cased.bleu  # "ein Mann" / "kinder" match only without case
+    assert lowered.chrf == cased.chrf
+    assert "case:mixed" in cased.bleu_signature and "case:lc" in lowered.bleu_signature
+    assert "tok:13a" in cased.bleu_signature
+    assert f"{cased.bleu:.2f}" in cased.format() and cased.chrf_signature in cased.format()
+
+
+def test_identical_text_scores_100():
+    got = score(REFS, REFS)
+    assert got.bleu == pytest.approx(100.0) and got.chrf == pytest.approx(100.0)
+
+
+def test_mismatched_line_counts_are_a_clear_error(tmp_path, capsys):
+    with pytest.raises(ValueError, match="3 hypotheses but 4 references"):
+        score(HYPS[:3], REFS)
+    ref, hyp = write(tmp_path / "ref", REFS), write(tmp_path / "hyp", HYPS[:3])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--hyp", str(hyp), "--ref", str(ref)])
+    assert exit_info.value.code == 1
+    assert "3 hypotheses but 4 references" in capsys.readouterr().err
+
+
+def test_cli_prints_scores_with_signatures_and_reads_gzip(tmp_path, capsys):
+    ref = tmp_path / "ref.de.gz"
+    ref.write_bytes(gzip.compress("".join(r + "\n" for r in REFS).encode()))
+    hyp = write(tmp_path / "hyp.de", HYPS)
+    assert main(["--hyp", str(hyp), "--ref", str(ref), "--lowercase"]) == 0
+    out = capsys.readouterr().out
+    expected = score(HYPS, REFS, lowercase=True)
+    assert f"BLEU {expected.bleu:.2f} ({expected.bleu_signature})" in out
+    assert f"chrF {expected.chrf:.2f} ({expected.chrf_signature})" in out

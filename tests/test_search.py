@@ -1,0 +1,283 @@
+"""Greedy and beam search: scripted toy models whose best output is known by hand, and a tiny
+random Transformer on which independent paths (beam 1 / greedy, cached / uncached, batched /
+one sentence at a time) must agree."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nmt.config import ModelConfig
+from nmt.search import BOS_ID, EOS_ID, PAD_ID, beam_search, greedy_search, length_penalty, max_output_lengths
+
+A, B, C, D = 4, 5, 6, 7  # ordinary tokens of the toy vocabulary
+VOCAB = 8
+
+
+class ScriptedCache:
+    """Remembers each row's prefix, so a cached decode step sees the same history as an uncached one."""
+
+    def __init__(self) -> None:
+        self.prefix: torch.Tensor | None = None  # (R, t)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.prefix is None else self.prefix.size(1)
+
+    def reorder(self, indices: torch.Tensor) -> None:
+        self.prefix = self.prefix.index_select(0, indices)
+
+
+class ScriptedModel:
+    """Next-token distributions written by hand.
+
+    ``scripts[first source token][prefix after BOS]`` maps tokens to probabilities; the rest of the
+    probability mass is spread over the other tokens (specials included, so PAD/BOS must be blocked
+    by the search), slightly more to higher ids so that no two tokens tie.
+    """
+
+    def __init__(self, scripts: dict[int, dict[tuple[int, ...], dict[int, float]]]) -> None:
+        self.scripts = scripts
+        self.decode_calls = 0
+
+    def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
+        return src.float()[:, :, None]  # (B, S, 1): row r remembers its script in memory[r, 0, 0]
+
+    def new_cache(self) -> ScriptedCache:
+        return ScriptedCache()
+
+    def decode(self, tgt_in, memory, src_mask, cache=None):
+        self.decode_calls += 1
+        full = tgt_in
+        if cache is not None:
+            full = tgt_in if cache.prefix is None else torch.cat([cache.prefix, tgt_in], dim=1)
+            cache.prefix = full
+        rows = [self._log_probs(int(memory[r, 0, 0]), full[r].tolist()) for r in range(full.size(0))]
+        # Search reads only the last position; every position gets the same row to keep this short.
+        return torch.stack(rows)[:, None, :].expand(-1, tgt_in.size(1), -1)  # (R, T, V)
+
+    def _log_probs(self, script: int, prefix: list[int]) -> torch.Tensor:
+        # A finished hypothesis is never continued. (With beam > allowed tokens, impossible
+        # hypotheses of score -inf may fill the spare beam slots; they never finish.)
+        assert prefix[0] == BOS_ID and EOS_ID not in prefix
+        given = self.scripts[script].get(tuple(prefix[1:]), {})
+        weights = torch.tensor(
+            [0.0 if t in given else 1.0 + 0.01 * t for t in range(VOCAB)], dtype=torch.float64
+        )
+        probs = weights / weights.sum() * (1.0 - sum(given.values()))
+        for token, p in given.items():
+            probs[token] = p
+        return probs.log().float()
+
+
+def toy_batch(*scripts: int, lengths: tuple[int, ...] | None = None):
+    """Sources whose first token picks the script; padded to the longest."""
+    lengths = lengths or (3,) * len(scripts)
+    src = torch.full((len(scripts), max(lengths)), PAD_ID)
+    for i, (s, n) in enumerate(zip(scripts, lengths, strict=True)):
+        src[i, :n] = s
+        src[i, n - 1] = EOS_ID if n > 1 else s
+    return src, src != PAD_ID
+
+
+# Greedy takes A (0.6) but every continuation of A is poor; B (0.4) then EOS (0.9) is better overall.
+GARDEN_PATH = {(): {A: 0.6, B: 0.4}, (A,): {EOS_ID: 0.34, C: 0.33, D: 0.3}, (B,): {EOS_ID: 0.9}}
+# Short "A" (0.45 * 0.95 = 0.4275) beats long "B C D" (0.5 * 0.95 * 0.95 * 0.9 = 0.406) on raw
+# probability; GNMT normalisation with alpha = 1 divides by 7/6 and 9/6 and prefers the long one.
+SHORT_OR_LONG = {
+    (): {A: 0.45, B: 0.5},
+    (A,): {EOS_ID: 0.95},
+    (B,): {C: 0.95},
+    (B, C): {D: 0.95},
+    (B, C, D): {EOS_ID: 0.9},
+}
+# EOS is the favourite at every step, A the runner-up.
+EAGER_TO_END = {(A,) * k: {EOS_ID: 0.9, A: 0.08} for k in range(6)}
+NEVER_ENDS = {(A,) * k: {A: 0.9} for k in range(6)}
+
+
+def test_beam_finds_the_better_total_that_greedy_misses():
+    model = ScriptedModel({1: GARDEN_PATH})
+    src, mask = toy_batch(1)
+    assert greedy_search(model, src, mask) == [[A]]
+    best = beam_search(model, src, mask, beam=2, len_penalty=0.0)[0][0]
+    assert best.tokens == [B]
+    assert best.log_prob == pytest.approx(math.log(0.4 * 0.9), abs=1e-5)
+
+
+def test_length_penalty_alpha_zero_prefers_short_larger_alpha_long():
+    model = ScriptedModel({1: SHORT_OR_LONG})
+    src, mask = toy_batch(1)
+    short_lp, long_lp = math.log(0.45 * 0.95), math.log(0.5 * 0.95 * 0.95 * 0.9)
+    raw = beam_search(model, src, mask, beam=2, len_penalty=0.0, nbest=2)[0]
+    assert [h.tokens for h in raw] == [[A], [B, C, D]]
+    normalised = beam_search(model, src, mask, beam=2, len_penalty=1.0, nbest=2)[0]
+    assert [h.tokens for h in normalised] == [[B, C, D], [A]]
+    assert normalised[0].score == pytest.approx(long_lp / length_penalty(4, 1.0), abs=1e-5)
+    assert normalised[1].score == pytest.approx(short_lp / (7 / 6), abs=1e-5)
+    assert normalised[1].log_prob == pytest.approx(short_lp, abs=1e-5)
+
+
+@pytest.mark.parametrize("min_len", [0, 1, 2, 3])
+def test_min_len_forbids_early_eos(min_len):
+    model = ScriptedModel({1: EAGER_TO_END})
+    src, mask = toy_batch(1)
+    assert greedy_search(model, src, mask, min_len=min_len) == [[A] * min_len]
+    hyps = beam_search(model, src, mask, beam=3, min_len=min_len, nbest=3)[0]
+    assert hyps[0].tokens == [A] * min_len
+    assert all(len(h.tokens) >= min_len for h in hyps)
+
+
+def test_max_len_forces_eos_per_sentence():
+    # Two sentences with source lengths 2 and 4 (EOS included): budgets 0.5 * len + 1 = 2 and 3.
+    model = ScriptedModel({1: NEVER_ENDS})
+    src, mask = toy_batch(1, 1, lengths=(2, 4))
+    assert max_output_lengths(mask, 0.5, 1).tolist() == [2, 3]
+    assert greedy_search(model, src, mask, max_len_a=0.5, max_len_b=1) == [[A, A], [A, A, A]]
+    hyps = beam_search(model, src, mask, beam=2, max_len_a=0.5, max_len_b=1, len_penalty=0.0)
+    assert [h[0].tokens for h in hyps] == [[A, A], [A, A, A]]
+    assert greedy_search(model, src, mask, max_len_a=0.5, max_len_b=1, max_len_cap=1) == [[A], [A]]
+
+
+def test_specials_are_never_generated():
+    # PAD and BOS get most of the probability mass; search must skip them.
+    model = ScriptedModel({1: {(): {PAD_ID: 0.5, BOS_ID: 0.3, C: 0.15}, (C,): {PAD_ID: 0.8, EOS_ID: 0.15}}})
+    src, mask = toy_batch(1)
+    assert greedy_search(model, src, mask) == [[C]]
+    assert beam_search(model, src, mask, beam=3)[0][0].tokens == [C]
+
+
+def test_nbest_sorted_by_score_and_unique():
+    model = ScriptedModel({1: GARDEN_PATH, 2: SHORT_OR_LONG})
+    src, mask = toy_batch(1, 2)
+    for alpha in (0.0, 1.0):
+        for hyps in beam_search(model, src, mask, beam=4, nbest=4, len_penalty=alpha):
+            assert len(hyps) == 4
+            scores = [h.score for h in hyps]
+            assert scores == sorted(scores, reverse=True)
+            assert len({tuple(h.tokens) for h in hyps}) == 4
+
+
+def test_scripted_batch_equals_one_sentence_at_a_time():
+    # Sentences finish at different steps, so rows drop out of the batch and the survivors'
+    # bookkeeping (sentence index, prefix, cache row) must stay aligned.
+    scripts = {1: GARDEN_PATH, 2: SHORT_OR_LONG, 3: EAGER_TO_END, 4: NEVER_ENDS}
+    model = ScriptedModel(scripts)
+    src, mask = toy_batch(4, 1, 3, 2, 4, lengths=(5, 3, 2, 4, 3))
+    greedy_batch = greedy_search(model, src, mask, min_len=0)
+    beam_batch = beam_search(model, src, mask, beam=3, nbest=3, min_len=0)
+    for i in range(src.size(0)):
+        one_src, one_mask = src[i : i + 1, : int(mask[i].sum())], mask[i : i + 1, : int(mask[i].sum())]
+        assert greedy_search(model, one_src, one_mask, min_len=0) == [greedy_batch[i]]
+        alone = beam_search(model, one_src, one_mask, beam=3, nbest=3, min_len=0)[0]
+        assert [h.tokens for h in alone] == [h.tokens for h in beam_batch[i]]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_beam_one_equals_greedy_on_scripted_model(use_cache):
+    model = ScriptedModel({1: GARDEN_PATH, 2: SHORT_OR_LONG, 3: EAGER_TO_END, 4: NEVER_ENDS})
+    src, mask = toy_batch(1, 2, 3, 4, lengths=(3, 2, 4, 3))
+    greedy = greedy_search(model, src, mask, use_cache=use_cache)
+    beam = beam_search(model, src, mask, beam=1, use_cache=use_cache)
+    assert [h[0].tokens for h in beam] == greedy
+
+
+def count_rows(model: ScriptedModel) -> list[int]:
+    """Records the number of rows of every decoder call."""
+    rows_seen: list[int] = []
+    decode = model.decode
+    model.decode = lambda tgt_in, *args: rows_seen.append(tgt_in.size(0)) or decode(tgt_in, *args)
+    return rows_seen
+
+
+def test_finished_sentences_stop_costing_decoder_work():
+    # The first sentence is done after step 0 (greedy) or step 1 (beam 2 needs two finished
+    # hypotheses); the second runs to its 20-token limit. From then on only its rows are decoded.
+    scripts = {1: {(): {EOS_ID: 0.99}}, 2: {(A,) * k: {A: 0.9} for k in range(21)}}
+    src, mask = toy_batch(1, 2)
+    model = ScriptedModel(scripts)
+    rows_seen = count_rows(model)
+    assert greedy_search(model, src, mask, max_len_a=0, max_len_b=20, min_len=0) == [[], [A] * 20]
+    assert rows_seen == [2] + [1] * 20
+    model = ScriptedModel(
+        {1: {(): {EOS_ID: 0.99}, **{(t,): {EOS_ID: 0.99} for t in range(VOCAB)}}, 2: scripts[2]}
+    )
+    rows_seen = count_rows(model)
+    hyps = beam_search(model, src, mask, beam=2, max_len_a=0, max_len_b=20, min_len=0)
+    assert hyps[0][0].tokens == [] and hyps[1][0].tokens == [A] * 20
+    assert rows_seen == [4, 4] + [2] * 19
+
+
+# ---- a tiny random Transformer ---------------------------------------------------------------
+
+
+def tiny_transformer(seed: int = 0, vocab: int = 40):
+    from nmt.model import Transformer
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(
+        d_model=32, n_heads=4, enc_layers=2, dec_layers=2, ffn_dim=64, dropout=0.0, max_positions=64
+    )
+    model = Transformer(cfg, vocab, vocab).eval()
+    with torch.no_grad():  # sharper distributions than at initialisation, so outputs vary in length
+        model.output.weight.mul_(4.0)
+    return model
+
+
+def random_batch(seed: int = 0, vocab: int = 40, lengths=(7, 3, 9, 1, 5, 6)):
+    g = torch.Generator().manual_seed(seed)
+    src = torch.full((len(lengths), max(lengths)), PAD_ID)
+    for i, n in enumerate(lengths):
+        src[i, : n - 1] = torch.randint(4, vocab, (n - 1,), generator=g)
+        src[i, n - 1] = EOS_ID
+    return src, src != PAD_ID
+
+
+def test_transformer_beam_one_equals_greedy():
+    model, (src, mask) = tiny_transformer(), random_batch()
+    greedy = greedy_search(model, src, mask, max_len_a=1.0, max_len_b=5)
+    beam = beam_search(model, src, mask, beam=1, max_len_a=1.0, max_len_b=5)
+    assert [h[0].tokens for h in beam] == greedy
+    assert len({len(t) for t in greedy}) > 1  # the test means something only if lengths differ
+
+
+def test_transformer_cached_equals_uncached():
+    model, (src, mask) = tiny_transformer(1), random_batch(1)
+    kwargs = dict(max_len_a=1.0, max_len_b=5)
+    assert greedy_search(model, src, mask, **kwargs) == greedy_search(
+        model, src, mask, use_cache=False, **kwargs
+    )
+    cached = beam_search(model, src, mask, beam=4, nbest=4, **kwargs)
+    uncached = beam_search(model, src, mask, beam=4, nbest=4, use_cache=False, **kwargs)
+    for a, b in zip(cached, uncached, strict=True):
+        assert [h.tokens for h in a] == [h.tokens for h in b]
+        assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-4)
+
+
+def test_transformer_batch_equals_one_sentence_at_a_time_and_nbest_sorted():
+    model, (src, mask) = tiny_transformer(2), random_batch(2)
+    batch = beam_search(model, src, mask, beam=5, nbest=5, len_penalty=1.0, max_len_a=1.0, max_len_b=5)
+    for i, hyps in enumerate(batch):
+        n = int(mask[i].sum())
+        alone = beam_search(
+            model, src[i : i + 1, :n], mask[i : i + 1, :n], beam=5, nbest=5, max_len_a=1.0, max_len_b=5
+        )
+        assert [h.tokens for h in alone[0]] == [h.tokens for h in hyps]
+        scores = [h.score for h in hyps]
+        assert scores == sorted(scores, reverse=True) and len(hyps) == 5
+        for h in hyps:  # the score is the length-normalised log-probability
+            assert h.score == pytest.approx(h.log_prob / length_penalty(len(h.tokens) + 1, 1.0))
+            assert len(h.tokens) <= int(1.0 * n + 5)
+
+
+def test_transformer_log_prob_matches_teacher_forcing():
+    # The score beam search reports equals the log-probability of its output under forward().
+    model, (src, mask) = tiny_transformer(3), random_batch(3, lengths=(6,))
+    hyp = beam_search(model, src, mask, beam=3, max_len_a=1.0, max_len_b=5)[0][0]
+    tgt = torch.tensor([[BOS_ID] + hyp.tokens + [EOS_ID]])
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(src, tgt[:, :-1]).float(), dim=-1)[0]  # (T, V)
+    expected = log_probs.gather(1, tgt[0, 1:, None]).sum().item()
+    assert hyp.log_prob == pytest.approx(expected, abs=1e-4)

@@ -1,0 +1,191 @@
+"""Training: accumulation, exact resume, checkpoints, NaN handling, TensorBoard tags."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from nmt.checkpoint import load_checkpoint
+from nmt.config import Config
+from nmt.data import prepare_data
+from nmt.optim import lr_multiplier
+from nmt.trainer import Trainer, TrainingError, find_resume_checkpoint
+from tests.conftest import tiny_config
+
+
+def make_trainer(cfg: Config, writer=None) -> Trainer:
+    data = prepare_data(cfg.data, run_dir=Path(cfg.run_dir), resume_from=None)
+    return Trainer(cfg, data, Path(cfg.run_dir), writer=writer)
+
+
+def with_train(cfg: Config, **changes) -> Config:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
+
+
+def test_accumulating_two_half_batches_equals_one_full_batch(toy_dir, tmp_path):
+    cfg = tiny_config(toy_dir, tmp_path / "run", clip_norm=0.0)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout=0.0))
+    full, halves = make_trainer(cfg), make_trainer(cfg)
+    halves.raw_model.load_state_dict(full.raw_model.state_dict())
+    # Plain SGD makes the update the gradient itself; Adam's first step is ~lr*sign(grad) and would
+    # blow float rounding noise in zero-gradient parameters (e.g. the key bias) up to a full step.
+    for t in (full, halves):
+        t.optimizer = torch.optim.SGD(t.raw_model.parameters(), lr=1.0)
+        t.scheduler = torch.optim.lr_scheduler.LambdaLR(t.optimizer, lambda step: 1.0)
+    batch = next(full._batch_stream())
+    b = batch.src.shape[0]
+    assert b >= 4, "the toy batch must be splittable"
+    first, second = _split(batch, b // 2)
+    full.train_step([batch])
+    halves.train_step([first, second])
+    for (name, p_full), p_half in zip(full.raw_model.named_parameters(), halves.raw_model.parameters()):
+        torch.testing.assert_close(p_full, p_half, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _split(batch, k):
+    from nmt.data.batching import collate
+
+    def part(rows):
+        src = [[t for t in batch.src[i].tolist() if t != 0] for i in rows]
+        tgt = [
+            [t for t in batch.tgt_out[i].tolist() if t != 0][:-1] for i in rows
+        ]  # drop EOS: collate adds it
+        return collate(src, tgt, [batch.indices[i].item() for i in rows])
+
+    n = batch.src.shape[0]
+    return part(range(k)), part(range(k, n))
+
+
+def test_split_batches_cover_the_same_tokens(toy_dir, tmp_path):
+    trainer = make_trainer(tiny_config(toy_dir, tmp_path / "run"))
+    batch = next(trainer._batch_stream())
+    first, second = _split(batch, 2)
+    assert first.num_tgt_tokens + second.num_tgt_tokens == batch.num_tgt_tokens
+    assert torch.equal(torch.cat([first.indices, second.indices]), batch.indices)
+
+
+@pytest.mark.parametrize("where", ["mid_epoch", "epoch_boundary"])
+def test_resume_gives_the_same_losses_bit_for_bit(toy_dir, tmp_path, where):
+    base = tiny_config(toy_dir, tmp_path / "full", max_steps=1)
+    steps_per_epoch = len(make_trainer(base).sampler)
+    stop_at = steps_per_epoch // 2 if where == "mid_epoch" else steps_per_epoch
+    total = stop_at + 4
+    assert 0 < stop_at < total
+
+    full = make_trainer(with_train(base, max_steps=total)).train()
+    assert len(full.state.losses) == total
+
+    cut = tiny_config(toy_dir, tmp_path / "cut", max_steps=stop_at)
+    first = make_trainer(cut).train()
+    assert first.state.step == stop_at
+    resumed_cfg = with_train(cut, max_steps=total, resume="true")
+    trainer = make_trainer(resumed_cfg)
+    trainer.resume(find_resume_checkpoint(resumed_cfg, Path(cut.run_dir)))
+    second = trainer.train()
+
+    assert second.state.losses[:stop_at] == first.state.losses
+    assert second.state.losses == full.state.losses  # exact equality, not allclose
+    assert second.state.epoch == full.state.epoch
+
+
+def test_fresh_run_refuses_to_overwrite_an_existing_run(toy_dir, tmp_path):
+    cfg = tiny_config(toy_dir, tmp_path / "run", max_steps=2)
+    make_trainer(cfg).train()
+    with pytest.raises(TrainingError, match="train.resume=true"):
+        find_resume_checkpoint(cfg, Path(cfg.run_dir))
+    with pytest.raises(TrainingError, match="does not exist"):
+        find_resume_checkpoint(with_train(cfg, resume="true"), tmp_path / "elsewhere")
+
+
+def test_checkpoints_are_self_contained_and_load_with_weights_only(toy_dir, tmp_path):
+    cfg = tiny_config(toy_dir, tmp_path / "run", max_steps=6, valid_every=2, keep_last=2)
+    result = make_trainer(cfg).train()
+    ckpt_dir = Path(cfg.run_dir) / "checkpoints"
+    assert sorted(p.name for p in ckpt_dir.glob("step_*.pt")) == ["step_00000004.pt", "step_00000006.pt"]
+    assert (ckpt_dir / "best.pt").exists() and result.best_checkpoint == ckpt_dir / "best.pt"
+    raw = torch.load(ckpt_dir / "latest.pt", weights_only=True)
+    for key in ("format_version", "config", "tokenizer", "model", "optimizer", "scheduler", "rng", "sampler"):
+        assert key in raw
+    assert raw["train_state"]["step"] == 6
+    assert Config.from_dict(raw["config"]) == cfg
+    assert not list(ckpt_dir.glob("*.tmp")), "no temp files are left behind"
+
+
+def test_nan_loss_skips_the_step_then_aborts(toy_dir, tmp_path, monkeypatch, caplog):
+    cfg = tiny_config(toy_dir, tmp_path / "run", max_bad_steps=3)
+    trainer = make_trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
+    real_forward = trainer.raw_model.forward
+    monkeypatch.setattr(trainer.raw_model, "forward", lambda *a, **k: real_forward(*a, **k) * float("nan"))
+    stream = trainer._batch_stream()
+    assert trainer.train_step([next(stream)]) is None
+    assert trainer.train_step([next(stream)]) is None
+    assert "step skipped" in caplog.text
+    for k, v in trainer.raw_model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed by a skipped step"
+    with pytest.raises(TrainingError, match="3 steps in a row"):
+        trainer.train_step([next(stream)])
+
+
+def test_tensorboard_has_the_documented_tags(toy_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    cfg = tiny_config(toy_dir, tmp_path / "run", max_steps=4, log_every=2, valid_every=4)
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    make_trainer(cfg, writer=writer).train()
+    writer.close()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    expected = {
+        "train/loss",
+        "train/ppl",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_sec",
+        "valid/loss",
+        "valid/ppl",
+        "valid/bleu",
+        "valid/chrf",
+    }
+    assert expected <= scalars
+    assert "valid/samples/text_summary" in events.Tags()["tensors"]
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert all(math.isfinite(v) for v in losses) and len(losses) == 2
+
+
+@pytest.mark.parametrize("schedule", ["inverse_sqrt", "cosine"])
+def test_learning_rate_schedules(schedule, toy_dir, tmp_path):
+    cfg = tiny_config(toy_dir, tmp_path, schedule=schedule, warmup_steps=10, max_steps=100, min_lr=1e-5).train
+    factors = [lr_multiplier(s, cfg) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1)
+    assert max(factors) == pytest.approx(1.0) and factors.index(max(factors)) == 9
+    assert all(a > b for a, b in zip(factors[9:], factors[10:])), "decays after warmup"
+    if schedule == "cosine":
+        assert factors[-1] * cfg.lr == pytest.approx(cfg.min_lr, rel=1e-2)
+    else:
+        assert factors[39] == pytest.approx(math.sqrt(10 / 40))
+
+
+def test_scheduler_steps_once_per_optimizer_step(toy_dir, tmp_path):
+    cfg = tiny_config(toy_dir, tmp_path / "run", accum_steps=3, max_steps=4)
+    trainer = make_trainer(cfg)
+    trainer.train()
+    assert trainer.scheduler.last_epoch == 4
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(
+        cfg.train.lr * lr_multiplier(4, cfg.train)
+    )
+
+
+def test_checkpoint_round_trip_restores_the_model(toy_dir, tmp_path):
+    cfg = tiny_config(toy_dir, tmp_path / "run", max_steps=2)
+    trainer = make_trainer(cfg)
+    trainer.train()
+    state = load_checkpoint(Path(cfg.run_dir) / "checkpoints" / "latest.pt")
+    for k, v in trainer.raw_model.state_dict().items():
+        assert torch.equal(state["model"][k], v)
