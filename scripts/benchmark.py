@@ -93,6 +93,9 @@ from nmt.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from nmt.loss import label_smoothed_nll
 from nmt.model import Transformer
 from nmt.optim import build_optimizer, build_scheduler
+from nmt.trainer import TrainingError
+from nmt.trainer import resolve_device as trainer_resolve_device
+from nmt.trainer import resolve_dtype as trainer_resolve_dtype
 
 log = logging.getLogger("benchmark")
 
@@ -612,20 +615,17 @@ def available_cores() -> int:
 
 # ---------------------------------------------------------------------------------------------- report
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {name} but CUDA is not available; use --device cpu.")
-    return device
+    try:
+        return trainer_resolve_device(name)
+    except TrainingError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if precision == "fp16" and device.type != "cuda":
-        raise SystemExit("error: --precision fp16 needs a CUDA device; use fp32 or bf16 on CPU.")
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    try:
+        return trainer_resolve_dtype(precision, device)
+    except TrainingError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def device_name(device: torch.device) -> str:
