@@ -1,0 +1,158 @@
+#!/usr/bin/env python
+"""Train a recipe, average its last checkpoints, pick by validation BLEU, score the test set.
+
+    python scripts/recipe.py base data.dir=data/multi30k            # train, average, evaluate
+    python scripts/recipe.py base --skip-train --average 5          # evaluate a finished run again
+    python scripts/recipe.py base_de_en train.max_time_min=60 --json results/de-en.json
+
+The first argument names ``configs/experiment/NAME.yaml``; ``key=value`` arguments are passed to
+``python -m nmt.train`` as they are. Two candidates are decoded on the validation set: the run's
+``best.pt`` and the average of its last ``--average`` numbered checkpoints. The one with the higher
+validation BLEU is the model; the test set is only ever scored with it. The last line printed is a
+row of the README's results table (cased sacreBLEU, lowercased BLEU, chrF, training time, hardware).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+log = logging.getLogger("recipe")
+
+
+def compose(experiment: str, overrides: list[str]):
+    """The run's typed config, composed exactly as ``python -m nmt.train`` composes it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from nmt.config import register_schema, to_config
+
+    register_schema()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        return to_config(hydra_compose("config", [f"+experiment={experiment}", *overrides]))
+
+
+def train(experiment: str, overrides: list[str]) -> float:
+    """Run ``python -m nmt.train``; returns its wall-clock seconds (data preparation included)."""
+    command = [sys.executable, "-m", "nmt.train", f"+experiment={experiment}", *overrides]
+    log.info("training: %s", " ".join(command))
+    start = time.monotonic()
+    subprocess.run(command, check=True)
+    return time.monotonic() - start
+
+
+def candidates(run_dir: Path, average: int) -> dict[str, Path]:
+    """``best.pt`` and, if asked, the average of the last ``average`` numbered checkpoints."""
+    from nmt.checkpoint import average_checkpoints, last_checkpoints, save_checkpoint
+
+    ckpt_dir = run_dir / "checkpoints"
+    found = {"best": ckpt_dir / "best.pt"} if (ckpt_dir / "best.pt").exists() else {}
+    if average > 1:
+        paths = last_checkpoints(run_dir, average)
+        name = f"avg{len(paths)}"
+        found[name] = save_checkpoint(average_checkpoints(paths), ckpt_dir / f"{name}.pt")
+        log.info("averaged %s .. %s into %s", paths[0].name, paths[-1].name, found[name])
+    if not found:
+        raise SystemExit(f"error: no checkpoints in {ckpt_dir}; train first (drop --skip-train).")
+    return found
+
+
+def hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        names = [
+            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
+        ]
+        model = names[0] if names else model
+    except OSError:
+        pass
+    return f"CPU, {torch.get_num_threads()} threads ({model})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("experiment", help="configs/experiment/NAME.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides for nmt.train")
+    parser.add_argument("--average", type=int, default=5, help="average the last N checkpoints (1 = off)")
+    parser.add_argument("--skip-train", action="store_true", help="evaluate an existing run only")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    from nmt.checkpoint import load_checkpoint
+    from nmt.data.sources import read_split
+    from nmt.evaluate import score
+    from nmt.translator import Translator
+
+    cfg = compose(args.experiment, args.overrides)
+    run_dir = Path(cfg.run_dir)
+    if not args.skip_train:
+        train(args.experiment, args.overrides)
+    latest = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
+    train_state = latest["train_state"]
+
+    valid_src, valid_ref = read_split(cfg.data, "valid")
+    test_src, test_ref = read_split(cfg.data, "test")
+    valid_bleu: dict[str, float] = {}
+    translators: dict[str, Translator] = {}
+    for name, path in candidates(run_dir, args.average).items():
+        translators[name] = Translator.from_checkpoint(path, device=args.device)
+        valid_bleu[name] = score(translators[name].translate(valid_src), valid_ref).bleu
+        log.info("validation BLEU of %s: %.2f", name, valid_bleu[name])
+    chosen = max(valid_bleu, key=valid_bleu.get)
+    translator = translators[chosen]
+    start = time.monotonic()
+    hyps = translator.translate(test_src)
+    decode_sec = time.monotonic() - start
+    cased, lower = score(hyps, test_ref), score(hyps, test_ref, lowercase=True)
+    (run_dir / f"test.{cfg.data.tgt_lang}.hyp").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+
+    result = {
+        "experiment": args.experiment,
+        "direction": f"{cfg.data.src_lang}->{cfg.data.tgt_lang}",
+        "checkpoint": chosen,
+        "valid_bleu": valid_bleu,
+        "test": cfg.data.test,
+        "bleu": round(cased.bleu, 2),
+        "bleu_lc": round(lower.bleu, 2),
+        "chrf": round(cased.chrf, 2),
+        "bleu_signature": cased.bleu_signature,
+        "bleu_lc_signature": lower.bleu_signature,
+        "chrf_signature": cased.chrf_signature,
+        "steps": train_state["step"],
+        "train_min": round(train_state["elapsed_sec"] / 60, 1),
+        "test_decode_sec": round(decode_sec, 1),
+        "hardware": hardware(translator.device),
+        "beam": translator.cfg.beam,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(cased.bleu_detail)
+    print(cased.format())
+    print(lower.format())
+    print(
+        f"| {result['direction']} | {result['bleu']:.1f} | {result['bleu_lc']:.1f} | {result['chrf']:.1f} | "
+        f"{result['train_min']:.0f} min, {result['steps']} steps | {result['hardware']} | "
+        f"{chosen}, beam {result['beam']} |"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
