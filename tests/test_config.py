@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
 from nmt.config import Config, ConfigError, DataConfig, ModelConfig, register_schema, to_config
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_config
 
 register_schema()
 
@@ -62,3 +66,84 @@ def test_config_round_trips_through_a_plain_dict():
 def test_resume_flag_spellings():
     assert composed("+experiment=smoke", "train.resume=true").train.resume_requested
     assert not composed("+experiment=smoke").train.resume_requested
+
+
+# --- the command line: `python -m nmt.train` ------------------------------------------------------
+
+
+def cli_overrides(cfg: Config) -> list[str]:
+    """``key=value`` arguments that make ``python -m nmt.train`` compose exactly ``cfg``."""
+
+    def value(v) -> str:
+        if isinstance(v, bool):
+            return str(v).lower()
+        if isinstance(v, list):
+            return "[" + ",".join(value(x) for x in v) + "]"
+        if isinstance(v, str):  # quoted, so that e.g. resume "true" stays a string, not a bool
+            return f"'{v}'"
+        return str(v)
+
+    args = [f"name={cfg.name}", f"run_dir={cfg.run_dir}"]
+    for section, values in cfg.to_dict().items():
+        if isinstance(values, dict):
+            args += [f"{section}.{key}={value(v)}" for key, v in values.items()]
+    return args
+
+
+def run_train(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m nmt.train ARGS`` in a subprocess; stdout and stderr kept apart, as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "nmt.train", *args],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def child_env() -> dict[str, str]:
+    # One thread per process: the tests may run beside other work on a 2-core machine.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def test_cli_overrides_compose_the_tiny_config(toy_dir, tmp_path):
+    cfg = tiny_config(toy_dir, tmp_path / "run", betas=[0.9, 0.99], resume="true")
+    assert composed(*cli_overrides(cfg)) == cfg
+
+
+def test_cli_startup_reports_the_run_directory_and_parameter_count(toy_dir, tmp_path):
+    from nmt.checkpoint import config_from_checkpoint, load_checkpoint
+    from nmt.data.tokenizer import Tokenizer
+    from nmt.model import Transformer
+
+    cfg = tiny_config(toy_dir, tmp_path / "run", max_steps=2)
+    proc = run_train(*cli_overrides(cfg))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"run directory: {(tmp_path / 'run').resolve()}" in proc.stdout
+    # Rebuild the model the run trained, from its checkpoint, and count its parameters here.
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")
+    tok = Tokenizer.from_state(state["tokenizer"])
+    model = Transformer(config_from_checkpoint(state).model, tok.src_vocab_size, tok.tgt_vocab_size)
+    model.load_state_dict(state["model"])
+    assert f"model: {model.num_parameters():,} parameters" in proc.stdout
+    assert "done: reached train.max_steps=2 | step 2" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lr=5", "train.lr=5.0 must be in (0, 1)."),
+        ("data.dir=/nonexistent/corpus", "/nonexistent/corpus"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_sentence_and_no_traceback(tmp_path, override, message):
+    run_dir = tmp_path / "run"
+    proc = run_train("+experiment=smoke", "data.download=''", f"run_dir={run_dir}", override, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr
+    sentence = errors[0].removeprefix("error: ")
+    assert sentence.endswith(".") and sentence.count(". ") == 0, f"not one sentence: {sentence!r}"
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (run_dir / "checkpoints").exists(), "nothing is trained or saved"
