@@ -1,4 +1,4 @@
-"""label_smoothed_nll against F.cross_entropy and a hand-computed value."""
+"""label_smoothed_nll against F.cross_entropy, a hand-computed value, and plain autograd (gradients)."""
 
 from __future__ import annotations
 
@@ -83,3 +83,88 @@ def test_bf16_logits_are_reduced_in_float32():
     ref_loss, ref_nll = label_smoothed_nll(low.float(), target, epsilon=0.1, pad_id=PAD_ID)
     torch.testing.assert_close(loss, ref_loss)
     torch.testing.assert_close(nll, ref_nll)
+
+
+def reference_label_smoothed_nll(logits, target, epsilon, pad_id):
+    """The loss through plain autograd (the implementation before the closed-form backward)."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    lprobs = F.log_softmax(logits, dim=-1, dtype=dtype)
+    non_pad = target != pad_id
+    nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    smooth = -lprobs.mean(dim=-1)
+    nll = nll.masked_fill(~non_pad, 0.0).sum()
+    smooth = smooth.masked_fill(~non_pad, 0.0).sum()
+    return (1.0 - epsilon) * nll + epsilon * smooth, nll
+
+
+def values_and_grads(fn, logits, target, epsilon, upstream):
+    leaf = logits.detach().clone().requires_grad_(True)
+    loss, nll = fn(leaf, target, epsilon, PAD_ID)
+    (loss * upstream).backward()
+    return loss.detach(), nll.detach(), leaf.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("epsilon", [0.0, 0.1, 0.3])
+def test_closed_form_backward_equals_autograd(dtype, epsilon):
+    logits, target = logits_and_target(seed=3)
+    logits = logits.to(dtype)
+    upstream = 0.37  # the trainer scales the loss by 1 / tokens before backward
+    loss, nll, grad = values_and_grads(label_smoothed_nll, logits, target, epsilon, upstream)
+    ref_loss, ref_nll, ref_grad = values_and_grads(
+        reference_label_smoothed_nll, logits, target, epsilon, upstream
+    )
+    assert loss.dtype == ref_loss.dtype and grad.dtype == dtype
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)  # the forward is the same computation
+    torch.testing.assert_close(nll, ref_nll, rtol=0, atol=0)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(grad, ref_grad, rtol=tol, atol=tol)
+    assert torch.count_nonzero(grad[target == PAD_ID]) == 0
+
+
+def test_closed_form_backward_equals_autograd_for_bf16_logits():
+    logits, target = logits_and_target(seed=4)
+    low = (logits * 4).bfloat16()
+    loss, nll, grad = values_and_grads(label_smoothed_nll, low, target, 0.1, 1.0)
+    ref_loss, ref_nll, ref_grad = values_and_grads(reference_label_smoothed_nll, low, target, 0.1, 1.0)
+    assert grad.dtype == torch.bfloat16  # the gradient comes back in the logits' dtype
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+    torch.testing.assert_close(nll, ref_nll, rtol=0, atol=0)
+    # Both round a float32 gradient to bf16 once: at most one bf16 ulp apart.
+    torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=2**-7, atol=1e-6)
+
+
+def test_backward_through_a_larger_graph_with_padding():
+    # Logits from a linear layer, as in the model: the gradient reaches the weights unchanged.
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(3, 7, 16, generator=gen, dtype=torch.float64)
+    weight = torch.randn(VOCAB, 16, generator=gen, dtype=torch.float64)
+    target = torch.randint(4, VOCAB, (3, 7), generator=gen)
+    target[0, 5:] = PAD_ID
+    target[2, 1:] = PAD_ID
+    grads = []
+    for fn in (label_smoothed_nll, reference_label_smoothed_nll):
+        w = weight.clone().requires_grad_(True)
+        loss, _ = fn(hidden @ w.T, target, 0.1, PAD_ID)
+        loss.backward()
+        grads.append(w.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+
+
+def test_nll_is_not_differentiable_and_a_second_backward_is_refused():
+    logits, target = logits_and_target()
+    logits.requires_grad_(True)
+    loss, nll = label_smoothed_nll(logits, target, epsilon=0.1, pad_id=PAD_ID)
+    assert loss.requires_grad and not nll.requires_grad
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+def test_no_grad_needs_no_backward_state():
+    logits, target = logits_and_target()
+    with torch.no_grad():
+        loss, nll = label_smoothed_nll(logits.requires_grad_(True), target, epsilon=0.1, pad_id=PAD_ID)
+    assert not loss.requires_grad
+    ref_loss, ref_nll = reference_label_smoothed_nll(logits.detach(), target, 0.1, PAD_ID)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
