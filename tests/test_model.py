@@ -1,5 +1,5 @@
 """The Transformer against references that must agree: naive attention, unpadded inputs, full
-vs cached decoding, hand-counted parameters."""
+vs cached decoding, hand-counted parameters; byte-mask dropout against its stated rate."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from nmt.config import ConfigError, ModelConfig
 from nmt.data.tokenizer import BOS_ID, PAD_ID
 from nmt.loss import label_smoothed_nll
 from nmt.model import MultiHeadAttention, SelfAttentionCache, Transformer
+from nmt.model.dropout import Dropout
 
 MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 VOCAB = 23
@@ -325,3 +326,95 @@ def test_tiny_model_overfits_one_batch():
         optimizer.step()
     # Chance level is log(19) = 2.9 nats per token.
     assert nll.item() / tokens < 0.02, f"per-token loss {nll.item() / tokens:.3f} after 100 steps"
+
+
+# --- dropout -------------------------------------------------------------------------------------
+
+
+def drop_fraction_bound(rate: float, count: int) -> float:
+    """Eight standard deviations of the fraction of drops in ``count`` independent draws. The tests
+    are seeded, so they are deterministic; the bound says the seed was not picked to make them pass
+    (a miss of 8 sigma has probability ~1e-15)."""
+    return 8 * math.sqrt(rate * (1 - rate) / count)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5, 0.9])
+def test_dropout_drops_at_its_rate_and_is_exact_in_expectation(p):
+    torch.manual_seed(0)
+    dropout = Dropout(p).train()
+    assert abs(dropout.cpu_rate - p) <= 1 / 512  # p rounded to a multiple of 1/256
+    x = torch.full((1000, 1024), 2.0)
+    out = dropout(x)
+    dropped = out == 0
+    bound = drop_fraction_bound(dropout.cpu_rate, x.numel())
+    assert abs(dropped.float().mean().item() - dropout.cpu_rate) < bound
+    # Kept values are scaled by exactly 1 / P(keep) of the rounded rate ...
+    assert torch.equal(out[~dropped], torch.full_like(out[~dropped], 2.0 / (1 - dropout.cpu_rate)))
+    # ... so the mean stays the input's, up to the same sampling noise.
+    assert abs(out.mean().item() - 2.0) < 2.0 / (1 - dropout.cpu_rate) * bound
+    # Each of the eight bytes of a random word is uniform: no byte position is biased (e.g. a sign bit
+    # that is never set would make every eighth element always dropped or always kept).
+    by_position = dropped.view(-1, 8).float().mean(dim=0)  # (8,)
+    position_bound = drop_fraction_bound(dropout.cpu_rate, x.numel() // 8)
+    assert (by_position - dropout.cpu_rate).abs().max().item() < position_bound
+
+
+@pytest.mark.parametrize("p", [0.001, 1.0])
+def test_dropout_rates_that_round_to_0_or_1_are_exact(p):
+    torch.manual_seed(0)
+    dropout = Dropout(p).train()
+    assert dropout.cpu_rate == p
+    x = torch.ones(1000, 1000)
+    fraction = (dropout(x) == 0).float().mean().item()
+    assert abs(fraction - p) < drop_fraction_bound(p, x.numel()) + 1e-12
+
+
+def test_dropout_gradient_is_the_mask():
+    torch.manual_seed(0)
+    x = torch.randn(64, 48, dtype=torch.float64, requires_grad=True)
+    out = Dropout(0.3).train()(x)
+    out.sum().backward()
+    kept = out != 0
+    scale = torch.tensor(256 / (256 - 77), dtype=torch.float64)
+    torch.testing.assert_close(x.grad, torch.where(kept, scale, 0.0), rtol=0, atol=0)
+    torch.testing.assert_close(out, x.detach() * x.grad, rtol=0, atol=0)
+
+
+def test_dropout_is_the_identity_in_eval_mode_and_at_p_0():
+    x = torch.randn(8, 5, 16)
+    state = torch.get_rng_state()
+    assert Dropout(0.3).eval()(x) is x
+    assert Dropout(0.0).train()(x) is x
+    assert torch.equal(torch.get_rng_state(), state)  # no random numbers drawn either
+    assert not torch.equal(Dropout(0.3).train()(x), x)
+
+
+def test_dropout_draws_from_the_global_generator():
+    x = torch.ones(4, 7, 33)  # an element count that is not a multiple of 8
+    dropout = Dropout(0.3).train()
+    torch.manual_seed(5)
+    first = dropout(x)
+    state = torch.get_rng_state()
+    second = dropout(x)
+    torch.manual_seed(5)
+    assert torch.equal(dropout(x), first)  # same seed, same mask
+    torch.set_rng_state(state)
+    assert torch.equal(dropout(x), second)  # a saved RNG state (as in a checkpoint) resumes the masks
+    assert not torch.equal(first, second)
+
+
+def test_dropout_on_other_devices_is_f_dropout(monkeypatch):
+    calls = []
+    monkeypatch.setattr(F, "dropout", lambda x, p, training: calls.append((p, training)) or x)
+    x = torch.empty(3, 4, device="meta")
+    Dropout(0.3).train()(x)
+    assert calls == [(0.3, True)]
+
+
+def test_model_uses_byte_mask_dropout_everywhere():
+    cfg = tiny_config(dropout=0.2, act_dropout=0.3)
+    model = Transformer(cfg, VOCAB, VOCAB)
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
+    rates = [m.p for m in model.modules() if isinstance(m, Dropout)]
+    # Two embeddings and 2 + 3 residuals per encoder + decoder layer at 0.2; one FFN per layer at 0.3.
+    assert sorted(rates) == [0.2] * (2 + 2 * cfg.enc_layers + 3 * cfg.dec_layers) + [0.3] * 4

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from nmt.model.dropout import Dropout
+
 
 def sinusoidal_table(num_positions: int, dim: int) -> Tensor:
     """(num_positions, dim) table of Vaswani et al. (2017): sin on even, cos on odd features."""
@@ -54,7 +56,7 @@ class Embedder(nn.Module):
         self.tokens = tokens
         self.positions = positions
         self.scale = math.sqrt(tokens.embedding_dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, ids: Tensor, start: int = 0) -> Tensor:
         length = ids.size(1)

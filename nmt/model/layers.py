@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from nmt.config import ModelConfig
 from nmt.model.attention import MultiHeadAttention
 from nmt.model.cache import LayerCache
+from nmt.model.dropout import Dropout
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU}
 
@@ -22,7 +23,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.linear1 = nn.Linear(cfg.d_model, cfg.ffn_dim)
         self.activation = _ACTIVATIONS[cfg.activation]()
-        self.act_dropout = nn.Dropout(cfg.act_dropout)
+        self.act_dropout = Dropout(cfg.act_dropout)
         self.linear2 = nn.Linear(cfg.ffn_dim, cfg.d_model)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -35,7 +36,7 @@ class Residual(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(cfg.d_model)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.norm_first = cfg.norm_first
 
     def forward(self, x: Tensor, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
