@@ -60,6 +60,59 @@ def _split(batch, k):
     return part(range(k)), part(range(k, n))
 
 
+def test_training_batches_equal_per_row_collate_and_resume_mid_epoch(toy_dir, tmp_path):
+    from nmt.data.batching import collate
+
+    trainer = make_trainer(tiny_config(toy_dir, tmp_path / "run"))
+    train = trainer.data.train
+    stream = trainer._batch_stream()
+    for _ in range(3):
+        batch = next(stream)
+        rows = batch.indices.tolist()
+        # The vectorised loader gives what collate() over the dataset's rows gives.
+        expected = collate([train[i]["src_ids"] for i in rows], [train[i]["tgt_ids"] for i in rows], rows)
+        for name in ("src", "tgt_in", "tgt_out", "indices"):
+            assert torch.equal(getattr(batch, name), getattr(expected, name)), name
+        assert (batch.num_src_tokens, batch.num_tgt_tokens) == (
+            expected.num_src_tokens,
+            expected.num_tgt_tokens,
+        )
+    # The sampler state after three batches resumes at the fourth, in a fresh trainer.
+    state = trainer.loader.state_dict()
+    assert state["position"] == 3
+    fourth = next(stream)
+    other = make_trainer(tiny_config(toy_dir, tmp_path / "other"))
+    other.loader.load_state_dict(state)
+    assert torch.equal(next(other._batch_stream()).indices, fourth.indices)
+
+
+def test_validation_loss_equals_a_per_batch_reference(toy_dir, tmp_path):
+    from nmt.data.batching import collate
+    from nmt.data.tokenizer import PAD_ID
+    from nmt.loss import label_smoothed_nll
+
+    cfg = tiny_config(toy_dir, tmp_path / "run")
+    trainer = make_trainer(cfg)
+    trainer.raw_model.eval()
+    valid = trainer.data.valid
+    loss_sum = nll_sum = tokens = 0.0
+    with torch.no_grad():
+        for start in range(0, len(valid), 7):  # other batches than the loader's: sums do not depend on them
+            rows = list(range(start, min(start + 7, len(valid))))
+            batch = collate([valid[i]["src_ids"] for i in rows], [valid[i]["tgt_ids"] for i in rows], rows)
+            logits = trainer.raw_model(batch.src, batch.tgt_in)
+            loss, nll = label_smoothed_nll(logits, batch.tgt_out, cfg.train.label_smoothing, PAD_ID)
+            loss_sum, nll_sum, tokens = (
+                loss_sum + loss.item(),
+                nll_sum + nll.item(),
+                tokens + batch.num_tgt_tokens,
+            )
+    expected = (loss_sum / tokens, nll_sum / tokens)
+    first = trainer.validation_loss()
+    assert first == pytest.approx(expected, rel=1e-5)
+    assert trainer.validation_loss() == first  # the cached loader gives the same batches again
+
+
 def test_split_batches_cover_the_same_tokens(toy_dir, tmp_path):
     trainer = make_trainer(tiny_config(toy_dir, tmp_path / "run"))
     batch = next(trainer._batch_stream())
