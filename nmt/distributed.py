@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -72,3 +74,28 @@ def any_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def all_gather_floats(values: list[float], info: DistInfo, device: torch.device) -> list[list[float]]:
+    """Every rank's ``values`` (the same length on each), in rank order, on every rank."""
+    mine = torch.tensor(values, dtype=torch.float64, device=device)
+    if not info.enabled:
+        return [mine.tolist()]
+    gathered = [torch.empty_like(mine) for _ in range(info.world_size)]
+    dist.all_gather(gathered, mine)
+    return [t.tolist() for t in gathered]
+
+
+def all_gather_state(state: Any, info: DistInfo) -> list[Any]:
+    """Every rank's ``state`` (tensors, numbers, strings, lists, dicts), in rank order, on every rank.
+
+    Sent as ``torch.save`` bytes and read back with ``weights_only=True``: ``all_gather_object`` on
+    tensors themselves fails to unpickle them (torch 2.13: "UntypedStorage has no attribute dtype").
+    """
+    if not info.enabled:
+        return [state]
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    gathered: list[Any] = [None] * info.world_size
+    dist.all_gather_object(gathered, buffer.getvalue())
+    return [torch.load(io.BytesIO(data), weights_only=True) for data in gathered]

@@ -9,11 +9,15 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from nmt.config import Config, ConfigError, register_schema, to_config
+
+if TYPE_CHECKING:
+    from nmt.trainer import Trainer
 
 log = logging.getLogger("nmt.train")
 
@@ -42,7 +46,8 @@ def run(cfg: Config) -> int:
         # Rank 0 trains the tokenizer and fills the encoding cache; the others then read the cache.
         if not dist.is_main:
             barrier(dist)
-        data = prepare_data(cfg.data, run_dir=run_dir, resume_from=resume_from)
+        # Only rank 0 writes into the run directory (tokenizer copy, config, checkpoints, TensorBoard).
+        data = prepare_data(cfg.data, run_dir=run_dir if dist.is_main else None, resume_from=resume_from)
         if dist.is_main:
             barrier(dist)
         writer = SummaryWriter(str(run_dir / "tb")) if dist.is_main else None
@@ -60,7 +65,10 @@ def run(cfg: Config) -> int:
         )
         if resume_from is not None:
             trainer.resume(resume_from)
+        start_step = trainer.state.step
         result = trainer.train()
+        if dist.enabled:
+            report_ranks(trainer, start_step)
         if writer is not None:
             writer.close()
     finally:
@@ -74,6 +82,25 @@ def run(cfg: Config) -> int:
             flush=True,
         )
     return 0
+
+
+def report_ranks(trainer: Trainer, start_step: int) -> None:
+    """Log, on rank 0, each rank's own account of the run: steps, last loss, a checksum of its weights.
+
+    Every rank contributes its own numbers (all_gather), so the log shows that the ranks took the same
+    steps and hold the same weights, which is what DDP promises; other ranks log only warnings.
+    """
+    from nmt.distributed import all_gather_floats
+
+    state = trainer.state
+    last_loss = state.losses[-1] if state.losses else float("nan")
+    # A float64 sum in a fixed order: equal weights give equal sums, and drift between ranks shows.
+    checksum = float(sum(p.detach().double().sum() for p in trainer.raw_model.parameters()))
+    rows = all_gather_floats([start_step, state.step, last_loss, checksum], trainer.dist, trainer.device)
+    for rank, (first, last, loss, weights) in enumerate(rows):
+        log.info(
+            "rank %d: steps %d -> %d | last loss %.4f | weight checksum %r", rank, first, last, loss, weights
+        )
 
 
 @hydra.main(version_base=None, config_path="../configs", config_name="config")

@@ -1,0 +1,183 @@
+"""DDP on CPU: ``torchrun --nproc_per_node=2 -m nmt.train`` with gloo on a toy corpus.
+
+What is proven, from what each process itself reports (not from rank 0's word alone): both ranks take
+the same steps and end with the same weights; only rank 0 writes into the run directory; the losses
+are finite; and a run stopped at step k resumes under DDP from step k.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, tiny_config, write_toy_corpus
+from tests.test_config import child_env, cli_overrides
+
+pytestmark = pytest.mark.slow
+
+STOP, TOTAL = 6, 10  # first run stops at STOP; the resumed run continues to TOTAL
+RANK_LINE = re.compile(r"rank (\d+): steps (\d+) -> (\d+) \| last loss (\S+) \| weight checksum (\S+)")
+
+# Imported by every Python process of the run (PYTHONPATH): each torchrun worker records, in its own
+# file, its pid and every file it moves into place (atomic writes: checkpoints, links, tokenizer).
+AUDIT = """
+import os
+if os.environ.get("NMT_AUDIT_DIR") and "RANK" in os.environ:
+    _log = os.path.join(os.environ["NMT_AUDIT_DIR"], "rank%s.txt" % os.environ["RANK"])
+    with open(_log, "a") as f:
+        f.write("pid %d\\n" % os.getpid())
+
+    def _audited(fn):
+        def wrapper(src, dst, *args, **kwargs):
+            with open(_log, "a") as f:
+                f.write("%s %s\\n" % (fn.__name__, os.path.abspath(dst)))
+            return fn(src, dst, *args, **kwargs)
+        return wrapper
+
+    os.replace = _audited(os.replace)
+    os.link = _audited(os.link)
+"""
+
+
+@dataclasses.dataclass
+class DDPRun:
+    run_dir: Path
+    proc: subprocess.CompletedProcess
+    audit: dict[int, list[str]]  # rank -> lines its process recorded
+
+    @property
+    def output(self) -> str:
+        return self.proc.stdout + self.proc.stderr
+
+    def ranks(self) -> dict[int, tuple[int, int, float, float]]:
+        """rank -> (first step, last step, last loss, weight checksum), as each rank reported them."""
+        rows = {}
+        for rank, first, last, loss, checksum in RANK_LINE.findall(self.proc.stdout):
+            rows[int(rank)] = (int(first), int(last), float(loss), float(checksum))
+        return rows
+
+    def pid(self, rank: int) -> int:
+        return int(next(line.split()[1] for line in self.audit[rank] if line.startswith("pid ")))
+
+    def moved_into_run_dir(self, rank: int) -> list[str]:
+        root = str(self.run_dir.resolve())
+        return [line.split(" ", 1)[1] for line in self.audit[rank] if line.split(" ", 1)[1].startswith(root)]
+
+
+def torchrun(cfg, tmp: Path, tag: str) -> Callable[[], DDPRun]:
+    """Start ``torchrun --nproc_per_node=2 -m nmt.train`` on ``cfg``; the returned function waits for it."""
+    audit_dir = tmp / f"audit-{tag}"
+    audit_dir.mkdir()
+    site = tmp / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(AUDIT)
+    env = {**child_env(), "NMT_AUDIT_DIR": str(audit_dir), "PYTHONPATH": f"{site}:{REPO}"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.Popen(
+        [*command, "-m", "nmt.train", *cli_overrides(cfg)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    def wait() -> DDPRun:
+        try:
+            stdout, stderr = proc.communicate(timeout=180)
+        finally:
+            proc.kill()  # only if it is still running after the timeout
+        assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+        audit = {int(p.stem[4:]): p.read_text().splitlines() for p in audit_dir.glob("rank*.txt")}
+        assert sorted(audit) == [0, 1], "both workers ran with the audit"
+        return DDPRun(Path(cfg.run_dir), subprocess.CompletedProcess(proc.args, 0, stdout, stderr), audit)
+
+    return wait
+
+
+def train_changes(cfg, **changes):
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A DDP run stopped at STOP, its resumption to TOTAL, and a run straight to TOTAL."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    toy = write_toy_corpus(tmp / "toy")
+    cut = tiny_config(toy, tmp / "cut", max_steps=STOP, log_every=1)
+    # The straight run is independent of the other two: let it run beside them (with its own cache).
+    straight_cfg = tiny_config(toy, tmp / "straight", max_steps=TOTAL, log_every=1)
+    straight_cfg = dataclasses.replace(
+        straight_cfg, data=dataclasses.replace(straight_cfg.data, cache_dir=str(tmp / "straight-cache"))
+    )
+    straight = torchrun(straight_cfg, tmp, "straight")
+    first = torchrun(cut, tmp, "first")()
+    resumed = torchrun(train_changes(cut, max_steps=TOTAL, resume="true"), tmp, "resumed")()
+    return first, resumed, straight()
+
+
+def test_both_ranks_take_the_same_steps_and_hold_the_same_weights(runs):
+    first, _, _ = runs
+    assert "world size 2" in first.output
+    ranks = first.ranks()
+    assert sorted(ranks) == [0, 1], first.proc.stdout[-3000:]
+    assert [ranks[r][:2] for r in (0, 1)] == [(0, STOP), (0, STOP)]
+    assert ranks[0][3] == ranks[1][3], "DDP replicas drifted apart"
+    assert ranks[0][2] != ranks[1][2], "each rank trains on its own shard of the data"
+    assert f"done: reached train.max_steps={STOP} | step {STOP}" in first.output
+
+
+def test_losses_are_finite_on_every_rank(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for run in runs:
+        assert all(math.isfinite(row[2]) for row in run.ranks().values())
+        assert "non-finite" not in run.output and "step skipped" not in run.output
+    # rank 0's TensorBoard log of the stopped and the resumed run (the same run directory)
+    events = EventAccumulator(str(runs[0].run_dir / "tb"))
+    events.Reload()
+    scalars = events.Scalars("train/loss")
+    assert [e.step for e in scalars] == list(range(1, TOTAL + 1))
+    assert all(math.isfinite(e.value) for e in scalars)
+
+
+def test_only_rank_0_writes_checkpoints_and_tensorboard(runs):
+    for run in runs:
+        ckpt = str((run.run_dir / "checkpoints" / "latest.pt").resolve())
+        assert ckpt in run.moved_into_run_dir(0), "the audit sees rank 0 save its checkpoint"
+        assert run.moved_into_run_dir(1) == [], "rank 1 wrote into the run directory"
+    first, resumed, _ = runs
+    # One event file per run, named after the process that wrote it: rank 0 of each run.
+    event_files = sorted((first.run_dir / "tb").glob("events.out.tfevents.*"))
+    assert {int(p.name.split(".")[-2]) for p in event_files} == {first.pid(0), resumed.pid(0)}
+    assert len(event_files) == 2
+
+
+def test_resume_under_ddp_continues_from_the_checkpoint_step(runs):
+    _, resumed, _ = runs
+    ranks = resumed.ranks()
+    assert [ranks[r][:2] for r in (0, 1)] == [(STOP, TOTAL), (STOP, TOTAL)]
+    assert f"resumed from {resumed.run_dir / 'checkpoints' / 'latest.pt'} at step {STOP}" in resumed.output
+    assert f"step {STOP + 1}/{TOTAL}" in resumed.output and "step 1/" not in resumed.output
+    assert f"done: reached train.max_steps={TOTAL} | step {TOTAL}" in resumed.output
+
+
+@pytest.mark.xfail(
+    reason="Trainer checkpoints only rank 0's RNG state and every rank resumes from it, so rank 1 draws "
+    "other dropout masks than it would have without the stop; fix: save every rank's RNG state "
+    "(all_gather_state) and restore each rank's own",
+    strict=True,
+)
+def test_resume_under_ddp_is_exact(runs):
+    """Stopping at STOP and resuming ends with the same weights as running straight to TOTAL."""
+    _, resumed, straight = runs
+    assert [straight.ranks()[r][:2] for r in (0, 1)] == [(0, TOTAL), (0, TOTAL)]
+    assert resumed.ranks()[0][2:] == straight.ranks()[0][2:]
+    assert resumed.ranks()[1][2:] == straight.ranks()[1][2:]
