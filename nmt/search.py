@@ -1,21 +1,28 @@
 """Batched greedy and beam search over ``model.encode`` / ``model.decode`` with the KV cache.
 
 Both searches decode a whole batch of sentences in lock step and drop a sentence from the
-batch as soon as it is finished, so long sentences do not keep paying for short ones: the
-rows of the encoder output, the source mask and the KV cache are selected with one index per
-step (``cache.reorder``), the same operation that beam search needs anyway to follow beam
-origins.
+batch as soon as it is finished, so long sentences do not keep paying for short ones.
+
+Rows. Greedy search keeps one target row per sentence. Beam search keeps one row of encoder
+output (and of source mask and cross-attention cache) per sentence and ``beam`` target rows per
+sentence, which the model's ``decode`` accepts (``memory`` may have fewer rows than ``tgt_in``,
+each serving consecutive target rows), so the encoder output is never repeated ``beam`` times nor
+reordered when beams change origin: only the self-attention cache follows the beam origins
+(``cache.reorder_targets``), and memory rows move only when sentences leave the batch
+(``cache.select_memory``). The first step decodes one row per sentence (all beams would start
+from the same BOS prefix) and the top ``beam`` continuations then fill the beam.
 
 Lengths. A hypothesis holds at most ``max_len = floor(max_len_a * src_len + max_len_b)``
 tokens (``src_len`` counts the real source tokens of that sentence, EOS included, padding
 excluded), then EOS is forced. EOS is forbidden before ``min_len`` tokens (unless it is forced
 at the same step). PAD and BOS are never generated.
 
-Scores. A hypothesis' ``log_prob`` sums the log-probabilities of its tokens and of its EOS.
-Beam search ranks finished hypotheses by the GNMT-normalised
+Scores. A hypothesis' ``log_prob`` sums the log-probabilities of its tokens and of its EOS,
+normalised over the whole vocabulary (before the constraints above remove tokens). Beam search
+ranks finished hypotheses by the GNMT-normalised
 ``score = log_prob / ((5 + length) / 6) ** len_penalty`` where ``length`` counts EOS too, so
 ``len_penalty = 0`` ranks by raw log-probability (favouring short outputs) and larger values
-favour longer ones.
+favour longer ones. Greedy search needs no probabilities: it takes the arg-max of the logits.
 
 Stopping rule of beam search (the one fairseq uses): at each step the ``2 * beam`` best
 continuations of a sentence are found; those among the first ``beam`` that end in EOS become
@@ -41,13 +48,19 @@ NEVER_GENERATED = (PAD_ID, BOS_ID)
 
 
 class DecodingModel(Protocol):
-    """What search needs from a model (nmt.model.Transformer provides it)."""
+    """What search needs from a model (nmt.model.Transformer provides it).
+
+    ``decode`` must accept ``memory``/``src_mask`` with N rows for ``tgt_in`` with N * G rows (row
+    ``n`` serving target rows ``n * G`` to ``n * G + G - 1``); search may modify the returned
+    logits in place. The cache needs ``reorder`` (target and memory rows together),
+    ``reorder_targets`` and ``select_memory`` (see nmt.model.cache.KVCache).
+    """
 
     def encode(self, src: Tensor, src_mask: Tensor) -> Tensor: ...
 
     def decode(self, tgt_in: Tensor, memory: Tensor, src_mask: Tensor, cache=None) -> Tensor: ...
 
-    def new_cache(self): ...
+    def new_cache(self, capacity: int): ...
 
 
 @dataclass
@@ -80,35 +93,67 @@ def make_hypothesis(tokens: list[int], log_prob: float, alpha: float) -> Hypothe
     return Hypothesis(tokens, log_prob / length_penalty(len(tokens) + 1, alpha), log_prob)
 
 
-# ---- constraints: log-probs in, log-probs out (rows of the active batch) -------------------------
+# ---- constraints: scores in, scores out, in place (rows of the active batch) ---------------------
+# They act on logits; a forbidden token gets -inf. Log-probabilities are normalised before this.
 
 
-def forbid_tokens(log_probs: Tensor, token_ids: tuple[int, ...]) -> Tensor:
-    log_probs[:, list(token_ids)] = -math.inf
-    return log_probs
+def forbid_tokens(logits: Tensor, token_ids: tuple[int, ...]) -> Tensor:
+    for token in token_ids:
+        logits[:, token] = -math.inf
+    return logits
 
 
-def forbid_eos(log_probs: Tensor, rows: Tensor) -> Tensor:
-    """Rows (bool (R,)) that are shorter than the minimum length may not end."""
-    log_probs[:, EOS_ID].masked_fill_(rows, -math.inf)
-    return log_probs
+def forbid_eos(logits: Tensor, rows: Tensor | None) -> Tensor:
+    """Rows (bool (R,), None = all) that are shorter than the minimum length may not end."""
+    if rows is None:
+        logits[:, EOS_ID] = -math.inf
+    else:
+        logits[:, EOS_ID].masked_fill_(rows, -math.inf)
+    return logits
 
 
-def force_eos(log_probs: Tensor, rows: Tensor) -> Tensor:
-    """Rows (bool (R,)) that reached their maximum length must end; EOS keeps its own log-prob."""
-    eos = log_probs[:, EOS_ID].clone()
-    log_probs.masked_fill_(rows[:, None], -math.inf)
-    log_probs[:, EOS_ID] = eos
-    return log_probs
+def force_eos(logits: Tensor, rows: Tensor) -> Tensor:
+    """Rows (bool (R,)) that reached their maximum length must end; EOS keeps its own score."""
+    eos = logits[:, EOS_ID].clone()
+    logits.masked_fill_(rows[:, None], -math.inf)
+    logits[:, EOS_ID] = eos
+    return logits
 
 
-def apply_constraints(log_probs: Tensor, step: int, min_len: int, max_lens: Tensor) -> Tensor:
-    """All constraints at decoding step ``step`` (= tokens generated so far); max_lens is (R,)."""
-    at_max = max_lens <= step
-    log_probs = forbid_tokens(log_probs, NEVER_GENERATED)
+def apply_constraints(logits: Tensor, step: int, min_len: int, at_max: Tensor | None) -> Tensor:
+    """All constraints at decoding step ``step`` (= tokens generated so far).
+
+    ``at_max``: bool (R,), the rows at their maximum length, or None when no row is (known on the
+    host, so the common case costs no pass over the (R, V) logits).
+    """
+    logits = forbid_tokens(logits, NEVER_GENERATED)
     if step < min_len:
-        log_probs = forbid_eos(log_probs, ~at_max)
-    return force_eos(log_probs, at_max)
+        logits = forbid_eos(logits, None if at_max is None else ~at_max)
+    return logits if at_max is None else force_eos(logits, at_max)
+
+
+class LengthLimits:
+    """Each active sentence's maximum output length, on the device and on the host."""
+
+    def __init__(self, max_lens: Tensor) -> None:
+        self.max_lens = max_lens  # (N,)
+        self.host = max_lens.tolist()
+
+    @property
+    def steps(self) -> int:
+        """Decoder calls the longest sentence may need: its tokens plus EOS."""
+        return max(self.host) + 1
+
+    def at_max(self, step: int, rows_per_sentence: int = 1) -> Tensor | None:
+        """bool (N * rows_per_sentence,) rows that must end at ``step``, or None if none must."""
+        if step < min(self.host):
+            return None  # known on the host: no device work
+        return (self.max_lens <= step).repeat_interleave(rows_per_sentence)
+
+    def keep(self, sentences: list[int], index: Tensor) -> None:
+        """Keep the sentences at positions ``sentences`` (``index``: the same on the device)."""
+        self.max_lens = self.max_lens[index]
+        self.host = [self.host[s] for s in sentences]
 
 
 # ---- the model side: one object follows the rows of the batch ---------------------------------
@@ -118,32 +163,111 @@ class IncrementalDecoder:
     """Encoder output, source mask and KV cache of the active rows; scores one step.
 
     With ``use_cache=False`` each step re-runs the decoder over the whole prefix: slow, but it is
-    the reference that the cached path must agree with.
+    the reference that the cached path must agree with. ``capacity``: target positions the cache
+    allocates at once.
     """
 
-    def __init__(self, model: DecodingModel, memory: Tensor, src_mask: Tensor, use_cache: bool = True):
+    def __init__(
+        self,
+        model: DecodingModel,
+        memory: Tensor,
+        src_mask: Tensor,
+        use_cache: bool = True,
+        capacity: int = 32,
+    ):
         self.model = model
-        self.memory = memory  # (R, S, D)
-        self.src_mask = src_mask  # (R, S)
-        self.cache = model.new_cache() if use_cache else None
+        self.memory = memory  # (N, S, D), one row per sentence
+        self.src_mask = src_mask  # (N, S)
+        self.cache = model.new_cache(capacity) if use_cache else None
+        self.workspace: Tensor | None = None  # (>= R, V) log-probabilities of the last step
 
-    def log_probs(self, prefix: Tensor) -> Tensor:
-        """Next-token log-probabilities (R, V) in float32 for prefixes (R, t) that start with BOS."""
+    def logits(self, prefix: Tensor) -> Tensor:
+        """Next-token logits (R, V) in float32 for prefixes (R, t) that start with BOS."""
         tgt_in = prefix[:, -1:] if self.cache is not None else prefix
         logits = self.model.decode(tgt_in, self.memory, self.src_mask, self.cache)[:, -1]  # (R, V)
-        # bf16/fp16 logits lose too much precision for summed log-probs.
-        return torch.log_softmax(logits.float(), dim=-1)
+        # bf16/fp16 logits lose too much precision for summed log-probs. (A no-op in float32.)
+        return logits.float()
+
+    def log_probs(self, prefix: Tensor) -> Tensor:
+        """Next-token log-probabilities (R, V), written into a buffer that the next call reuses."""
+        logits = self.logits(prefix)
+        rows, vocab = logits.shape
+        if self.workspace is None or self.workspace.size(0) < rows or self.workspace.size(1) != vocab:
+            self.workspace = torch.empty_like(logits)  # (R, V)
+        # A fresh (R, V) tensor per step costs page faults that are as slow as the softmax itself.
+        return torch.log_softmax(logits, dim=-1, out=self.workspace[:rows])
 
     def select(self, rows: Tensor) -> None:
-        """Row ``i`` continues from old row ``rows[i]`` (rows may repeat or disappear)."""
-        self.memory = self.memory.index_select(0, rows)
-        self.src_mask = self.src_mask.index_select(0, rows)
+        """One target row per memory row: row ``i`` continues from old row ``rows[i]``."""
+        self.select_memory(rows)
+        self.reorder_targets(rows)
+
+    def reorder_targets(self, rows: Tensor) -> None:
+        """Target row ``i`` continues from old target row ``rows[i]`` (rows may repeat or disappear)."""
         if self.cache is not None:
-            self.cache.reorder(rows)
+            self.cache.reorder_targets(rows)
+
+    def select_memory(self, sentences: Tensor) -> None:
+        """Keep memory rows ``sentences`` (the sentences still being decoded)."""
+        self.memory = self.memory.index_select(0, sentences)
+        self.src_mask = self.src_mask.index_select(0, sentences)
+        if self.cache is not None:
+            self.cache.select_memory(sentences)
 
 
 def _bos(rows: int, device: torch.device) -> Tensor:
     return torch.full((rows, 1), BOS_ID, dtype=torch.long, device=device)  # (R, 1)
+
+
+# ---- selection over the vocabulary ------------------------------------------------------------
+# torch.topk and torch.argmax over a whole (R, V) row are slow on the CPU (a scalar loop per row,
+# several times the cost of the vectorised torch.amax). Both look only at the blocks of the row
+# that can hold the answer, and return exactly what topk/argmax return (up to the order of ties).
+
+
+def _block_width(vocab: int, k: int) -> int | None:
+    """A divisor of ``vocab`` near sqrt(vocab) that leaves at least ``4 * k`` blocks, or None."""
+    if vocab < 1024:
+        return None  # small rows: the plain operation is fast enough
+    widths = [w for w in range(16, vocab // (4 * k) + 1) if vocab % w == 0]
+    return min(widths, key=lambda w: abs(w * w - vocab), default=None)
+
+
+def _blocks(x: Tensor, width: int) -> Tensor:
+    rows, vocab = x.shape
+    return x.reshape(rows, vocab // width, width)  # (R, V/w, w)
+
+
+def _pick_blocks(blocks: Tensor, chosen: Tensor) -> Tensor:
+    """Blocks ``chosen`` (R, k) of each row of ``blocks`` (R, nb, w) -> (R, k * w)."""
+    rows, num_blocks, width = blocks.shape
+    flat = (torch.arange(rows, device=blocks.device)[:, None] * num_blocks + chosen).view(-1)  # (R*k,)
+    return blocks.reshape(rows * num_blocks, width).index_select(0, flat).view(rows, -1)
+
+
+def row_top_k(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``x.topk(k, dim=1)`` of (R, V) ``x``: values and indices (R, k), largest first.
+
+    The ``k`` largest entries of a row lie in the ``k`` blocks with the largest maxima (an entry
+    of any other block has ``k`` larger block maxima above it), so only those are searched.
+    """
+    width = _block_width(x.size(1), k)
+    if width is None:
+        return x.topk(k, dim=1)
+    best_blocks = _blocks(x, width).amax(dim=2).topk(k, dim=1).indices  # (R, k)
+    values, position = _pick_blocks(_blocks(x, width), best_blocks).topk(k, dim=1)  # (R, k) of (R, k*w)
+    block = best_blocks.gather(1, torch.div(position, width, rounding_mode="floor"))
+    return values, block * width + position % width
+
+
+def row_argmax(x: Tensor) -> Tensor:
+    """``x.argmax(dim=1)`` of (R, V) ``x``: the first block holding the row's maximum, then its first."""
+    width = _block_width(x.size(1), 1)
+    if width is None:
+        return x.argmax(dim=1)
+    best_block = _blocks(x, width).amax(dim=2).argmax(dim=1)  # (R,)
+    within = _pick_blocks(_blocks(x, width), best_block[:, None]).argmax(dim=1)  # (R,)
+    return best_block * width + within
 
 
 # ---- greedy ----------------------------------------------------------------------------------
@@ -166,29 +290,34 @@ def greedy_search(
     """
     if src.size(0) == 0:
         return []
-    max_lens = max_output_lengths(src_mask, max_len_a, max_len_b, max_len_cap)
-    decoder = IncrementalDecoder(model, model.encode(src, src_mask), src_mask, use_cache)
+    limits = LengthLimits(max_output_lengths(src_mask, max_len_a, max_len_b, max_len_cap))
+    memory = model.encode(src, src_mask)
+    decoder = IncrementalDecoder(model, memory, src_mask, use_cache, capacity=limits.steps)
     outputs: list[list[int]] = [[] for _ in range(src.size(0))]
     sentence = list(range(src.size(0)))  # original index of each active row
     prefix = _bos(src.size(0), src.device)  # (R, 1 + t)
-    for step in range(int(max_lens.max()) + 1):
-        log_probs = apply_constraints(decoder.log_probs(prefix), step, min_len, max_lens)
-        next_token = log_probs.argmax(dim=-1)  # (R,)
+    for step in range(limits.steps):
+        logits = apply_constraints(decoder.logits(prefix), step, min_len, limits.at_max(step))
+        next_token = row_argmax(logits)  # (R,)
         prefix = torch.cat([prefix, next_token[:, None]], dim=1)
         ended = (next_token == EOS_ID).tolist()
         if not any(ended):
             continue
-        done = [i for i, e in enumerate(ended) if e]
-        for row, tokens in zip(done, prefix[done, 1:-1].tolist(), strict=True):
+        for row, tokens in zip(_where(ended), prefix[_where(ended), 1:-1].tolist(), strict=True):
             outputs[sentence[row]] = tokens
-        keep = [i for i, e in enumerate(ended) if not e]
+        keep = _where(ended, False)
         if not keep:
             break
         rows = torch.tensor(keep, device=src.device)
         sentence = [sentence[i] for i in keep]
-        prefix, max_lens = prefix[rows], max_lens[rows]
+        prefix = prefix[rows]
+        limits.keep(keep, rows)
         decoder.select(rows)
     return outputs
+
+
+def _where(flags: list[bool], value: bool = True) -> list[int]:
+    return [i for i, flag in enumerate(flags) if flag == value]
 
 
 # ---- beam ------------------------------------------------------------------------------------
@@ -197,15 +326,24 @@ def greedy_search(
 def top_candidates(scores: Tensor, log_probs: Tensor, beam: int) -> tuple[Tensor, Tensor, Tensor]:
     """Best ``2 * beam`` continuations per sentence.
 
-    ``scores`` (N, K) are the live hypotheses' log-probs, ``log_probs`` (N*K, V) their next-token
-    log-probs. Returns candidate scores, beam of origin and token, each (N, 2K), best first.
-    Twice the beam guarantees ``beam`` candidates that do not end in EOS (each beam row offers
-    only one EOS).
+    ``scores`` (N, K) are the live hypotheses' log-probs (K = 1 at the first step, else ``beam``),
+    ``log_probs`` (N*K, V) their next-token log-probs. Returns candidate scores, hypothesis of
+    origin (in [0, K)) and token, each (N, 2 * beam), best first. Twice the beam guarantees
+    ``beam`` candidates that do not end in EOS (each hypothesis offers only one EOS).
+
+    All continuations of one hypothesis share its score, so only its own ``2 * beam`` best tokens
+    can be among the sentence's best: those are found per row first, and only they are added to
+    the scores, instead of all N*K*V.
     """
-    n, vocab = scores.size(0), log_probs.size(1)
-    total = (scores.reshape(-1, 1) + log_probs).view(n, beam * vocab)  # (N, K*V)
-    cand_scores, flat = total.topk(min(2 * beam, beam * vocab), dim=1)  # (N, 2K)
-    return cand_scores, torch.div(flat, vocab, rounding_mode="floor"), flat % vocab
+    n, live = scores.shape
+    per_row = min(2 * beam, log_probs.size(1))
+    if live * (per_row - 1) < beam:
+        raise ValueError(f"beam={beam} needs a target vocabulary of more than {beam} tokens")
+    top_log_probs, top_tokens = row_top_k(log_probs, per_row)  # (N*K, P)
+    total = (scores.reshape(-1, 1) + top_log_probs).view(n, live * per_row)  # (N, K*P)
+    cand_scores, flat = total.topk(min(2 * beam, live * per_row), dim=1)  # (N, 2B)
+    cand_token = top_tokens.view(n, live * per_row).gather(1, flat)
+    return cand_scores, torch.div(flat, per_row, rounding_mode="floor"), cand_token
 
 
 def next_beams(cand_scores: Tensor, cand_beam: Tensor, cand_token: Tensor, beam: int):
@@ -218,18 +356,29 @@ def next_beams(cand_scores: Tensor, cand_beam: Tensor, cand_token: Tensor, beam:
 def finish_hypotheses(
     cand_scores: Tensor, cand_beam: Tensor, cand_token: Tensor, prefix: Tensor, beam: int, alpha: float
 ) -> list[tuple[int, Hypothesis]]:
-    """Candidates among the first ``beam`` that end in EOS, as (active sentence, Hypothesis)."""
+    """Candidates among the first ``beam`` that end in EOS, as (active sentence, Hypothesis).
+
+    ``prefix`` (N*K, 1 + t) holds the live hypotheses the candidates continue.
+    """
     top = slice(0, beam)
-    ends = (cand_token[:, top] == EOS_ID) & torch.isfinite(cand_scores[:, top])  # (N, K)
+    ends = (cand_token[:, top] == EOS_ID) & torch.isfinite(cand_scores[:, top])  # (N, beam)
     if not bool(ends.any()):
         return []
+    live = prefix.size(0) // cand_scores.size(0)
     sent, rank = ends.nonzero(as_tuple=True)
-    rows = sent * beam + cand_beam[sent, rank]
+    rows = sent * live + cand_beam[sent, rank]
     tokens = prefix[rows, 1:].tolist()
     log_probs = cand_scores[sent, rank].tolist()
     return [
         (s, make_hypothesis(t, lp, alpha)) for s, t, lp in zip(sent.tolist(), tokens, log_probs, strict=True)
     ]
+
+
+def score_step(decoder: IncrementalDecoder, prefix: Tensor, scores: Tensor, step: int, beam: int, **limits):
+    """Top candidates (see :func:`top_candidates`) of the live hypotheses ``prefix`` at ``step``."""
+    log_probs = decoder.log_probs(prefix)  # (N*K, V), normalised before the constraints
+    log_probs = apply_constraints(log_probs, step, limits["min_len"], limits["at_max"])
+    return top_candidates(scores, log_probs, beam)
 
 
 @torch.inference_mode()
@@ -252,34 +401,33 @@ def beam_search(
     if src.size(0) == 0:
         return []
     batch, device = src.size(0), src.device
-    max_lens = max_output_lengths(src_mask, max_len_a, max_len_b, max_len_cap)
-    sentence_max = max_lens.tolist()
-    memory = model.encode(src, src_mask).repeat_interleave(beam, dim=0)  # (B*K, S, D)
-    decoder = IncrementalDecoder(model, memory, src_mask.repeat_interleave(beam, dim=0), use_cache)
-    row_max = max_lens.repeat_interleave(beam)  # (B*K,)
-    # At first all K rows are the same BOS prefix: only one may live, or the beam fills with copies.
-    scores = torch.full((batch, beam), -math.inf, device=device)  # (N, K)
-    scores[:, 0] = 0.0
-    prefix = _bos(batch * beam, device)  # (N*K, 1 + t)
+    limits = LengthLimits(max_output_lengths(src_mask, max_len_a, max_len_b, max_len_cap))
+    memory = model.encode(src, src_mask)  # (N, S, D): one row per sentence, shared by its beams
+    decoder = IncrementalDecoder(model, memory, src_mask, use_cache, capacity=limits.steps)
+    scores = torch.zeros(batch, 1, device=device)  # (N, K): one live hypothesis (BOS) per sentence
+    prefix = _bos(batch, device)  # (N*K, 1 + t)
     sentence = list(range(batch))  # original index of each active sentence
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
-    for step in range(max(sentence_max) + 1):
-        log_probs = apply_constraints(decoder.log_probs(prefix), step, min_len, row_max)
-        cand = top_candidates(scores, log_probs, beam)
+    for step in range(limits.steps):
+        at_max = limits.at_max(step, scores.size(1))
+        cand = score_step(decoder, prefix, scores, step, beam, min_len=min_len, at_max=at_max)
         for s, hyp in finish_hypotheses(*cand, prefix, beam, len_penalty):
             finished[sentence[s]].append(hyp)
-        live_scores, live_beam, live_token = next_beams(*cand, beam)
-        keep = [
-            s for s, orig in enumerate(sentence) if len(finished[orig]) < beam and step < sentence_max[orig]
-        ]
+        live_scores, live_beam, live_token = next_beams(*cand, beam)  # (N, K) each
+        keep = [s for s, orig in enumerate(sentence) if len(finished[orig]) < beam and step < limits.host[s]]
         if not keep:
             break
-        kept = torch.tensor(keep, device=device)
-        rows = (kept[:, None] * beam + live_beam[kept]).view(-1)  # (N'*K,) old row of each new row
-        prefix = torch.cat([prefix[rows], live_token[kept].view(-1, 1)], dim=1)
-        scores, row_max = live_scores[kept], row_max[rows]
-        sentence = [sentence[s] for s in keep]
-        decoder.select(rows)
+        if len(keep) < len(sentence):
+            kept = torch.tensor(keep, device=device)
+            live_scores, live_beam, live_token = live_scores[kept], live_beam[kept], live_token[kept]
+            decoder.select_memory(kept)
+            limits.keep(keep, kept)
+        else:
+            kept = torch.arange(len(sentence), device=device)
+        rows = (kept[:, None] * scores.size(1) + live_beam).view(-1)  # (N'*K,) old row of each new row
+        prefix = torch.cat([prefix[rows], live_token.view(-1, 1)], dim=1)
+        scores, sentence = live_scores, [sentence[s] for s in keep]
+        decoder.reorder_targets(rows)
     return [_best(hyps, nbest) for hyps in finished]
 
 

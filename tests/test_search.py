@@ -10,7 +10,17 @@ import pytest
 import torch
 
 from nmt.config import ModelConfig
-from nmt.search import BOS_ID, EOS_ID, PAD_ID, beam_search, greedy_search, length_penalty, max_output_lengths
+from nmt.search import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    beam_search,
+    greedy_search,
+    length_penalty,
+    max_output_lengths,
+    row_argmax,
+    row_top_k,
+)
 
 A, B, C, D = 4, 5, 6, 7  # ordinary tokens of the toy vocabulary
 VOCAB = 8
@@ -26,8 +36,14 @@ class ScriptedCache:
     def length(self) -> int:
         return 0 if self.prefix is None else self.prefix.size(1)
 
-    def reorder(self, indices: torch.Tensor) -> None:
+    def reorder_targets(self, indices: torch.Tensor) -> None:
         self.prefix = self.prefix.index_select(0, indices)
+
+    def select_memory(self, indices: torch.Tensor) -> None:
+        pass  # the script is read from the memory rows that search passes to decode
+
+    def reorder(self, indices: torch.Tensor) -> None:
+        self.reorder_targets(indices)
 
 
 class ScriptedModel:
@@ -45,7 +61,7 @@ class ScriptedModel:
     def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
         return src.float()[:, :, None]  # (B, S, 1): row r remembers its script in memory[r, 0, 0]
 
-    def new_cache(self) -> ScriptedCache:
+    def new_cache(self, capacity: int) -> ScriptedCache:
         return ScriptedCache()
 
     def decode(self, tgt_in, memory, src_mask, cache=None):
@@ -54,7 +70,9 @@ class ScriptedModel:
         if cache is not None:
             full = tgt_in if cache.prefix is None else torch.cat([cache.prefix, tgt_in], dim=1)
             cache.prefix = full
-        rows = [self._log_probs(int(memory[r, 0, 0]), full[r].tolist()) for r in range(full.size(0))]
+        group = full.size(0) // memory.size(0)  # target rows served by each memory row (beams)
+        assert group * memory.size(0) == full.size(0) == group * src_mask.size(0)
+        rows = [self._log_probs(int(memory[r // group, 0, 0]), full[r].tolist()) for r in range(full.size(0))]
         # Search reads only the last position; every position gets the same row to keep this short.
         return torch.stack(rows)[:, None, :].expand(-1, tgt_in.size(1), -1)  # (R, T, V)
 
@@ -207,7 +225,8 @@ def test_finished_sentences_stop_costing_decoder_work():
     rows_seen = count_rows(model)
     hyps = beam_search(model, src, mask, beam=2, max_len_a=0, max_len_b=20, min_len=0)
     assert hyps[0][0].tokens == [] and hyps[1][0].tokens == [A] * 20
-    assert rows_seen == [4, 4] + [2] * 19
+    # The first step decodes one row per sentence (every beam would start from the same BOS).
+    assert rows_seen == [2, 4] + [2] * 19
 
 
 # ---- a tiny random Transformer ---------------------------------------------------------------
@@ -281,3 +300,24 @@ def test_transformer_log_prob_matches_teacher_forcing():
         log_probs = torch.log_softmax(model(src, tgt[:, :-1]).float(), dim=-1)[0]  # (T, V)
     expected = log_probs.gather(1, tgt[0, 1:, None]).sum().item()
     assert hyp.log_prob == pytest.approx(expected, abs=1e-4)
+
+
+# ---- selection over the vocabulary -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("vocab", [1024, 4000, 8000, 1031])  # 1031 is prime: the plain path
+def test_row_top_k_and_argmax_equal_torch(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(33, vocab, generator=g)
+    x[0] = -math.inf  # a row with nothing allowed
+    x[1, :] = -math.inf
+    x[1, EOS_ID] = 0.0  # a row forced to end
+    x[2, vocab - 1] = 100.0  # the maximum in the last block
+    x[3, :] = 1.0  # all tied: the first index wins
+    for k in (1, 2, 10):
+        values, tokens = row_top_k(x, k)
+        expected_values, expected_tokens = x.topk(k, dim=1)
+        torch.testing.assert_close(values, expected_values, rtol=0, atol=0)
+        assert torch.equal(tokens[4:], expected_tokens[4:])  # rows without ties
+        assert torch.equal(x.gather(1, tokens), values)
+    assert torch.equal(row_argmax(x[1:]), x[1:].argmax(dim=1))

@@ -78,12 +78,15 @@ class CopyModel(nn.Module):
         assert positions.max() < self.cfg.max_positions, "decoded past the model's positions"
         if cache is not None:
             cache.length += tgt_in.size(1)
+        # Beam search passes one memory row per sentence for its `beam` target rows.
+        memory = memory.repeat_interleave(tgt_in.size(0) // memory.size(0), dim=0)  # (B, S, V)
         past_end = nn.functional.one_hot(torch.tensor(EOS_ID), self.vocab_size).float()
         padded = torch.cat([memory, past_end.expand(memory.size(0), positions.max() + 1, -1)], dim=1)
         return 10.0 * padded[:, positions]  # (B, T, V)
 
-    def new_cache(self):
-        return SimpleNamespace(length=0, reorder=lambda indices: None)
+    def new_cache(self, capacity: int):
+        ignore = lambda indices: None  # noqa: E731 - the copy needs no state beyond the length
+        return SimpleNamespace(length=0, reorder=ignore, reorder_targets=ignore, select_memory=ignore)
 
 
 @pytest.fixture(scope="module")

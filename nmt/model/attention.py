@@ -43,8 +43,11 @@ class MultiHeadAttention(nn.Module):
         causal: bool = False,
         cache: SelfAttentionCache | CrossAttentionCache | None = None,
     ) -> Tensor:
-        """Attend from ``x`` (B, T, D) to ``x`` itself (memory=None) or to ``memory`` (B, S, D).
+        """Attend from ``x`` (B, T, D) to ``x`` itself (memory=None) or to ``memory`` (N, S, D).
 
+        memory: N = B rows, or N dividing B: memory row ``n`` then serves the G = B / N
+            consecutive query rows ``n * G ... n * G + G - 1`` (the beams of one sentence), and
+            ``mask`` (then a key mask (N, 1, 1, S)) and the cross-attention cache have N rows too.
         mask: bool, broadcastable to (B, H, T, T_key), True = may attend; None = no restriction.
         causal: query ``i`` (at absolute position ``past + i``) sees keys ``<= past + i``, where
             ``past`` is the number of keys cached before this call.
@@ -58,10 +61,26 @@ class MultiHeadAttention(nn.Module):
         else:
             if causal:
                 raise ValueError("causal masking only applies to self-attention")
-            q, k, v = self._cross_qkv(x, memory, cache)
-        out = self._attend(q, k, v, mask, causal)  # (B, H, T, Dh)
+            q, k, v = self._cross_qkv(self._group_by_memory_row(x, memory.size(0)), memory, cache)
+        out = self._attend(q, k, v, mask, causal)  # (B, H, T, Dh), or (N, H, G*T, Dh) grouped
         out = out.transpose(1, 2).reshape(x.shape)  # (B, T, D)
         return self.out_proj(out)
+
+    @staticmethod
+    def _group_by_memory_row(x: Tensor, memory_rows: int) -> Tensor:
+        """(B, T, D) -> (N, G*T, D) where N = memory rows and each serves G = B / N consecutive rows.
+
+        Beam search keeps one memory row per sentence and ``beam`` target rows per sentence: the
+        queries of a sentence's beams are stacked as positions of one query row, so the encoder
+        output, its keys/values and the mask are neither repeated ``beam`` times nor reordered
+        after each step. Each query attends independently, so the result is that of repetition.
+        """
+        rows = x.size(0)
+        if rows == memory_rows:
+            return x
+        if memory_rows == 0 or rows % memory_rows:
+            raise ValueError(f"{rows} query rows cannot share {memory_rows} memory rows evenly")
+        return x.reshape(memory_rows, -1, x.size(-1))  # (N, G*T, D); row n*G+g at positions g*T:(g+1)*T
 
     def _split_heads(self, t: Tensor) -> Tensor:
         batch, length, _ = t.shape

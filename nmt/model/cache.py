@@ -2,11 +2,17 @@
 
 One :class:`LayerCache` per decoder layer holds two things with different lifetimes:
 
-* self-attention keys/values of the target tokens decoded so far, appended at every step;
-* cross-attention keys/values of the encoder output, computed at the first step and reused.
+* self-attention keys/values of the target tokens decoded so far, one row per target row (a
+  hypothesis), written in place into a preallocated buffer at every step;
+* cross-attention keys/values of the encoder output, one row per memory row (a source sentence),
+  computed at the first step and reused.
 
-Beam search calls :meth:`KVCache.reorder` after each step so that row ``i`` continues the
-hypothesis that was in row ``indices[i]``.
+The two can have different numbers of rows: beam search keeps one memory row per sentence and
+``beam`` target rows per sentence (see :class:`nmt.model.attention.MultiHeadAttention`). So
+there are two ways to move rows: :meth:`KVCache.reorder_targets` after each beam step (row ``i``
+continues the hypothesis that was in row ``indices[i]``) and :meth:`KVCache.select_memory` when
+whole sentences leave the batch. :meth:`KVCache.reorder` does both with the same indices, for
+callers whose memory and target rows are one to one (greedy search, tests).
 """
 
 from __future__ import annotations
@@ -19,16 +25,24 @@ from torch import Tensor
 
 @dataclass
 class SelfAttentionCache:
-    """Keys/values of the decoded prefix, in a buffer that doubles when full.
+    """Keys/values of the decoded prefix, in buffers written in place.
 
-    Doubling keeps appends amortised O(1) instead of a ``torch.cat`` copy of the whole prefix
-    at every step; only ``[:, :, :length]`` of the buffers holds data.
+    Only ``[:, :, :length]`` of the buffers holds data. ``initial_capacity`` positions are
+    allocated at the first append (search passes the longest output it allows, so the buffers
+    never grow); past that the capacity doubles, which keeps appends amortised O(1) instead of a
+    ``torch.cat`` copy of the whole prefix at every step.
+
+    :meth:`reorder` gathers the rows into a second pair of buffers and swaps the two, so beam
+    search allocates nothing per step; the views :meth:`append` returns stay valid until the
+    second reorder after it.
     """
 
     k: Tensor | None = None  # (B, H, capacity, Dh)
     v: Tensor | None = None  # (B, H, capacity, Dh)
     length: int = 0
     initial_capacity: int = 32
+    spare_k: Tensor | None = field(default=None, repr=False)  # (>= B, H, capacity, Dh), no data
+    spare_v: Tensor | None = field(default=None, repr=False)
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Add ``k``/``v`` of shape (B, H, T, Dh); return keys/values of the whole prefix."""
@@ -49,19 +63,30 @@ class SelfAttentionCache:
             k[:, :, : self.length] = self.k[:, :, : self.length]
             v[:, :, : self.length] = self.v[:, :, : self.length]
         self.k, self.v = k, v
+        self.spare_k = self.spare_v = None
 
     def reorder(self, indices: Tensor) -> None:
-        if self.k is not None:
-            self.k = self.k.index_select(0, indices.to(self.k.device))
-            self.v = self.v.index_select(0, indices.to(self.v.device))
+        """Row ``i`` continues from old row ``indices[i]``; copies the filled positions only."""
+        if self.k is None:
+            return
+        indices = indices.to(self.k.device)
+        rows = indices.size(0)
+        if self.spare_k is None or self.spare_k.size(0) < rows:
+            self.spare_k = self.k.new_empty(rows, *self.k.shape[1:])  # (B', H, capacity, Dh)
+            self.spare_v = self.v.new_empty(rows, *self.v.shape[1:])
+        k, v = self.spare_k[:rows], self.spare_v[:rows]  # leading rows of a buffer: still contiguous
+        filled = slice(0, self.length)  # the empty tail is not copied
+        torch.index_select(self.k[:, :, filled], 0, indices, out=k[:, :, filled])
+        torch.index_select(self.v[:, :, filled], 0, indices, out=v[:, :, filled])
+        self.spare_k, self.spare_v, self.k, self.v = self.k, self.v, k, v
 
 
 @dataclass
 class CrossAttentionCache:
     """Keys/values of the encoder output: computed once, at the first decoding step."""
 
-    k: Tensor | None = None  # (B, H, S, Dh)
-    v: Tensor | None = None  # (B, H, S, Dh)
+    k: Tensor | None = None  # (N, H, S, Dh), one row per memory row
+    v: Tensor | None = None  # (N, H, S, Dh)
 
     def reorder(self, indices: Tensor) -> None:
         if self.k is not None:
@@ -88,8 +113,13 @@ class KVCache:
     layers: list[LayerCache]
 
     @classmethod
-    def empty(cls, num_layers: int) -> KVCache:
-        return cls(layers=[LayerCache() for _ in range(num_layers)])
+    def empty(cls, num_layers: int, capacity: int = 32) -> KVCache:
+        """``capacity``: target positions allocated at the first step (the buffers double past it)."""
+        if capacity < 1:
+            raise ValueError(f"cache capacity={capacity} must be at least 1")
+        return cls(
+            layers=[LayerCache(SelfAttentionCache(initial_capacity=capacity)) for _ in range(num_layers)]
+        )
 
     @property
     def length(self) -> int:
@@ -97,6 +127,17 @@ class KVCache:
         return self.layers[0].self_attn.length if self.layers else 0
 
     def reorder(self, indices: torch.LongTensor) -> None:
-        """Keep row ``indices[i]`` as new row ``i`` (rows may repeat or disappear)."""
+        """Keep row ``indices[i]`` as new row ``i`` (rows may repeat or disappear), target and memory
+        rows alike: for callers whose memory rows and target rows are one to one."""
         for layer in self.layers:
             layer.reorder(indices)
+
+    def reorder_targets(self, indices: torch.LongTensor) -> None:
+        """Self-attention only: target row ``i`` continues from old target row ``indices[i]``."""
+        for layer in self.layers:
+            layer.self_attn.reorder(indices)
+
+    def select_memory(self, indices: torch.LongTensor) -> None:
+        """Cross-attention only: keep memory row ``indices[i]`` as memory row ``i``."""
+        for layer in self.layers:
+            layer.cross_attn.reorder(indices)

@@ -130,6 +130,9 @@ class Transformer(nn.Module):
     ) -> Tensor:
         """tgt_in (B, T) long -> logits (B, T, V).
 
+        ``memory`` (N, S, D) and ``src_mask`` (N, S) have B rows, or N rows with N dividing B, each
+        serving B / N consecutive target rows (beam search's beams of one sentence share one row).
+
         With a cache, ``tgt_in`` holds only the new positions, which continue from ``cache.length``;
         the cross-attention keys/values are computed from ``memory`` on the first call and reused.
         """
@@ -140,9 +143,12 @@ class Transformer(nn.Module):
         src_mask = src != self.pad_id  # (B, S)
         return self.decode(tgt_in, self.encode(src, src_mask), src_mask)
 
-    def new_cache(self) -> KVCache:
-        """An empty cache for incremental decoding; :meth:`decode` fills it."""
-        return KVCache.empty(len(self.decoder.layers))
+    def new_cache(self, capacity: int = 32) -> KVCache:
+        """An empty cache for incremental decoding; :meth:`decode` fills it.
+
+        ``capacity``: target positions to allocate at once (more are added by doubling).
+        """
+        return KVCache.empty(len(self.decoder.layers), capacity)
 
     def num_parameters(self) -> int:
         """Number of distinct parameter values (shared and tied weights counted once)."""
