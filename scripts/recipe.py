@@ -77,7 +77,8 @@ def hardware(device: torch.device) -> str:
         model = names[0] if names else model
     except OSError:
         pass
-    return f"CPU, {torch.get_num_threads()} threads ({model})"
+    threads = torch.get_num_threads()
+    return f"CPU, {threads} thread{'s' if threads > 1 else ''} ({model})"
 
 
 def main(argv: list[str] | None = None) -> int:
