@@ -48,8 +48,13 @@ round(LogNormal(mu, sigma)), sigma = ``--len-sigma`` (0.5), mu = ln(``--mean-len
 that the mean is ``--mean-len`` (30; median 26.5), clipped to [1, ``--max-len``]; target lengths
 round(source length * LogNormal(0, 0.15)) clipped likewise; token ids uniform over the vocabulary
 without the special ids. The pairs are batched by the real :class:`TokenBatchSampler` and collated by
-``PackedPairs.collate`` (``--collate lists``: ``collate()`` over per-example rows, which is what
-``Trainer._batch_stream`` does with the dataset's columns).
+``PackedPairs.collate``, as ``Trainer._batch_stream`` does (``--collate lists``: ``collate()`` over
+per-example rows, for comparison: the dataset's columns cost an Arrow lookup per row).
+
+Memory allocator. On CPU the trainer calls ``nmt.trainer.keep_freed_memory_in_heap`` (glibc serves
+big tensors from its heap and keeps freed memory for reuse, instead of fresh zero-filled pages every
+step); the benchmark does the same, for the whole process and so for both sides, unless
+``--malloc default``.
 
 Comparison (``--compare-hf``). Hugging Face ``MarianMTModel`` built to the same shape (layers,
 d_model, FFN, heads, vocabulary, tied/shared embeddings, dropouts, activation, embedding scale
@@ -93,7 +98,7 @@ from nmt.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from nmt.loss import label_smoothed_nll
 from nmt.model import Transformer
 from nmt.optim import build_optimizer, build_scheduler
-from nmt.trainer import TrainingError
+from nmt.trainer import TrainingError, keep_freed_memory_in_heap
 from nmt.trainer import resolve_device as trainer_resolve_device
 from nmt.trainer import resolve_dtype as trainer_resolve_dtype
 
@@ -211,7 +216,7 @@ def multi30k_pairs(args: argparse.Namespace) -> tuple[PackedPairs, Any, int, int
 
 
 def list_collate(src_rows: Any, tgt_rows: Any) -> Callable[[np.ndarray], Batch]:
-    """``collate`` over per-example rows, as ``Trainer._batch_stream`` does (``--collate lists``)."""
+    """``collate`` over per-example rows (``--collate lists``), the path the trainer no longer takes."""
 
     def collate_rows(indices: np.ndarray) -> Batch:
         rows = indices.tolist()
@@ -741,7 +746,7 @@ def describe_run(meta: dict) -> str:
         f"({meta['device_type']}, {meta['threads']} threads) {meta['precision']}"
         f"{' compiled' if meta['compile'] else ''} | {meta['data']} | max_tokens={meta['max_tokens']}, "
         f"padding efficiency {100 * meta['padding_efficiency']:.1f}% | {meta['warmup_steps']} warm-up + "
-        f"{meta['timed_steps']} timed steps | torch {meta['torch']}"
+        f"{meta['timed_steps']} timed steps | malloc {meta['malloc']} | torch {meta['torch']}"
     )
 
 
@@ -771,7 +776,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-len", type=int, default=DataConfig.max_len)
     p.add_argument(
         "--collate", choices=("packed", "lists"), default="packed",
-        help="packed: PackedPairs.collate; lists: collate() on per-example rows, as the trainer does",
+        help="packed: PackedPairs.collate, as the trainer does; lists: collate() on per-example rows",
     )  # fmt: skip
     p.add_argument("--max-tokens", type=int, default=DataConfig.max_tokens, help="token budget of a batch")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator)")
@@ -780,6 +785,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores available)")
+    p.add_argument(
+        "--malloc", choices=("heap", "default"), default="heap",
+        help="CPU: heap = keep freed memory in glibc's heap, as the trainer does (whole process, both "
+        "sides); default = glibc's defaults (fresh pages for every tensor above 32 MiB)",
+    )  # fmt: skip
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps, help="LR schedule warm-up")
     p.add_argument("--seed", type=int, default=1)
@@ -813,9 +823,11 @@ def main(argv: list[str] | None = None) -> dict:
 def run(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.precision, device)
+    heap = device.type == "cpu" and args.malloc == "heap" and keep_freed_memory_in_heap()
     cfg = load_model_config(args)
     data = load_data(args)
     result: dict[str, Any] = {"meta": metadata(args, cfg, data, device, dtype)}
+    result["meta"]["malloc"] = "glibc, freed memory kept in the heap" if heap else "default"
     log.info("benchmarking %s on %s (%s)", args.model, device, data.description)
     builders = [lambda: build_ours(cfg, data, args, device)]
     if args.compare_hf:

@@ -53,6 +53,7 @@ def test_main_writes_json_with_positive_throughput(tmp_path):
     assert ours["peak_memory_bytes"] > 0
     assert np.isfinite(ours["loss_last"])
     assert result["meta"]["tgt_vocab"] == 120 and result["meta"]["model_config"]["d_model"] == 32
+    assert result["meta"]["malloc"] != "default"  # on CPU the allocator is set up as the trainer does
 
 
 def test_mfu_uses_the_given_peak(tmp_path):

@@ -113,6 +113,29 @@ def test_validation_loss_equals_a_per_batch_reference(toy_dir, tmp_path):
     assert trainer.validation_loss() == first  # the cached loader gives the same batches again
 
 
+def test_freed_memory_is_reused_without_page_faults():
+    import resource
+
+    from nmt.trainer import keep_freed_memory_in_heap
+
+    if not keep_freed_memory_in_heap():
+        pytest.skip("not glibc")
+
+    def faults_of_a_step_like_round() -> int:
+        """Minor page faults while three 64 MiB tensors are made, written and freed, as in a step."""
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        logits = torch.ones(16 * 2**20)
+        lprobs = torch.exp(logits)
+        grad = lprobs * 2
+        del logits, lprobs, grad
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    fresh_pages = 3 * 64 * 2**20 // resource.getpagesize()  # what each round faults with glibc's defaults
+    [faults_of_a_step_like_round() for _ in range(4)]  # the heap grows to fit
+    later = sum(faults_of_a_step_like_round() for _ in range(4))
+    assert later < fresh_pages, f"{later} page faults in four rounds; fresh pages would be {4 * fresh_pages}"
+
+
 def test_split_batches_cover_the_same_tokens(toy_dir, tmp_path):
     trainer = make_trainer(tiny_config(toy_dir, tmp_path / "run"))
     batch = next(trainer._batch_stream())
