@@ -34,7 +34,6 @@ import argparse
 import gzip
 import json
 import logging
-import math
 import os
 import platform
 import sys
@@ -65,6 +64,7 @@ class Result:
     sentences_per_s: float
     tokens_per_s: float
     decoder_steps: int  # summed over batches
+    pass_seconds: list[float]  # every timed pass, in order; ``seconds`` is the fastest
 
 
 @dataclass
@@ -271,8 +271,9 @@ def convert_to_ctranslate2(marian, translator: Translator, workdir: Path, model_
     marian.to(translator.device)
 
 
-def result(system: str, beam: int, batches: list[Batch], seconds: float) -> Result:
+def result(system: str, beam: int, batches: list[Batch], passes: list[float]) -> Result:
     sentences, tokens = sum(b.src.size(0) for b in batches), sum(b.tokens for b in batches)
+    seconds = min(passes)
     return Result(
         system=system,
         search="greedy" if beam == 1 else f"beam {beam}",
@@ -282,19 +283,21 @@ def result(system: str, beam: int, batches: list[Batch], seconds: float) -> Resu
         sentences_per_s=round(sentences / seconds, 1),
         tokens_per_s=round(tokens / seconds, 1),
         decoder_steps=sum(b.steps for b in batches),
+        pass_seconds=[round(p, 3) for p in passes],
     )
 
 
 def print_table(results: list[Result]) -> None:
     header = (
         f"{'system':<14}{'search':<9}{'sentences':>10}{'tokens':>9}{'seconds':>9}{'sent/s':>9}{'tok/s':>10}"
+        "  all passes (s)"
     )
     print(header)
     print("-" * len(header))
     for r in results:
         print(
             f"{r.system:<14}{r.search:<9}{r.sentences:>10}{r.target_tokens:>9}{r.seconds:>9.2f}"
-            f"{r.sentences_per_s:>9.1f}{r.tokens_per_s:>10.1f}"
+            f"{r.sentences_per_s:>9.1f}{r.tokens_per_s:>10.1f}  {' '.join(f'{p:.2f}' for p in r.pass_seconds)}"
         )
 
 
@@ -326,11 +329,11 @@ def main() -> None:
     results: list[Result] = []
     for beam in [int(b) for b in args.beams.split(",")]:
         systems = runners(args, translator, marian, beam, workdir)
-        best = dict.fromkeys(systems, math.inf)
+        passes: dict[str, list[float]] = {name: [] for name in systems}
         for _ in range(args.repeat):  # interleaved, so that a busy moment hurts all systems alike
             for name, run in systems.items():
-                best[name] = min(best[name], timed(run, batches, device))
-        results += [result(name, beam, batches, seconds) for name, seconds in best.items()]
+                passes[name].append(timed(run, batches, device))
+        results += [result(name, beam, batches, seconds) for name, seconds in passes.items()]
         print_table(results)
     meta = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
