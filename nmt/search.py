@@ -413,22 +413,31 @@ def beam_search(
         cand = score_step(decoder, prefix, scores, step, beam, min_len=min_len, at_max=at_max)
         for s, hyp in finish_hypotheses(*cand, prefix, beam, len_penalty):
             finished[sentence[s]].append(hyp)
-        live_scores, live_beam, live_token = next_beams(*cand, beam)  # (N, K) each
         keep = [s for s, orig in enumerate(sentence) if len(finished[orig]) < beam and step < limits.host[s]]
         if not keep:
             break
+        live_scores, rows, live_token = _advance(next_beams(*cand, beam), keep, len(sentence), scores.size(1))
         if len(keep) < len(sentence):
             kept = torch.tensor(keep, device=device)
-            live_scores, live_beam, live_token = live_scores[kept], live_beam[kept], live_token[kept]
             decoder.select_memory(kept)
             limits.keep(keep, kept)
-        else:
-            kept = torch.arange(len(sentence), device=device)
-        rows = (kept[:, None] * scores.size(1) + live_beam).view(-1)  # (N'*K,) old row of each new row
-        prefix = torch.cat([prefix[rows], live_token.view(-1, 1)], dim=1)
+        prefix = torch.cat([prefix[rows], live_token.view(-1, 1)], dim=1)  # (N'*K, 1 + t + 1)
         scores, sentence = live_scores, [sentence[s] for s in keep]
         decoder.reorder_targets(rows)
     return [_best(hyps, nbest) for hyps in finished]
+
+
+def _advance(live: tuple[Tensor, Tensor, Tensor], keep: list[int], active: int, width: int):
+    """The next beams of the sentences ``keep`` (of ``active``): scores (N', K), the old row each new
+    row continues (N'*K,) for a beam that was ``width`` rows per sentence, and new tokens (N', K)."""
+    live_scores, live_beam, live_token = live  # (N, K) each
+    if len(keep) < active:
+        kept = torch.tensor(keep, device=live_beam.device)
+        live_scores, live_beam, live_token = live_scores[kept], live_beam[kept], live_token[kept]
+    else:
+        kept = torch.arange(active, device=live_beam.device)
+    rows = (kept[:, None] * width + live_beam).view(-1)  # (N'*K,)
+    return live_scores, rows, live_token
 
 
 def _best(hyps: list[Hypothesis], nbest: int) -> list[Hypothesis]:

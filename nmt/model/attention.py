@@ -18,6 +18,7 @@ from nmt.model.cache import CrossAttentionCache, SelfAttentionCache
 
 # Up to this many queries per row, attention on the CPU runs as plain matmuls (see _attend_few_queries).
 FEW_QUERIES = 8
+_FULL_PRECISION = (torch.float32, torch.float64)
 
 
 class MultiHeadAttention(nn.Module):
@@ -116,7 +117,12 @@ class MultiHeadAttention(nn.Module):
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
         query_len, key_len = q.size(2), k.size(2)
         past = key_len - query_len
-        few_queries = q.is_cpu and query_len <= FEW_QUERIES and not (self.training and self.dropout > 0)
+        few_queries = (
+            q.is_cpu
+            and query_len <= FEW_QUERIES
+            and q.dtype in _FULL_PRECISION  # SDPA keeps bf16 scores in float32; plain matmuls do not
+            and not (self.training and self.dropout > 0)
+        )
         use_is_causal = False
         if causal and past == 0 and mask is None and not few_queries:
             use_is_causal = True  # SDPA's built-in mask is top-left aligned: right only without a cache
