@@ -8,7 +8,7 @@ import torch
 
 from nmt.config import ModelConfig
 from nmt.data.tokenizer import EOS_ID, PAD_ID
-from nmt.model import MultiHeadAttention, Transformer, attention
+from nmt.model import MultiHeadAttention, Transformer
 from nmt.model.cache import KVCache, SelfAttentionCache
 
 
@@ -112,22 +112,3 @@ def test_beam_layout_decoding_equals_repeated_memory_decoding():
             grouped.reorder_targets(order)
             plain.reorder(order)
             tokens = torch.randint(4, 30, (len(order), 1), generator=g)
-
-
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("query_len", [1, 3, 8])
-def test_few_query_attention_equals_sdpa(monkeypatch, causal, query_len):
-    torch.manual_seed(query_len)
-    attn = MultiHeadAttention(16, 4).double().eval()
-    x = torch.randn(3, query_len, 16, dtype=torch.float64)
-    memory = None if causal else torch.randn(3, 6, 16, dtype=torch.float64)
-    mask = None if causal else torch.tensor([[1] * 6, [1] * 2 + [0] * 4, [1] * 5 + [0]], dtype=torch.bool)
-    mask = None if mask is None else mask[:, None, None]
-    past = SelfAttentionCache()
-    if causal:  # a cached prefix, so the causal mask must be bottom-right aligned
-        attn(torch.randn(3, 2, 16, dtype=torch.float64), causal=True, cache=past)
-    fast = attn(x, memory=memory, mask=mask, causal=causal, cache=past if causal else None)
-    monkeypatch.setattr(attention, "FEW_QUERIES", 0)
-    past.length = 2 if causal else 0  # the same prefix again
-    reference = attn(x, memory=memory, mask=mask, causal=causal, cache=past if causal else None)
-    torch.testing.assert_close(fast, reference, rtol=1e-12, atol=1e-12)

@@ -8,17 +8,11 @@ pick the fused flash / memory-efficient kernels on GPU.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nmt.model.cache import CrossAttentionCache, SelfAttentionCache
-
-# Up to this many queries per row, attention on the CPU runs as plain matmuls (see _attend_few_queries).
-FEW_QUERIES = 8
-_FULL_PRECISION = (torch.float32, torch.float64)
 
 
 class MultiHeadAttention(nn.Module):
@@ -109,29 +103,20 @@ class MultiHeadAttention(nn.Module):
             return q, cache.k, cache.v
         k, v = F.linear(memory, weight[d:], bias[d:]).chunk(2, dim=-1)  # 2 x (B, S, D)
         k, v = self._split_heads(k), self._split_heads(v)  # (B, H, S, Dh)
-        if cache is not None:  # contiguous once, so that every step can view them as (B*H, S, Dh)
-            cache.k, cache.v = k.contiguous(), v.contiguous()
-            return q, cache.k, cache.v
+        if cache is not None:
+            cache.k, cache.v = k, v
         return q, k, v
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
         query_len, key_len = q.size(2), k.size(2)
         past = key_len - query_len
-        few_queries = (
-            q.is_cpu
-            and query_len <= FEW_QUERIES
-            and q.dtype in _FULL_PRECISION  # SDPA keeps bf16 scores in float32; plain matmuls do not
-            and not (self.training and self.dropout > 0)
-        )
         use_is_causal = False
-        if causal and past == 0 and mask is None and not few_queries:
+        if causal and past == 0 and mask is None:
             use_is_causal = True  # SDPA's built-in mask is top-left aligned: right only without a cache
         elif causal and query_len > 1:
             # Bottom-right aligned: query i sits at position past + i. (One cached query needs no mask.)
             allowed = torch.ones(query_len, key_len, dtype=torch.bool, device=q.device).tril(past)  # (T, Tk)
             mask = allowed if mask is None else mask & allowed
-        if few_queries:
-            return self._attend_few_queries(q, k, v, mask)
         return F.scaled_dot_product_attention(
             q,
             k,
@@ -141,16 +126,3 @@ class MultiHeadAttention(nn.Module):
             is_causal=use_is_causal,
             scale=self.head_dim**-0.5,
         )  # (B, H, T, Dh)
-
-    def _attend_few_queries(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        """The same attention as two batched matmuls: for the one query per row of a decoding step
-        (or a beam's few) it is faster on the CPU than SDPA's flash kernel, which tiles queries."""
-        batch, heads, query_len, head_dim = q.shape
-        key_len = k.size(2)
-        q = (q * self.head_dim**-0.5).reshape(batch * heads, query_len, head_dim)  # (B*H, T, Dh)
-        k = k.reshape(batch * heads, key_len, head_dim)  # (B*H, Tk, Dh); a view for cached keys
-        scores = torch.bmm(q, k.transpose(1, 2))  # (B*H, T, Tk)
-        if mask is not None:
-            scores.view(batch, heads, query_len, key_len).masked_fill_(~mask, -math.inf)
-        out = torch.bmm(torch.softmax(scores, dim=-1), v.reshape(batch * heads, key_len, head_dim))
-        return out.view(batch, heads, query_len, head_dim)  # (B, H, T, Dh)
