@@ -220,9 +220,9 @@ def _bos(rows: int, device: torch.device) -> Tensor:
 
 
 # ---- selection over the vocabulary ------------------------------------------------------------
-# torch.topk and torch.argmax over a whole (R, V) row are slow on the CPU (a scalar loop per row,
-# several times the cost of the vectorised torch.amax). Both look only at the blocks of the row
-# that can hold the answer, and return exactly what topk/argmax return (up to the order of ties).
+# torch.topk over a whole (R, V) row is slow on the CPU (a scalar loop per row, several times the
+# cost of the vectorised torch.amax). row_top_k looks only at the blocks of the row that can hold
+# the answer and returns exactly what topk returns (up to the order of ties).
 
 
 def _block_width(vocab: int, k: int) -> int | None:
@@ -260,16 +260,6 @@ def row_top_k(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return values, block * width + position % width
 
 
-def row_argmax(x: Tensor) -> Tensor:
-    """``x.argmax(dim=1)`` of (R, V) ``x``: the first block holding the row's maximum, then its first."""
-    width = _block_width(x.size(1), 1)
-    if width is None:
-        return x.argmax(dim=1)
-    best_block = _blocks(x, width).amax(dim=2).argmax(dim=1)  # (R,)
-    within = _pick_blocks(_blocks(x, width), best_block[:, None]).argmax(dim=1)  # (R,)
-    return best_block * width + within
-
-
 # ---- greedy ----------------------------------------------------------------------------------
 
 
@@ -298,7 +288,7 @@ def greedy_search(
     prefix = _bos(src.size(0), src.device)  # (R, 1 + t)
     for step in range(limits.steps):
         logits = apply_constraints(decoder.logits(prefix), step, min_len, limits.at_max(step))
-        next_token = row_argmax(logits)  # (R,)
+        next_token = logits.argmax(dim=-1)  # (R,)
         prefix = torch.cat([prefix, next_token[:, None]], dim=1)
         ended = (next_token == EOS_ID).tolist()
         if not any(ended):
