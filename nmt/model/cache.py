@@ -31,12 +31,18 @@ class SelfAttentionCache:
     allocated at the first append (search passes the longest output it allows, so the buffers
     never grow); past that the capacity doubles, which keeps appends amortised O(1) instead of a
     ``torch.cat`` copy of the whole prefix at every step.
+
+    :meth:`reorder` gathers the rows into a second pair of buffers and swaps the two, so beam
+    search allocates nothing per step; the views :meth:`append` returns stay valid until the
+    second reorder after it.
     """
 
     k: Tensor | None = None  # (B, H, capacity, Dh)
     v: Tensor | None = None  # (B, H, capacity, Dh)
     length: int = 0
     initial_capacity: int = 32
+    spare_k: Tensor | None = field(default=None, repr=False)  # (>= B, H, capacity, Dh), no data
+    spare_v: Tensor | None = field(default=None, repr=False)
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Add ``k``/``v`` of shape (B, H, T, Dh); return keys/values of the whole prefix."""
@@ -57,21 +63,22 @@ class SelfAttentionCache:
             k[:, :, : self.length] = self.k[:, :, : self.length]
             v[:, :, : self.length] = self.v[:, :, : self.length]
         self.k, self.v = k, v
+        self.spare_k = self.spare_v = None
 
     def reorder(self, indices: Tensor) -> None:
         """Row ``i`` continues from old row ``indices[i]``; copies the filled positions only."""
-        if self.k is not None:
-            self.k = _select_filled(self.k, indices, self.length)
-            self.v = _select_filled(self.v, indices, self.length)
-
-
-def _select_filled(buffer: Tensor, indices: Tensor, length: int) -> Tensor:
-    """Rows ``indices`` of ``buffer`` (B, H, capacity, Dh) in a new buffer of the same capacity."""
-    indices = indices.to(buffer.device)
-    out = buffer.new_empty(indices.size(0), *buffer.shape[1:])  # (B', H, capacity, Dh)
-    # The empty tail is not copied: most of the buffer at the first steps.
-    torch.index_select(buffer[:, :, :length], 0, indices, out=out[:, :, :length])
-    return out
+        if self.k is None:
+            return
+        indices = indices.to(self.k.device)
+        rows = indices.size(0)
+        if self.spare_k is None or self.spare_k.size(0) < rows:
+            self.spare_k = self.k.new_empty(rows, *self.k.shape[1:])  # (B', H, capacity, Dh)
+            self.spare_v = self.v.new_empty(rows, *self.v.shape[1:])
+        k, v = self.spare_k[:rows], self.spare_v[:rows]  # leading rows of a buffer: still contiguous
+        filled = slice(0, self.length)  # the empty tail is not copied
+        torch.index_select(self.k[:, :, filled], 0, indices, out=k[:, :, filled])
+        torch.index_select(self.v[:, :, filled], 0, indices, out=v[:, :, filled])
+        self.spare_k, self.spare_v, self.k, self.v = self.k, self.v, k, v
 
 
 @dataclass
