@@ -15,6 +15,7 @@ row of the README's results table (cased sacreBLEU, lowercased BLEU, chrF, train
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import platform
@@ -89,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for nmt.train")
     parser.add_argument("--average", type=int, default=5, help="average the last N checkpoints (1 = off)")
     parser.add_argument("--skip-train", action="store_true", help="evaluate an existing run only")
+    parser.add_argument(
+        "--len-penalty",
+        type=float,
+        help="decode with this GNMT alpha instead of the run's decode.len_penalty",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -112,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     translators: dict[str, Translator] = {}
     for name, path in candidates(run_dir, args.average).items():
         translators[name] = Translator.from_checkpoint(path, device=args.device)
+        if args.len_penalty is not None:
+            translators[name].cfg = dataclasses.replace(translators[name].cfg, len_penalty=args.len_penalty)
         valid_bleu[name] = score(translators[name].translate(valid_src), valid_ref).bleu
         log.info("validation BLEU of %s: %.2f", name, valid_bleu[name])
     chosen = max(valid_bleu, key=valid_bleu.get)
@@ -139,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         "test_decode_sec": round(decode_sec, 1),
         "hardware": hardware(translator.device),
         "beam": translator.cfg.beam,
+        "len_penalty": translator.cfg.len_penalty,
         "date": time.strftime("%Y-%m-%d"),
     }
     if args.json:
@@ -150,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"| {result['direction']} | {result['bleu']:.1f} | {result['bleu_lc']:.1f} | {result['chrf']:.1f} | "
         f"{result['train_min']:.0f} min, {result['steps']} steps | {result['hardware']} | "
-        f"{chosen}, beam {result['beam']} |"
+        f"{chosen}, beam {result['beam']}, alpha {result['len_penalty']} |"
     )
     return 0
 
