@@ -111,7 +111,7 @@ def keep_freed_memory_in_heap() -> bool:
 
     By default glibc gives each allocation above 32 MiB pages of its own (mmap) and returns them on
     free, so the (B, T, V) logits, log-probabilities and gradients get fresh pages every step, which
-    the kernel zero-fills on first touch: ~20 ms per 64 MiB on 2 cores, several per cent of a step.
+    the kernel zero-fills on first touch: ~25 ms per 64 MiB on one core, several per cent of a step.
     Training allocates the same sizes every step, so reusing freed heap memory removes that cost
     (the same reason PyTorch's CPU tuning guide suggests jemalloc or tcmalloc); the process keeps its
     peak memory, which a training step reaches every time anyway. Process-wide, so call it once at the
