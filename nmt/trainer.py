@@ -28,7 +28,7 @@ from nmt.checkpoint import load_checkpoint, save_checkpoint
 from nmt.config import Config
 from nmt.data.batching import Batch, BatchLoader, make_loader
 from nmt.data.tokenizer import PAD_ID
-from nmt.distributed import DistInfo, all_reduce_sum, any_flag, barrier, broadcast_flag
+from nmt.distributed import DistInfo, all_gather_state, all_reduce_sum, any_flag, barrier, broadcast_flag
 from nmt.evaluate import score
 from nmt.loss import label_smoothed_nll
 from nmt.model import Transformer
@@ -350,7 +350,8 @@ class Trainer:
         return value < best if self.cfg.train.best_metric == "loss" else value > best
 
     # ------------------------------------------------------------------ checkpoints
-    def checkpoint_state(self) -> dict[str, Any]:
+    def checkpoint_state(self, rng_states: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The checkpoint's contents; ``rng_states``: every rank's RNG state, in rank order (DDP)."""
         train_state = asdict(self.state)
         return {
             "config": self.cfg.to_dict(),
@@ -362,14 +363,20 @@ class Trainer:
             "train_state": train_state,
             "sampler": self.loader.state_dict(),
             "rng": rng_state(),
+            # Each rank draws its own dropout masks, so each resumes from its own RNG state.
+            "rng_per_rank": rng_states or [rng_state()],
             "world_size": self.dist.world_size,
         }
 
     def save(self, best: bool) -> Path | None:
-        """Write latest.pt atomically; link it as step_N.pt (keep_last) and as best.pt if it is the best."""
+        """Write latest.pt atomically; link it as step_N.pt (keep_last) and as best.pt if it is the best.
+
+        Under DDP call it on every rank: each contributes its RNG state; only rank 0 writes.
+        """
+        rng_states = all_gather_state(rng_state(), self.dist)
         if not self.dist.is_main:
             return None
-        latest = save_checkpoint(self.checkpoint_state(), self.ckpt_dir / "latest.pt")
+        latest = save_checkpoint(self.checkpoint_state(rng_states), self.ckpt_dir / "latest.pt")
         if self.cfg.train.keep_last > 0:
             _link(latest, self.ckpt_dir / f"step_{self.state.step:08d}.pt")
             for old in sorted(self.ckpt_dir.glob("step_*.pt"))[: -self.cfg.train.keep_last]:
@@ -400,7 +407,8 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.state = TrainState(**state["train_state"])
         self.loader.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"])
+        per_rank = state.get("rng_per_rank")
+        set_rng_state(per_rank[self.dist.rank] if per_rank else state["rng"])
         log.info("resumed from %s at step %d (epoch %d)", path, self.state.step, self.state.epoch)
 
     # ------------------------------------------------------------------ loop
@@ -428,7 +436,7 @@ class Trainer:
     def _validate_and_save(self) -> tuple[dict[str, float], bool]:
         """Validate on rank 0, save, and tell every rank whether patience ran out."""
         metrics: dict[str, float] = {}
-        stop = False
+        stop = best = False
         if self.dist.is_main:
             metrics = self.validate()
             best = self._improved(metrics)
@@ -438,8 +446,8 @@ class Trainer:
                 self.state.bad_validations = 0
             else:
                 self.state.bad_validations += 1
-            self.save(best=best)
             stop = bool(self.cfg.train.patience) and self.state.bad_validations >= self.cfg.train.patience
+        self.save(best=best)  # on every rank: each contributes its RNG state
         barrier(self.dist)
         return metrics, broadcast_flag(stop, self.dist, self.device)
 

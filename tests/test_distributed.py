@@ -169,12 +169,6 @@ def test_resume_under_ddp_continues_from_the_checkpoint_step(runs):
     assert f"done: reached train.max_steps={TOTAL} | step {TOTAL}" in resumed.output
 
 
-@pytest.mark.xfail(
-    reason="Trainer checkpoints only rank 0's RNG state and every rank resumes from it, so rank 1 draws "
-    "other dropout masks than it would have without the stop; fix: save every rank's RNG state "
-    "(all_gather_state) and restore each rank's own",
-    strict=True,
-)
 def test_resume_under_ddp_is_exact(runs):
     """Stopping at STOP and resuming ends with the same weights as running straight to TOTAL."""
     _, resumed, straight = runs
