@@ -353,6 +353,7 @@ class Trainer:
     def checkpoint_state(self, rng_states: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """The checkpoint's contents; ``rng_states``: every rank's RNG state, in rank order (DDP)."""
         train_state = asdict(self.state)
+        rng_states = rng_states or [rng_state()]
         return {
             "config": self.cfg.to_dict(),
             "tokenizer": self.data.tokenizer.state_dict(),
@@ -362,9 +363,9 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "train_state": train_state,
             "sampler": self.loader.state_dict(),
-            "rng": rng_state(),
+            "rng": rng_states[0],  # rank 0's; what checkpoints without rng_per_rank resume from
             # Each rank draws its own dropout masks, so each resumes from its own RNG state.
-            "rng_per_rank": rng_states or [rng_state()],
+            "rng_per_rank": rng_states,
             "world_size": self.dist.world_size,
         }
 
