@@ -72,9 +72,8 @@ def hardware(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     model = platform.processor() or platform.machine()
     try:
-        names = [
-            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
-        ]
+        with open("/proc/cpuinfo") as cpuinfo:
+            names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
         model = names[0] if names else model
     except OSError:
         pass
