@@ -9,7 +9,7 @@ import torch
 from nmt.config import ModelConfig
 from nmt.data.tokenizer import EOS_ID, PAD_ID
 from nmt.model import MultiHeadAttention, Transformer
-from nmt.model.cache import KVCache, SelfAttentionCache
+from nmt.model.cache import KVCache, RowMoves, SelfAttentionCache
 
 
 def random_source(lengths: list[int], vocab: int, seed: int) -> torch.Tensor:
@@ -50,12 +50,26 @@ def test_preallocated_cache_equals_concatenation_through_reorders(capacity):
     assert cache.length == ref_k.size(2)
 
 
-def test_reorder_leaves_the_returned_views_of_the_last_step_intact():
-    cache = SelfAttentionCache(initial_capacity=4)
-    k, _ = cache.append(torch.ones(2, 1, 1, 1), torch.ones(2, 1, 1, 1))
-    before = k.clone()
-    cache.reorder(torch.tensor([1, 0]))
-    torch.testing.assert_close(k, before)  # attention of the step just decoded read this
+def test_row_moves_copy_only_the_rows_that_change_when_that_is_safe():
+    buffer = torch.arange(6.0)[:, None].repeat(1, 3)  # (6, 3), row r filled with r
+    ref = buffer.clone()
+    # Rows 0 and 4 keep their content, 1 and 3 take copies of 0 and 4, 2 takes 5; rows 5 go away.
+    moves = RowMoves(torch.tensor([0, 0, 5, 4, 4]), old_rows=6)
+    assert moves.in_place and moves.changed.tolist() == [1, 2, 3]
+    got = moves.apply(buffer)
+    assert got.data_ptr() == buffer.data_ptr()  # written over the old rows, nothing allocated
+    torch.testing.assert_close(got, ref[[0, 0, 5, 4, 4]], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("indices", [[1, 0], [2, 0, 1], [0, 1, 2, 2]])
+def test_row_moves_gather_when_a_changed_row_is_also_read(indices):
+    # A swap or a cycle would read a row after overwriting it; more rows than before cannot be in place.
+    buffer = torch.randn(3, 4)
+    ref = buffer.clone()
+    moves = RowMoves(torch.tensor(indices), old_rows=3)
+    assert not moves.in_place
+    torch.testing.assert_close(moves.apply(buffer), ref[indices], rtol=0, atol=0)
+    torch.testing.assert_close(buffer, ref, rtol=0, atol=0)  # the source is left as it was
 
 
 def test_cache_capacity_is_allocated_once():

@@ -10,15 +10,18 @@ import pytest
 import torch
 
 from nmt.config import ModelConfig
+from nmt.model.cache import RowMoves
 from nmt.search import (
     BOS_ID,
     EOS_ID,
     PAD_ID,
     beam_search,
+    fill_holes,
     greedy_search,
     length_penalty,
     max_output_lengths,
     row_top_k,
+    stable_slots,
 )
 
 A, B, C, D = 4, 5, 6, 7  # ordinary tokens of the toy vocabulary
@@ -35,14 +38,14 @@ class ScriptedCache:
     def length(self) -> int:
         return 0 if self.prefix is None else self.prefix.size(1)
 
-    def reorder_targets(self, indices: torch.Tensor) -> None:
-        self.prefix = self.prefix.index_select(0, indices)
+    def reorder_targets(self, moves: RowMoves) -> None:
+        self.prefix = moves.apply(self.prefix)
 
-    def select_memory(self, indices: torch.Tensor) -> None:
+    def select_memory(self, moves: RowMoves) -> None:
         pass  # the script is read from the memory rows that search passes to decode
 
-    def reorder(self, indices: torch.Tensor) -> None:
-        self.reorder_targets(indices)
+    def reorder(self, moves: RowMoves) -> None:
+        self.reorder_targets(moves)
 
 
 class ScriptedModel:
@@ -319,3 +322,28 @@ def test_row_top_k_equals_torch_topk(vocab):
         torch.testing.assert_close(values, expected_values, rtol=0, atol=0)
         assert torch.equal(tokens[4:], expected_tokens[4:])  # rows without ties
         assert torch.equal(x.gather(1, tokens), values)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_stable_slots_keep_each_hypothesis_best_continuation_in_its_row(seed):
+    g = torch.Generator().manual_seed(seed)
+    beam = 5
+    origin = torch.randint(0, beam, (50, beam), generator=g)  # (N, K): slot each next hypothesis continues
+    slot = stable_slots(origin)
+    for o, s in zip(origin.tolist(), slot.tolist(), strict=True):
+        assert sorted(s) == list(range(beam))  # a permutation: every slot is used once
+        firsts = [j for j in range(beam) if o[j] not in o[:j]]
+        assert all(s[j] == o[j] for j in firsts)  # the best continuation stays in its hypothesis' row
+        others = [s[j] for j in range(beam) if j not in firsts]
+        assert others == sorted(set(range(beam)) - set(o))  # the rest fill the free rows, in rank order
+    rows = torch.empty_like(origin).scatter_(1, slot, origin) + torch.arange(50)[:, None] * beam
+    assert RowMoves(rows.view(-1), old_rows=50 * beam).in_place  # the cache copies only replaced rows
+
+
+@pytest.mark.parametrize("keep", [[0, 1, 2, 3], [1, 2, 3], [0, 2], [3], [0, 4, 5, 7], []])
+def test_fill_holes_moves_only_sentences_from_the_end(keep):
+    order = fill_holes(keep)
+    assert sorted(order) == keep
+    assert all(p == s for p, s in enumerate(order) if s < len(keep))  # the others stay where they were
+    if keep:
+        assert RowMoves(torch.tensor(order), old_rows=8).in_place

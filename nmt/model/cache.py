@@ -13,6 +13,11 @@ there are two ways to move rows: :meth:`KVCache.reorder_targets` after each beam
 continues the hypothesis that was in row ``indices[i]``) and :meth:`KVCache.select_memory` when
 whole sentences leave the batch. :meth:`KVCache.reorder` does both with the same indices, for
 callers whose memory and target rows are one to one (greedy search, tests).
+
+Every move takes a :class:`RowMoves`: new row ``i`` holds old row ``indices[i]``. When the rows that
+change are never read by another move (search arranges its rows so: a beam continues in its own
+row, a finished sentence's rows are filled from the end of the batch), only those rows are copied,
+in place; any other mapping gathers every row into a spare buffer.
 """
 
 from __future__ import annotations
@@ -21,6 +26,39 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+
+class RowMoves:
+    """New row ``i`` holds old row ``indices[i]`` (rows may repeat, disappear or move).
+
+    Planned once and applied to every buffer of the cache (and to search's own tensors). The plan
+    is *in place* when the new rows are no more than the old ones and no row that changes is the
+    source of another: then copying the changed rows over the old buffer, in any order, gives the
+    result, and the rows that keep their content are not touched. Planning reads the indices on
+    the host (search reads its finished rows on the host at every step anyway).
+    """
+
+    def __init__(self, indices: Tensor, old_rows: int) -> None:
+        self.indices = indices  # (R',) long
+        self.rows = indices.size(0)
+        same = torch.arange(self.rows, device=indices.device)
+        changed = (indices != same).nonzero().squeeze(1)  # (M,)
+        sources = indices.index_select(0, changed)
+        self.in_place = self.rows <= old_rows and not bool(torch.isin(sources, changed).any())
+        self.changed, self.sources = changed, sources
+
+    def apply(self, buffer: Tensor, out: Tensor | None = None) -> Tensor:
+        """``buffer[indices]`` along dim 0: written over ``buffer`` when the plan is in place (the
+        leading rows are returned), else gathered into ``out`` (or a new tensor)."""
+        if not self.in_place:
+            return torch.index_select(buffer, 0, self.indices, out=out)
+        if self.changed.numel():
+            buffer.index_copy_(0, self.changed, buffer.index_select(0, self.sources))
+        return buffer[: self.rows]
+
+
+def as_moves(indices: Tensor | RowMoves, old_rows: int) -> RowMoves:
+    return indices if isinstance(indices, RowMoves) else RowMoves(indices, old_rows)
 
 
 @dataclass
@@ -32,9 +70,10 @@ class SelfAttentionCache:
     never grow); past that the capacity doubles, which keeps appends amortised O(1) instead of a
     ``torch.cat`` copy of the whole prefix at every step.
 
-    :meth:`reorder` gathers the rows into a second pair of buffers and swaps the two, so beam
-    search allocates nothing per step; the views :meth:`append` returns stay valid until the
-    second reorder after it.
+    :meth:`reorder` copies the rows that change in place when it can (see :class:`RowMoves`),
+    else gathers the rows into a second pair of buffers and swaps the two, so beam search
+    allocates nothing per step. Either way the views :meth:`append` returned are stale after a
+    reorder.
     """
 
     k: Tensor | None = None  # (B, H, capacity, Dh)
@@ -65,19 +104,26 @@ class SelfAttentionCache:
         self.k, self.v = k, v
         self.spare_k = self.spare_v = None
 
-    def reorder(self, indices: Tensor) -> None:
+    def reorder(self, indices: Tensor | RowMoves) -> None:
         """Row ``i`` continues from old row ``indices[i]``; copies the filled positions only."""
         if self.k is None:
             return
-        indices = indices.to(self.k.device)
-        rows = indices.size(0)
+        moves = as_moves(
+            indices.to(self.k.device) if isinstance(indices, Tensor) else indices, self.k.size(0)
+        )
+        filled = slice(0, self.length)  # the empty tail is not copied
+        if moves.in_place:
+            moves.apply(self.k[:, :, filled])
+            moves.apply(self.v[:, :, filled])
+            self.k, self.v = self.k[: moves.rows], self.v[: moves.rows]
+            return
+        rows = moves.rows
         if self.spare_k is None or self.spare_k.size(0) < rows:
             self.spare_k = self.k.new_empty(rows, *self.k.shape[1:])  # (B', H, capacity, Dh)
             self.spare_v = self.v.new_empty(rows, *self.v.shape[1:])
         k, v = self.spare_k[:rows], self.spare_v[:rows]  # leading rows of a buffer: still contiguous
-        filled = slice(0, self.length)  # the empty tail is not copied
-        torch.index_select(self.k[:, :, filled], 0, indices, out=k[:, :, filled])
-        torch.index_select(self.v[:, :, filled], 0, indices, out=v[:, :, filled])
+        moves.apply(self.k[:, :, filled], out=k[:, :, filled])
+        moves.apply(self.v[:, :, filled], out=v[:, :, filled])
         self.spare_k, self.spare_v, self.k, self.v = self.k, self.v, k, v
 
 
@@ -88,10 +134,12 @@ class CrossAttentionCache:
     k: Tensor | None = None  # (N, H, S, Dh), one row per memory row
     v: Tensor | None = None  # (N, H, S, Dh)
 
-    def reorder(self, indices: Tensor) -> None:
+    def reorder(self, indices: Tensor | RowMoves) -> None:
         if self.k is not None:
-            self.k = self.k.index_select(0, indices.to(self.k.device))
-            self.v = self.v.index_select(0, indices.to(self.v.device))
+            moves = as_moves(
+                indices.to(self.k.device) if isinstance(indices, Tensor) else indices, self.k.size(0)
+            )
+            self.k, self.v = moves.apply(self.k), moves.apply(self.v)
 
 
 @dataclass
@@ -101,7 +149,7 @@ class LayerCache:
     self_attn: SelfAttentionCache = field(default_factory=SelfAttentionCache)
     cross_attn: CrossAttentionCache = field(default_factory=CrossAttentionCache)
 
-    def reorder(self, indices: Tensor) -> None:
+    def reorder(self, indices: Tensor | RowMoves) -> None:
         self.self_attn.reorder(indices)
         self.cross_attn.reorder(indices)
 
@@ -126,18 +174,28 @@ class KVCache:
         """Number of target positions decoded so far (the position of the next token)."""
         return self.layers[0].self_attn.length if self.layers else 0
 
-    def reorder(self, indices: torch.LongTensor) -> None:
+    def reorder(self, indices: Tensor | RowMoves) -> None:
         """Keep row ``indices[i]`` as new row ``i`` (rows may repeat or disappear), target and memory
         rows alike: for callers whose memory rows and target rows are one to one."""
+        moves = self._plan(indices, lambda layer: layer.self_attn.k)
         for layer in self.layers:
-            layer.reorder(indices)
+            layer.reorder(moves)
 
-    def reorder_targets(self, indices: torch.LongTensor) -> None:
+    def reorder_targets(self, indices: Tensor | RowMoves) -> None:
         """Self-attention only: target row ``i`` continues from old target row ``indices[i]``."""
+        moves = self._plan(indices, lambda layer: layer.self_attn.k)
         for layer in self.layers:
-            layer.self_attn.reorder(indices)
+            layer.self_attn.reorder(moves)
 
-    def select_memory(self, indices: torch.LongTensor) -> None:
+    def select_memory(self, indices: Tensor | RowMoves) -> None:
         """Cross-attention only: keep memory row ``indices[i]`` as memory row ``i``."""
+        moves = self._plan(indices, lambda layer: layer.cross_attn.k)
         for layer in self.layers:
-            layer.cross_attn.reorder(indices)
+            layer.cross_attn.reorder(moves)
+
+    def _plan(self, indices: Tensor | RowMoves, buffer) -> Tensor | RowMoves:
+        """One plan for every layer (planning reads the indices on the host)."""
+        filled = buffer(self.layers[0]) if self.layers else None
+        if isinstance(indices, RowMoves) or filled is None:
+            return indices
+        return RowMoves(indices.to(filled.device), filled.size(0))
