@@ -30,9 +30,12 @@ def run(cfg: Config) -> int:
 
     from nmt.data import prepare_data
     from nmt.distributed import barrier, init_distributed, shutdown_distributed
+    from nmt.runtime import keep_freed_memory_in_heap
     from nmt.trainer import Trainer, find_resume_checkpoint, resolve_device
 
     device = resolve_device(cfg.train.device)
+    if device.type == "cpu" and keep_freed_memory_in_heap():
+        log.debug("glibc malloc: freed memory is kept in the heap for reuse")
     dist = init_distributed(device.type)
     if not dist.is_main:  # one voice: other ranks only report problems
         logging.getLogger().setLevel(logging.WARNING)

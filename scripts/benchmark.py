@@ -51,7 +51,7 @@ without the special ids. The pairs are batched by the real :class:`TokenBatchSam
 ``PackedPairs.collate``, as ``Trainer._batch_stream`` does (``--collate lists``: ``collate()`` over
 per-example rows, for comparison: the dataset's columns cost an Arrow lookup per row).
 
-Memory allocator. On CPU the trainer calls ``nmt.trainer.keep_freed_memory_in_heap`` (glibc serves
+Memory allocator. On CPU ``python -m nmt.train`` calls ``nmt.runtime.keep_freed_memory_in_heap`` (glibc serves
 big tensors from its heap and keeps freed memory for reuse, instead of fresh zero-filled pages every
 step); the benchmark does the same, for the whole process and so for both sides, unless
 ``--malloc default``.
@@ -98,7 +98,8 @@ from nmt.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from nmt.loss import label_smoothed_nll
 from nmt.model import Transformer
 from nmt.optim import build_optimizer, build_scheduler
-from nmt.trainer import TrainingError, keep_freed_memory_in_heap
+from nmt.runtime import keep_freed_memory_in_heap
+from nmt.trainer import TrainingError
 from nmt.trainer import resolve_device as trainer_resolve_device
 from nmt.trainer import resolve_dtype as trainer_resolve_dtype
 

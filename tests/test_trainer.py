@@ -116,7 +116,7 @@ def test_validation_loss_equals_a_per_batch_reference(toy_dir, tmp_path):
 def test_freed_memory_is_reused_without_page_faults():
     import resource
 
-    from nmt.trainer import keep_freed_memory_in_heap
+    from nmt.runtime import keep_freed_memory_in_heap
 
     if not keep_freed_memory_in_heap():
         pytest.skip("not glibc")
