@@ -37,6 +37,7 @@ from tqdm import tqdm
 from nmt.checkpoint import CheckpointError
 from nmt.config import ConfigError
 from nmt.evaluate import read_lines, score
+from nmt.runtime import keep_freed_memory_in_heap
 from nmt.translator import Translation, Translator
 
 log = logging.getLogger("nmt.translate")
@@ -148,6 +149,8 @@ def load_translator(args: argparse.Namespace) -> Translator:
     overrides = {k: getattr(args, k) for k in DECODE_OVERRIDES if getattr(args, k) is not None}
     translator = Translator.from_checkpoint(args.ckpt, device=args.device, dtype=args.dtype)
     translator.cfg = replace(translator.cfg, **overrides, nbest=1)  # nbest goes to translate_nbest
+    if translator.device.type == "cpu":
+        keep_freed_memory_in_heap()  # the (rows, vocabulary) tensors of each step reuse the last's memory
     return translator
 
 

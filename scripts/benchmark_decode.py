@@ -10,6 +10,9 @@ batch is decoded first as warm-up; CUDA is synchronised before each clock readin
 makes ``--repeat`` passes, interleaved with the others', and its fastest pass counts (on a
 shared machine the slow passes measure the neighbours). On a busy CPU use ``--threads`` no
 larger than the idle cores: oversubscribed OpenMP threads make small models many times slower.
+On CPU the process keeps freed memory in glibc's heap, as ``python -m nmt.translate`` does
+(``nmt.runtime.keep_freed_memory_in_heap``); it applies to every system alike, and
+``--malloc default`` turns it off.
 
 Equal work. The Marian model has random weights, so left alone it would stop at arbitrary
 lengths. Instead each batch is decoded by nmt first, counting its decoder steps S_b (the
@@ -46,6 +49,7 @@ from pathlib import Path
 import torch
 
 from nmt.data.tokenizer import EOS_ID
+from nmt.runtime import keep_freed_memory_in_heap
 from nmt.search import beam_search, greedy_search
 from nmt.translator import Translator
 
@@ -95,6 +99,13 @@ def parse_args() -> argparse.Namespace:
         "--ctranslate2", action="store_true", help="also time CTranslate2 on the converted Marian model"
     )
     p.add_argument("--repeat", type=int, default=3, help="timed passes per system; the fastest counts")
+    p.add_argument(
+        "--malloc",
+        choices=("heap", "default"),
+        default="heap",
+        help="heap: glibc keeps freed memory for reuse, as python -m nmt.translate sets it on CPU (the "
+        "whole process, so every system); default: glibc's defaults",
+    )
     p.add_argument("--json", help="write the results here")
     return p.parse_args()
 
@@ -319,6 +330,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     translator = Translator.from_checkpoint(args.ckpt, device=args.device, dtype=args.dtype)
+    heap = translator.device.type == "cpu" and args.malloc == "heap" and keep_freed_memory_in_heap()
     # Batches capped by sentence count only, the same for every system.
     translator.cfg = replace(translator.cfg, batch_size=args.batch_size, max_tokens=10**9)
     device, dtype = translator.device, next(translator.model.parameters()).dtype
@@ -343,6 +355,7 @@ def main() -> None:
         "torch": torch.__version__,
         "batch_size": args.batch_size,
         "repeat": args.repeat,
+        "malloc": "heap" if heap else "default",
         "model": asdict(translator.model.cfg),
         "decode": asdict(translator.cfg),
         "parameters": translator.model.num_parameters(),
@@ -352,7 +365,7 @@ def main() -> None:
 
         meta["transformers"] = transformers.__version__
         meta["marian_parameters"] = sum(p.numel() for p in marian.parameters())
-    print(json.dumps({k: meta[k] for k in ("device", "threads", "dtype", "parameters", "repeat")}))
+    print(json.dumps({k: meta[k] for k in ("device", "threads", "dtype", "parameters", "repeat", "malloc")}))
     if args.json:
         report = {"meta": meta, "results": [asdict(r) for r in results]}
         Path(args.json).write_text(json.dumps(report, indent=2))
