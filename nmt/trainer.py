@@ -111,6 +111,11 @@ class Trainer:
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if self.dist.rank > 0:
+            # The weights above are the same on every rank; dropout must not be: each rank its own stream.
+            seed_everything(
+                int(np.random.SeedSequence([cfg.train.seed, self.dist.rank]).generate_state(1)[0])
+            )
         self.optimizer = build_optimizer(self.raw_model, cfg.train, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)

@@ -175,3 +175,14 @@ def test_resume_under_ddp_is_exact(runs):
     assert [straight.ranks()[r][:2] for r in (0, 1)] == [(0, TOTAL), (0, TOTAL)]
     assert resumed.ranks()[0][2:] == straight.ranks()[0][2:]
     assert resumed.ranks()[1][2:] == straight.ranks()[1][2:]
+
+
+def test_each_rank_draws_its_own_dropout_masks(runs):
+    # With one seed on every rank, every rank would draw the same dropout masks. The seed a generator
+    # was last seeded with opens its saved state (8 bytes, int64), so the checkpoint shows it per rank.
+    import torch
+
+    first, _, _ = runs
+    state = torch.load(first.run_dir / "checkpoints" / "latest.pt", weights_only=True)
+    seeds = [int(rank["torch"][:8].view(torch.int64)) for rank in state["rng_per_rank"]]
+    assert len(seeds) == 2 and seeds[0] != seeds[1], seeds
