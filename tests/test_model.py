@@ -412,9 +412,36 @@ def test_dropout_on_other_devices_is_f_dropout(monkeypatch):
 
 
 def test_model_uses_byte_mask_dropout_everywhere():
-    cfg = tiny_config(dropout=0.2, act_dropout=0.3)
+    cfg = tiny_config(dropout=0.2, act_dropout=0.3, attn_dropout=0.1)
     model = Transformer(cfg, VOCAB, VOCAB)
     assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
     rates = [m.p for m in model.modules() if isinstance(m, Dropout)]
-    # Two embeddings and 2 + 3 residuals per encoder + decoder layer at 0.2; one FFN per layer at 0.3.
-    assert sorted(rates) == [0.2] * (2 + 2 * cfg.enc_layers + 3 * cfg.dec_layers) + [0.3] * 4
+    # Attention weights at 0.1 (1 per encoder layer, 2 per decoder layer); two embeddings and 2 + 3
+    # residuals per encoder + decoder layer at 0.2; one FFN per layer at 0.3.
+    attention = [0.1] * (cfg.enc_layers + 2 * cfg.dec_layers)
+    assert sorted(rates) == attention + [0.2] * (2 + 2 * cfg.enc_layers + 3 * cfg.dec_layers) + [0.3] * 4
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_training_attention_drops_weights_with_byte_masks(causal):
+    # SDPA's CPU math path would draw a Bernoulli number per weight; training on CPU uses the same
+    # arithmetic with a byte mask instead. Reference: the same generator state, by hand.
+    from nmt.model.dropout import byte_mask
+
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(16, 4, dropout=0.25).double().train()
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    key_mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2, [True] * 4 + [False]])[:, None, None, :]
+    torch.manual_seed(7)
+    got = attn(x, mask=None if causal else key_mask, causal=causal)
+
+    q, k, v = (t.view(3, 5, 4, 4).transpose(1, 2) for t in attn.in_proj(x).chunk(3, dim=-1))
+    allowed = torch.ones(5, 5, dtype=torch.bool).tril() if causal else key_mask
+    weights = (q @ k.transpose(-2, -1) / 2.0).masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+    torch.manual_seed(7)
+    dropped = weights * byte_mask(weights, round(0.25 * 256))
+    assert (dropped == 0).any() and (dropped > weights).any()  # some weights dropped, the rest scaled up
+    ref = attn.out_proj((dropped @ v).transpose(1, 2).reshape(3, 5, 16))
+    torch.testing.assert_close(got, ref)
+    got.sum().backward()  # and it trains
+    assert attn.in_proj.weight.grad is not None and torch.isfinite(attn.in_proj.weight.grad).all()
