@@ -4,6 +4,10 @@ Mask convention (the only one in this package): a boolean tensor broadcastable t
 (B, H, T_query, T_key) where **True means the query may attend to that key**. ``None`` means
 every key may be attended; passing ``None`` (and ``is_causal`` for plain causal masks) lets SDPA
 pick the fused flash / memory-efficient kernels on GPU.
+
+One exception: training on CPU with attention dropout computes the same three steps (scores,
+softmax, weighted sum) itself, so that the weights are dropped with the cheap byte masks of
+:mod:`nmt.model.dropout` (see ``MultiHeadAttention._attend_with_byte_dropout``).
 """
 
 from __future__ import annotations
