@@ -116,16 +116,15 @@ class MultiHeadAttention(nn.Module):
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
         query_len, key_len = q.size(2), k.size(2)
         past = key_len - query_len
+        byte_dropout = self.training and self.dropout > 0 and q.device.type == "cpu"
         use_is_causal = False
-        if causal and past == 0 and mask is None:
+        if causal and past == 0 and mask is None and not byte_dropout:
             use_is_causal = True  # SDPA's built-in mask is top-left aligned: right only without a cache
         elif causal and query_len > 1:
             # Bottom-right aligned: query i sits at position past + i. (One cached query needs no mask.)
             allowed = torch.ones(query_len, key_len, dtype=torch.bool, device=q.device).tril(past)  # (T, Tk)
             mask = allowed if mask is None else mask & allowed
-        if self.training and self.dropout > 0 and q.device.type == "cpu":
-            if use_is_causal:
-                mask = torch.ones(query_len, key_len, dtype=torch.bool, device=q.device).tril()  # (T, Tk)
+        if byte_dropout:
             return self._attend_with_byte_dropout(q, k, v, mask)
         return F.scaled_dot_product_attention(
             q,

@@ -57,8 +57,11 @@ class RowMoves:
         return buffer[: self.rows]
 
 
-def as_moves(indices: Tensor | RowMoves, old_rows: int) -> RowMoves:
-    return indices if isinstance(indices, RowMoves) else RowMoves(indices, old_rows)
+def as_moves(indices: Tensor | RowMoves, buffer: Tensor) -> RowMoves:
+    """``indices`` as a plan for moving the rows of ``buffer`` (a plan is passed through as it is)."""
+    if isinstance(indices, RowMoves):
+        return indices
+    return RowMoves(indices.to(buffer.device), buffer.size(0))
 
 
 @dataclass
@@ -108,9 +111,7 @@ class SelfAttentionCache:
         """Row ``i`` continues from old row ``indices[i]``; copies the filled positions only."""
         if self.k is None:
             return
-        moves = as_moves(
-            indices.to(self.k.device) if isinstance(indices, Tensor) else indices, self.k.size(0)
-        )
+        moves = as_moves(indices, self.k)
         filled = slice(0, self.length)  # the empty tail is not copied
         if moves.in_place:
             moves.apply(self.k[:, :, filled])
@@ -136,9 +137,7 @@ class CrossAttentionCache:
 
     def reorder(self, indices: Tensor | RowMoves) -> None:
         if self.k is not None:
-            moves = as_moves(
-                indices.to(self.k.device) if isinstance(indices, Tensor) else indices, self.k.size(0)
-            )
+            moves = as_moves(indices, self.k)
             self.k, self.v = moves.apply(self.k), moves.apply(self.v)
 
 
@@ -196,6 +195,4 @@ class KVCache:
     def _plan(self, indices: Tensor | RowMoves, buffer) -> Tensor | RowMoves:
         """One plan for every layer (planning reads the indices on the host)."""
         filled = buffer(self.layers[0]) if self.layers else None
-        if isinstance(indices, RowMoves) or filled is None:
-            return indices
-        return RowMoves(indices.to(filled.device), filled.size(0))
+        return indices if filled is None else as_moves(indices, filled)

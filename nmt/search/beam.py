@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from nmt.data.tokenizer import EOS_ID
+from nmt.model.cache import RowMoves
 from nmt.search.common import (
     DecodingModel,
     Hypothesis,
@@ -123,9 +124,9 @@ def beam_search(
             kept = torch.tensor(order, device=device)
             decoder.select_memory(kept)
             limits.keep(order, kept)
+        decoder.reorder_targets(RowMoves(rows, prefix.size(0)))
         prefix = torch.cat([prefix[rows], live_token.view(-1, 1)], dim=1)  # (N'*K, 1 + t + 1)
         scores, sentence = live_scores, [sentence[s] for s in order]
-        decoder.reorder_targets(rows)
     return [_best(hyps, nbest) for hyps in finished]
 
 

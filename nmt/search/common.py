@@ -149,11 +149,9 @@ class IncrementalDecoder:
         self.src_mask = src_mask.clone()  # (N, S); a copy, as its rows are moved in place
         self.cache = model.new_cache(capacity) if use_cache else None
         self.workspace: Tensor | None = None  # (>= R, V) log-probabilities of the last step
-        self.target_rows = 0  # rows of the last step
 
     def logits(self, prefix: Tensor) -> Tensor:
         """Next-token logits (R, V) in float32 for prefixes (R, t) that start with BOS."""
-        self.target_rows = prefix.size(0)
         tgt_in = prefix[:, -1:] if self.cache is not None else prefix
         logits = self.model.decode(tgt_in, self.memory, self.src_mask, self.cache)[:, -1]  # (R, V)
         # bf16/fp16 logits lose too much precision for summed log-probs. (A no-op in float32.)
@@ -170,18 +168,19 @@ class IncrementalDecoder:
 
     def select(self, rows: Tensor) -> None:
         """One target row per memory row: row ``i`` continues from old row ``rows[i]``."""
-        moves = RowMoves(rows, self.memory.size(0))
+        moves = as_moves(rows, self.memory)
         self.select_memory(moves)
         self.reorder_targets(moves)
 
-    def reorder_targets(self, rows: Tensor | RowMoves) -> None:
-        """Target row ``i`` continues from old target row ``rows[i]`` (rows may repeat or disappear)."""
+    def reorder_targets(self, moves: RowMoves) -> None:
+        """Target row ``i`` continues from old target row ``moves.indices[i]`` (rows may repeat or
+        disappear)."""
         if self.cache is not None:
-            self.cache.reorder_targets(as_moves(rows, self.target_rows))
+            self.cache.reorder_targets(moves)
 
     def select_memory(self, sentences: Tensor | RowMoves) -> None:
         """Keep memory rows ``sentences`` (the sentences still being decoded)."""
-        moves = as_moves(sentences, self.memory.size(0))
+        moves = as_moves(sentences, self.memory)
         self.memory = moves.apply(self.memory)
         self.src_mask = moves.apply(self.src_mask)
         if self.cache is not None:
