@@ -15,6 +15,7 @@ from nmt.config import ConfigError, ModelConfig
 from nmt.data.tokenizer import BOS_ID, PAD_ID
 from nmt.loss import label_smoothed_nll
 from nmt.model import MultiHeadAttention, SelfAttentionCache, Transformer
+from nmt.model import attention as attention_module
 from nmt.model.dropout import Dropout
 
 MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
@@ -88,8 +89,17 @@ ATTENTION_CASES = {  # (cross, padded, causal); cross-attention is never causal
 }
 
 
+@pytest.mark.parametrize("kernel", ["explicit", "sdpa"])
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=list(ATTENTION_CASES))
-def test_attention_matches_naive_reference(case):
+def test_attention_matches_naive_reference(case, kernel, monkeypatch):
+    # On CPU short keys take the explicit matmul path; 0 sends every length to SDPA.
+    if kernel == "sdpa":
+        monkeypatch.setattr(attention_module, "CPU_EXPLICIT_MAX_KEYS", 0)
+    sdpa_calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        F, "scaled_dot_product_attention", lambda *a, **k: sdpa_calls.append(1) or sdpa(*a, **k)
+    )
     cross, padded, causal = ATTENTION_CASES[case]
     torch.manual_seed(0)
     attn = MultiHeadAttention(d_model=16, n_heads=4).double().eval()
@@ -106,6 +116,7 @@ def test_attention_matches_naive_reference(case):
     expected = naive_attention(attn, x, memory, allowed)
     actual = attn(x, memory=memory, mask=mask, causal=causal)
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+    assert len(sdpa_calls) == (kernel == "sdpa")
 
 
 def test_self_attention_cache_grows_and_reorders():
