@@ -85,6 +85,16 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def loss_in_model(device: torch.device, dtype: torch.dtype, compiled: bool) -> bool:
+    """Whether the model computes the loss itself (``model(src, tgt_in, tgt_out, smoothing)``).
+
+    Yes on CPU in fp32: slice by slice, without (B, T, V) logits (see
+    :func:`nmt.loss.projected_label_smoothed_nll`; docs/performance.md has the figures). Elsewhere the
+    logits path keeps autocast and ``torch.compile`` on the output projection.
+    """
+    return device.type == "cpu" and dtype == torch.float32 and not compiled
+
+
 class Trainer:
     """Owns the model, optimizer and data stream of one run; ``train()`` runs until a stop rule fires."""
 
@@ -99,6 +109,7 @@ class Trainer:
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
         self.dtype = resolve_dtype(cfg.train.precision, self.device)
+        self.fused_loss = loss_in_model(self.device, self.dtype, cfg.train.compile)
         seed_everything(cfg.train.seed)
 
         tok = data.tokenizer
@@ -159,17 +170,22 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
+    def _loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sums of label-smoothed loss and NLL over the batch's target tokens."""
+        smoothing = self.cfg.train.label_smoothing
+        if self.fused_loss:
+            return model(batch.src, batch.tgt_in, batch.tgt_out, smoothing)
+        with self._autocast():
+            logits = model(batch.src, batch.tgt_in)  # (B, T, V)
+        return label_smoothed_nll(logits, batch.tgt_out, smoothing, PAD_ID)
+
     def _micro_step(
         self, batch: Batch, loss_scale: float | torch.Tensor, sync: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         no_sync = getattr(self.model, "no_sync", None)
         ctx = no_sync() if (no_sync is not None and not sync) else nullcontext()
         with ctx:
-            with self._autocast():
-                logits = self.model(batch.src, batch.tgt_in)  # (B, T, V)
-            loss_sum, nll_sum = label_smoothed_nll(
-                logits, batch.tgt_out, self.cfg.train.label_smoothing, PAD_ID
-            )
+            loss_sum, nll_sum = self._loss(self.model, batch)
             self.scaler.scale(loss_sum * loss_scale).backward()
         return loss_sum.detach(), nll_sum.detach()
 
@@ -256,9 +272,7 @@ class Trainer:
         tokens = 0
         for batch in self._valid_loader:
             batch = batch.to(self.device, non_blocking=True)
-            with self._autocast():
-                logits = self.raw_model(batch.src, batch.tgt_in)
-            loss_i, nll_i = label_smoothed_nll(logits, batch.tgt_out, self.cfg.train.label_smoothing, PAD_ID)
+            loss_i, nll_i = self._loss(self.raw_model, batch)
             sums.append(torch.stack([loss_i, nll_i]))
             tokens += batch.num_tgt_tokens
         pairs = torch.stack(sums).tolist() if sums else []  # one host sync; summed in float64 here

@@ -8,7 +8,8 @@
 
 What a step is. The same work as ``Trainer.train_step`` with one micro-batch: collate the batch from
 the encoded pairs and move it to the device ("data"), autocast forward and ``label_smoothed_nll``
-("forward"), backward of the loss divided by the batch's target tokens ("backward"), then gradient
+(on CPU in fp32, as in the trainer, nmt's forward computes the loss itself without a logits tensor:
+``nmt.trainer.loss_in_model``) ("forward"), backward of the loss divided by the batch's target tokens ("backward"), then gradient
 clipping, the AdamW step of ``nmt.optim.build_optimizer``, zero_grad and the schedule ("optimizer").
 Unlike the trainer, the timed loop never reads a value back from the device: the per-step losses are
 kept on the device and read once, after the last step.
@@ -99,7 +100,7 @@ from nmt.loss import label_smoothed_nll
 from nmt.model import Transformer
 from nmt.optim import build_optimizer, build_scheduler
 from nmt.runtime import keep_freed_memory_in_heap
-from nmt.trainer import TrainingError
+from nmt.trainer import TrainingError, loss_in_model
 from nmt.trainer import resolve_device as trainer_resolve_device
 from nmt.trainer import resolve_dtype as trainer_resolve_dtype
 
@@ -269,6 +270,7 @@ class Side:
     scheduler: Any
     attention: str
     num_params: int
+    loss_in_model: bool = False  # model(src, tgt_in, tgt_out, smoothing) gives the loss, as in the trainer
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -285,6 +287,7 @@ def build_ours(cfg: ModelConfig, data: BenchData, args: argparse.Namespace, devi
     return Side(
         "nmt", model, lambda b: model(b.src, b.tgt_in), params, optimizer,
         build_scheduler(optimizer, tcfg), "sdpa", raw.num_parameters(),
+        loss_in_model=loss_in_model(device, resolve_dtype(args.precision, device), args.compile),
     )  # fmt: skip
 
 
@@ -412,9 +415,12 @@ class StepRunner:
             batch = batch.pin_memory()
         batch = batch.to(self.device, non_blocking=True)
         mark("data")
-        with self.autocast():
-            logits = self.side.logits(batch)  # (B, T, V)
-        loss_sum, _ = label_smoothed_nll(logits, batch.tgt_out, self.label_smoothing, PAD_ID)
+        if self.side.loss_in_model:
+            loss_sum, _ = self.side.model(batch.src, batch.tgt_in, batch.tgt_out, self.label_smoothing)
+        else:
+            with self.autocast():
+                logits = self.side.logits(batch)  # (B, T, V)
+            loss_sum, _ = label_smoothed_nll(logits, batch.tgt_out, self.label_smoothing, PAD_ID)
         mark("forward")
         self.scaler.scale(loss_sum / max(batch.num_tgt_tokens, 1)).backward()
         mark("backward")

@@ -168,3 +168,51 @@ def test_no_grad_needs_no_backward_state():
     assert not loss.requires_grad
     ref_loss, ref_nll = reference_label_smoothed_nll(logits.detach(), target, 0.1, PAD_ID)
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+
+
+# --- the output projection and the loss in slices ----------------------------------------------
+
+
+def projection_case(dtype: torch.dtype, seed: int = 0):
+    """hidden (3, 9, 6), a (V, 6) projection and a target with padding in two rows."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(3, 9, 6, generator=gen, dtype=dtype, requires_grad=True)
+    weight = torch.randn(VOCAB, 6, generator=gen, dtype=dtype, requires_grad=True)
+    target = torch.randint(4, VOCAB, (3, 9), generator=gen)
+    target[1, 5:] = PAD_ID
+    target[2, 1:] = PAD_ID
+    return hidden, weight, target
+
+
+@pytest.mark.parametrize("rows_per_slice", [4, 1000])
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_projected_loss_equals_loss_on_the_logits(dtype, epsilon, rows_per_slice, monkeypatch):
+    import nmt.loss
+
+    monkeypatch.setattr(nmt.loss, "chunk_rows", lambda vocab: rows_per_slice)  # 4: five slices, one short
+    hidden, weight, target = projection_case(dtype)
+    loss, nll = label_smoothed_nll(hidden @ weight.T, target, epsilon, PAD_ID)
+    (loss * 0.37).backward()
+    expected = loss.detach(), nll, hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+
+    loss, nll = nmt.loss.projected_label_smoothed_nll(hidden, weight, target, epsilon, PAD_ID)
+    (loss * 0.37).backward()
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    for got, want in zip((loss.detach(), nll, hidden.grad, weight.grad), expected, strict=True):
+        torch.testing.assert_close(got, want, **tol)
+    assert not nll.requires_grad
+    assert torch.all(hidden.grad[2, 1:] == 0)  # padding positions get no gradient
+
+
+def test_projected_loss_without_grad_keeps_no_gradient_state():
+    from nmt.loss import projected_label_smoothed_nll
+
+    hidden, weight, target = projection_case(torch.float64)
+    with torch.no_grad():
+        loss, nll = projected_label_smoothed_nll(hidden, weight, target, 0.1, PAD_ID)
+    expected, expected_nll = label_smoothed_nll(hidden.detach() @ weight.detach().T, target, 0.1, PAD_ID)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(nll, expected_nll)
+    assert loss.grad_fn is None

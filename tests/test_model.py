@@ -456,3 +456,23 @@ def test_cpu_training_attention_drops_weights_with_byte_masks(causal):
     torch.testing.assert_close(got, ref)
     got.sum().backward()  # and it trains
     assert attn.in_proj.weight.grad is not None and torch.isfinite(attn.in_proj.weight.grad).all()
+
+
+@pytest.mark.parametrize("variant", ["pre_norm", "untied_unshared"])
+def test_forward_with_references_returns_the_loss_of_the_logits(variant):
+    # The training path (loss computed inside forward, no logits tensor) against the logits path:
+    # same loss, same gradient for every parameter, tied or not.
+    model = tiny_model(**VARIANTS[variant])
+    src = padded_batch([6, 3, 5], seed=1)
+    tgt = padded_batch([5, 7, 2], seed=2)
+    tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]
+    loss, nll = label_smoothed_nll(model(src, tgt_in), tgt_out, 0.1, PAD_ID)
+    loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    fused_loss, fused_nll = model(src, tgt_in, tgt_out, 0.1)
+    fused_loss.backward()
+    torch.testing.assert_close(fused_loss, loss.detach())
+    torch.testing.assert_close(fused_nll, nll)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], msg=name)

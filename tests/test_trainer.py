@@ -195,8 +195,9 @@ def test_nan_loss_skips_the_step_then_aborts(toy_dir, tmp_path, monkeypatch, cap
     cfg = tiny_config(toy_dir, tmp_path / "run", max_bad_steps=3)
     trainer = make_trainer(cfg)
     before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
-    real_forward = trainer.raw_model.forward
-    monkeypatch.setattr(trainer.raw_model, "forward", lambda *a, **k: real_forward(*a, **k) * float("nan"))
+    decoder = trainer.raw_model.decoder
+    real_forward = decoder.forward
+    monkeypatch.setattr(decoder, "forward", lambda *a, **k: real_forward(*a, **k) * float("nan"))
     stream = trainer._batch_stream()
     assert trainer.train_step([next(stream)]) is None
     assert trainer.train_step([next(stream)]) is None
