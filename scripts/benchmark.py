@@ -21,7 +21,9 @@ second pass over the same batches with ``torch.cuda.synchronize()`` between phas
 overlap of host and device work and so is slower than the headline pass. On CPU every operation is
 synchronous: the breakdown is taken in the headline pass itself at no cost. With ``--interleave`` the
 sides' timed steps alternate (step i of one side, then step i of the other), so that a change of
-machine load hits both alike: use it on shared or noisy hosts.
+machine load hits both alike: use it on shared or noisy hosts. "speed, same step" is the median over
+timed steps of (Marian's time for step i / ours for step i): both train the same batches in the same
+order, so with ``--interleave`` each pair ran seconds apart under the same load.
 
 Model FLOPs per step (MFU = model FLOPs per second / ``--peak-tflops``). With d = d_model,
 f = ffn_dim, V = target vocabulary, L_e / L_d = encoder / decoder layers, and for each sentence i of
@@ -688,6 +690,10 @@ def ratios(result: dict) -> dict:
     ours, hf = result["ours"], result["hf"]
     keys = ("tgt_tokens_per_sec", "src_tgt_tokens_per_sec", "tgt_tokens_per_sec_overall")
     out = {k: ours[k] / hf[k] for k in keys}
+    # Both sides train the same batches in the same order: step i of one against step i of the other.
+    # With --interleave the two ran seconds apart, so this median is the least sensitive to load drift.
+    paired = [h / o for o, h in zip(ours["step_times_ms"], hf["step_times_ms"], strict=True) if o > 0]
+    out["step_speed_paired"] = statistics.median(paired) if paired else None
     mem = memory_key(result["meta"])
     out["peak_memory"] = ours[mem] / hf[mem] if hf[mem] > 0 else None
     return out
@@ -713,6 +719,8 @@ def format_table(result: dict) -> str:
         ("tgt tokens/s (median)", lambda r: _fmt(r["tgt_tokens_per_sec"], ",.0f")),
         ("src+tgt tokens/s (median)", lambda r: _fmt(r["src_tgt_tokens_per_sec"], ",.0f")),
     ]
+    if len(sides) == 2:
+        rows.append(("speed, same step (median)", lambda r: ""))
     for phase in PHASES:
         rows.append((f"  {phase} (ms)", lambda r, p=phase: _fmt(phase_ms(r, p), ".1f")))
     rows += [
@@ -726,6 +734,7 @@ def format_table(result: dict) -> str:
     ratio_rows = {
         "tgt tokens/s (median)": "tgt_tokens_per_sec",
         "src+tgt tokens/s (median)": "src_tgt_tokens_per_sec",
+        "speed, same step (median)": "step_speed_paired",
         memory_label: "peak_memory",
     }
     for label, get in rows:

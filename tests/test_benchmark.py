@@ -121,3 +121,5 @@ def test_compare_hf_trains_marian_of_the_same_shape(tmp_path):
     assert result["ratio"]["tgt_tokens_per_sec"] == pytest.approx(
         ours["tgt_tokens_per_sec"] / hf["tgt_tokens_per_sec"]
     )
+    per_step = sorted(h / o for o, h in zip(ours["step_times_ms"], hf["step_times_ms"], strict=True))
+    assert result["ratio"]["step_speed_paired"] in per_step  # the median of an odd number of steps
