@@ -476,3 +476,14 @@ def test_forward_with_references_returns_the_loss_of_the_logits(variant):
     torch.testing.assert_close(fused_nll, nll)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], msg=name)
+
+
+def test_training_forward_compiles_without_graph_breaks():
+    # torch.compile (train.compile=true) must see the model as one graph: a break, such as the
+    # in-place random_ of the CPU byte-mask dropout, splits it and makes every layer recompile.
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(), VOCAB, VOCAB).train()
+    src, tgt = padded_batch([6, 3, 5], seed=1), padded_batch([5, 7, 2], seed=2)
+    explanation = torch._dynamo.explain(model)(src, tgt)
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    assert explanation.graph_count == 1

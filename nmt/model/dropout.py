@@ -56,7 +56,9 @@ class Dropout(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if x.device.type != "cpu" or not self._uses_bytes:
+        if x.device.type != "cpu" or not self._uses_bytes or torch.compiler.is_compiling():
+            # torch.compile cannot trace the in-place random_ of byte_mask (a graph break per call,
+            # then recompiles); its own generated dropout is cheap.
             return F.dropout(x, self.p, training=True)
         return x * byte_mask(x, self.drop_below)
 
