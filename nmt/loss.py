@@ -137,7 +137,7 @@ class _ProjectedLabelSmoothedNLL(torch.autograd.Function):
                     torch.mm(grad, weight, out=grad_rows[start : start + step])
                     grad_weight.addmm_(grad.t(), x)
         if with_grad and epsilon:
-            grad_rows -= (epsilon / vocab) * weight.sum(dim=0)  # (N, D) - (D,)
+            grad_rows -= (epsilon / vocab) * weight_sum  # (N, D) - (D,)
             grad_weight -= (epsilon / vocab) * rows.sum(dim=0)  # (V, D) - (D,)
         loss = (1.0 - epsilon) * nll + epsilon * smooth
         ctx.mark_non_differentiable(nll)

@@ -9,8 +9,9 @@
 What a step is. The same work as ``Trainer.train_step`` with one micro-batch: collate the batch from
 the encoded pairs and move it to the device ("data"), autocast forward and ``label_smoothed_nll``
 (on CPU in fp32, as in the trainer, nmt's forward computes the loss itself without a logits tensor:
-``nmt.trainer.loss_in_model``) ("forward"), backward of the loss divided by the batch's target tokens ("backward"), then gradient
-clipping, the AdamW step of ``nmt.optim.build_optimizer``, zero_grad and the schedule ("optimizer").
+``nmt.trainer.loss_in_model``) ("forward"), backward of the loss divided by the batch's target
+tokens ("backward"), then gradient clipping, the AdamW step of ``nmt.optim.build_optimizer``,
+zero_grad and the schedule ("optimizer").
 Unlike the trainer, the timed loop never reads a value back from the device: the per-step losses are
 kept on the device and read once, after the last step.
 

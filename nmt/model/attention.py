@@ -8,8 +8,9 @@ pick the fused flash / memory-efficient kernels on GPU.
 On CPU, attention over short keys computes the same three steps (scores, softmax, weighted sum) with
 plain matmuls instead (see ``MultiHeadAttention._attend_explicit``): SDPA's CPU flash kernel works in
 tiles meant for long sequences and takes twice as long, forward and backward, at the 10-60 tokens of
-a sentence (one query at a time, as in a cached decoding step, is the exception). Training on CPU with attention dropout always takes that path, so that the weights are
-dropped with the cheap byte masks of :mod:`nmt.model.dropout`.
+a sentence (one query at a time, as in a cached decoding step, is the exception). Training on CPU
+with attention dropout always takes that path, so that the weights are dropped with the cheap byte
+masks of :mod:`nmt.model.dropout`.
 """
 
 from __future__ import annotations
