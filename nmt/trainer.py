@@ -33,6 +33,8 @@ from nmt.model import Transformer
 from nmt.optim import build_optimizer, build_scheduler
 from nmt.runtime import (
     Progress,
+    avoid_per_shape_attention_kernels,
+    compile_model,
     install_signal_handlers,
     restore_signal_handlers,
     rng_state,
@@ -117,8 +119,10 @@ class Trainer:
             self.device
         )
         self.model: nn.Module = self.raw_model
+        if self.device.type == "cuda":
+            avoid_per_shape_attention_kernels()
         if cfg.train.compile:
-            self.model = torch.compile(self.model)
+            self.model = compile_model(self.model)
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)

@@ -23,6 +23,7 @@ from torch import nn
 from nmt.checkpoint import config_from_checkpoint, load_checkpoint
 from nmt.config import DecodeConfig
 from nmt.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
+from nmt.runtime import avoid_per_shape_attention_kernels
 from nmt.search import Hypothesis, beam_search, greedy_search
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ class Translator:
         self.tokenizer = tokenizer
         self.cfg = decode_cfg
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        if self.device.type == "cuda":
+            avoid_per_shape_attention_kernels()  # beam search's key length grows every step
         model_cfg = getattr(model, "cfg", None)
         self.max_positions: int | None = getattr(model_cfg, "max_positions", None)
         self.max_src_len = max_src_len or self.max_positions

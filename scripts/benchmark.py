@@ -102,7 +102,7 @@ from nmt.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from nmt.loss import label_smoothed_nll
 from nmt.model import Transformer
 from nmt.optim import build_optimizer, build_scheduler
-from nmt.runtime import keep_freed_memory_in_heap
+from nmt.runtime import avoid_per_shape_attention_kernels, compile_model, keep_freed_memory_in_heap
 from nmt.trainer import TrainingError, loss_in_model
 from nmt.trainer import resolve_device as trainer_resolve_device
 from nmt.trainer import resolve_dtype as trainer_resolve_dtype
@@ -283,7 +283,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 def build_ours(cfg: ModelConfig, data: BenchData, args: argparse.Namespace, device: torch.device) -> Side:
     torch.manual_seed(args.seed)
     raw = Transformer(cfg, data.src_vocab, data.tgt_vocab, pad_id=PAD_ID).to(device)
-    model = torch.compile(raw) if args.compile else raw
+    model = compile_model(raw) if args.compile else raw
     tcfg = train_config(args)
     optimizer = build_optimizer(raw, tcfg, device)
     params = [p for p in raw.parameters() if p.requires_grad]
@@ -321,7 +321,7 @@ def build_hf(cfg: ModelConfig, data: BenchData, args: argparse.Namespace, device
     except (ValueError, ImportError):  # an older transformers without SDPA for Marian
         raw = MarianMTModel._from_config(marian_config(cfg, data), attn_implementation="eager")
     raw = raw.to(device)
-    model = torch.compile(raw) if args.compile else raw
+    model = compile_model(raw) if args.compile else raw
     tcfg = train_config(args)
     params = [p for p in raw.parameters() if p.requires_grad]  # Marian's sinusoids are frozen parameters
     fused = device.type == "cuda"  # the same choice as nmt.optim.build_optimizer
@@ -497,12 +497,17 @@ class Measurement:
         self.losses: list[torch.Tensor] = []
         self.memory: dict[str, Any] = {}
         self._memory_at_start = 0
+        self.warmup_seconds = 0.0
 
     def warm_up(self, batches: list[np.ndarray]) -> None:
         self.side.model.train()
         self._memory_at_start = reset_peak_memory(self.device)
         torch.manual_seed(self.seed)
+        start = time.perf_counter()
         self.losses += [self.runner.step(b, None) for b in batches]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.warmup_seconds = time.perf_counter() - start  # compilation included
 
     def timed_step(self, indices: np.ndarray) -> None:
         self.steps.start()
@@ -571,7 +576,7 @@ def finish(run: Measurement, data: BenchData, cfg, args, device, dtype) -> dict:
     losses = torch.stack(run.losses).float().cpu().tolist()
     phases = run.breakdown(timed) if (args.breakdown or device.type == "cpu") else None
     result = summarise(run.side, data, cfg, timed, seconds, phases, args, device, dtype)
-    result.update(run.memory, loss_first=losses[0], loss_last=losses[-1])
+    result.update(run.memory, loss_first=losses[0], loss_last=losses[-1], warmup_seconds=run.warmup_seconds)
     if args.profile:
         result["profile"] = profile_side(run.runner, timed[: args.profile], device)
     return result
@@ -668,6 +673,7 @@ def metadata(args, cfg: ModelConfig, data: BenchData, device: torch.device, dtyp
         "transformers": hf_version,
         "precision": str(dtype).replace("torch.", ""),
         "compile": args.compile,
+        "cudnn_attention": args.cudnn_attention if device.type == "cuda" else None,
         "interleave": args.interleave,
         "model": args.model,
         "model_config": dict(vars(cfg)),
@@ -729,6 +735,7 @@ def format_table(result: dict) -> str:
         ("model TFLOP/s", lambda r: _fmt(r["achieved_tflops"], ".3f")),
         ("MFU", lambda r: "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"),
         ("loss first -> last", lambda r: f"{r['loss_first']:.2f} -> {r['loss_last']:.2f}"),
+        ("warm-up (s)", lambda r: _fmt(r["warmup_seconds"], ".1f")),
     ]
     header = ["metric"] + [r["name"] for r in sides] + (["nmt / hf"] if len(sides) == 2 else [])
     lines = [header]
@@ -800,6 +807,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument(
+        "--cudnn-attention", action="store_true",
+        help="CUDA: leave cuDNN's SDPA kernels on for both sides (off by default, as in the trainer: "
+        "nmt.runtime.avoid_per_shape_attention_kernels)",
+    )  # fmt: skip
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores available)")
     p.add_argument(
@@ -841,6 +853,8 @@ def run(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.precision, device)
     heap = device.type == "cpu" and args.malloc == "heap" and keep_freed_memory_in_heap()
+    if device.type == "cuda" and not args.cudnn_attention:
+        avoid_per_shape_attention_kernels()  # for both sides, as the trainer does
     cfg = load_model_config(args)
     data = load_data(args)
     result: dict[str, Any] = {"meta": metadata(args, cfg, data, device, dtype)}

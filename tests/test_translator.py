@@ -191,3 +191,22 @@ def test_progress_counts_every_sentence(translator):
     seen = []
     translator.translate(["", *SENTENCES, ""], progress=seen.append)
     assert sum(seen) == len(SENTENCES) + 2
+
+
+@pytest.fixture
+def cudnn_attention_restored():
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    yield
+    torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+def test_translator_on_cuda_keeps_sdpa_off_cudnn(joint_tokenizer, monkeypatch, cudnn_attention_restored):
+    """cuDNN's SDPA builds a kernel per shape, and beam search grows the key length every step.
+    A Translator on CUDA switches it off (checked here without a GPU: only the flag is read)."""
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    model = CopyModel(joint_tokenizer.tgt_vocab_size, 64)
+    Translator(model, joint_tokenizer, DecodeConfig(), "cpu")
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # CPU: left alone
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    Translator(model, joint_tokenizer, DecodeConfig(), "cuda")
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
