@@ -116,7 +116,8 @@ class ModelConfig:
 class TrainConfig:
     seed: int = 1
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    # auto = bf16 on CUDA (fp16 on GPUs without bf16), fp32 on CPU | fp32 | bf16 | fp16
+    precision: str = "auto"
     compile: bool = False
     # optimisation
     lr: float = 1e-3

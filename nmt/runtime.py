@@ -70,20 +70,6 @@ def keep_freed_memory_in_heap() -> bool:
     return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
 
 
-def avoid_per_shape_attention_kernels() -> None:
-    """Keep SDPA on CUDA to kernels that need no set-up per tensor shape (flash, memory-efficient).
-
-    On Hopper GPUs PyTorch prefers cuDNN's attention, which builds a kernel graph for every new
-    (batch, heads, query length, key length) and caches it: a few hundred milliseconds each time. A
-    translation batch has a new shape almost every step (batches are cut by tokens, and beam search
-    grows the key length by one per step): on an H100 the median training step of Transformer base took
-    382 ms with cuDNN's kernels and 43 ms without (docs/performance.md, log item 14). Process-wide; the
-    trainer, the translator and the benchmarks call it when they run on CUDA.
-    """
-    if torch.cuda.is_available():
-        torch.backends.cuda.enable_cudnn_sdp(False)
-
-
 def compile_model(model: torch.nn.Module) -> torch.nn.Module:
     """``torch.compile`` for batches whose (B, T) changes every step: symbolic shapes from the
     first call, so one compilation serves every batch (instead of a static one, then a recompile;

@@ -26,6 +26,7 @@ from nmt.checkpoint import load_checkpoint, save_checkpoint
 from nmt.config import Config
 from nmt.data.batching import Batch, BatchLoader, make_loader
 from nmt.data.tokenizer import PAD_ID
+from nmt.device import avoid_per_shape_attention_kernels, resolve_device, resolve_dtype
 from nmt.distributed import DistInfo, all_gather_state, all_reduce_sum, any_flag, barrier, broadcast_flag
 from nmt.evaluate import score
 from nmt.loss import label_smoothed_nll
@@ -33,7 +34,6 @@ from nmt.model import Transformer
 from nmt.optim import build_optimizer, build_scheduler
 from nmt.runtime import (
     Progress,
-    avoid_per_shape_attention_kernels,
     compile_model,
     install_signal_handlers,
     restore_signal_handlers,
@@ -69,24 +69,6 @@ class TrainResult:
     last_valid: dict[str, float]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"train.device={name} but CUDA is not available; use train.device=cpu.")
-    return device
-
-
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """Autocast dtype: bf16 on CUDA and fp32 on CPU unless asked otherwise."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if precision == "fp16" and device.type != "cuda":
-        raise TrainingError("train.precision=fp16 needs a CUDA device; use fp32 or bf16 on CPU.")
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
 def loss_in_model(device: torch.device, dtype: torch.dtype, compiled: bool) -> bool:
     """Whether the model computes the loss itself (``model(src, tgt_in, tgt_out, smoothing)``).
 
@@ -107,10 +89,13 @@ class Trainer:
         self.dist = dist or DistInfo()
         self.writer = writer if self.dist.is_main else None
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.device = resolve_device(cfg.train.device)
-        if self.device.type == "cuda" and self.dist.enabled:
-            self.device = torch.device("cuda", self.dist.local_rank)
-        self.dtype = resolve_dtype(cfg.train.precision, self.device)
+        try:
+            self.device = resolve_device(cfg.train.device, "train.device")
+            if self.device.type == "cuda" and self.dist.enabled:
+                self.device = torch.device("cuda", self.dist.local_rank)
+            self.dtype = resolve_dtype(cfg.train.precision, self.device, "train.precision", torch.float16)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
         self.fused_loss = loss_in_model(self.device, self.dtype, cfg.train.compile)
         seed_everything(cfg.train.seed)
 

@@ -23,37 +23,16 @@ from torch import nn
 from nmt.checkpoint import config_from_checkpoint, load_checkpoint
 from nmt.config import DecodeConfig
 from nmt.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
-from nmt.runtime import avoid_per_shape_attention_kernels
+from nmt.device import avoid_per_shape_attention_kernels, resolve_device, resolve_dtype
 from nmt.search import Hypothesis, beam_search, greedy_search
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
 class Translation:
     text: str
     score: float  # length-normalised log-probability (see nmt.search); 0.0 for an empty input
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` = the first CUDA device if there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``"auto"`` = bf16 on a GPU that supports it, else fp32."""
-    if dtype == "auto":
-        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16_ok else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not valid; choose auto, {', '.join(DTYPES)}.")
-    if dtype == "fp16" and device.type != "cuda":
-        raise ValueError("dtype=fp16 needs a CUDA device; use fp32 or bf16 on the CPU.")
-    return DTYPES[dtype]
 
 
 @contextmanager

@@ -99,13 +99,14 @@ from torch import nn
 from nmt.config import DataConfig, ModelConfig, TrainConfig
 from nmt.data.batching import Batch, PackedPairs, TokenBatchSampler, collate, padding_efficiency
 from nmt.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from nmt.device import avoid_per_shape_attention_kernels
+from nmt.device import resolve_device as nmt_resolve_device
+from nmt.device import resolve_dtype as nmt_resolve_dtype
 from nmt.loss import label_smoothed_nll
 from nmt.model import Transformer
 from nmt.optim import build_optimizer, build_scheduler
-from nmt.runtime import avoid_per_shape_attention_kernels, compile_model, keep_freed_memory_in_heap
-from nmt.trainer import TrainingError, loss_in_model
-from nmt.trainer import resolve_device as trainer_resolve_device
-from nmt.trainer import resolve_dtype as trainer_resolve_dtype
+from nmt.runtime import compile_model, keep_freed_memory_in_heap
+from nmt.trainer import loss_in_model
 
 log = logging.getLogger("benchmark")
 
@@ -636,15 +637,16 @@ def available_cores() -> int:
 # ---------------------------------------------------------------------------------------------- report
 def resolve_device(name: str) -> torch.device:
     try:
-        return trainer_resolve_device(name)
-    except TrainingError as e:
+        return nmt_resolve_device(name, "--device")
+    except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The trainer's choice, fp16 on GPUs without bf16 included."""
     try:
-        return trainer_resolve_dtype(precision, device)
-    except TrainingError as e:
+        return nmt_resolve_dtype(precision, device, "--precision", torch.float16)
+    except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
 

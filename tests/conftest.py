@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from nmt.config import Config, DataConfig, DecodeConfig, ModelConfig, TrainConfig
 
@@ -94,3 +95,11 @@ def multi30k_dir() -> Path:
     if not (MULTI30K / "train.en.gz").exists() and not (MULTI30K / "train.en").exists():
         pytest.skip(f"Multi30k not found at {MULTI30K}; set NMT_MULTI30K to its folder")
     return MULTI30K
+
+
+@pytest.fixture
+def cudnn_attention_restored():
+    """Tests that switch SDPA's cuDNN kernels give the process its setting back."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    yield
+    torch.backends.cuda.enable_cudnn_sdp(before)

@@ -177,6 +177,16 @@ def test_fresh_run_refuses_to_overwrite_an_existing_run(toy_dir, tmp_path):
         find_resume_checkpoint(with_train(cfg, resume="true"), tmp_path / "elsewhere")
 
 
+def test_device_and_precision_the_machine_lacks_are_training_errors(toy_dir, tmp_path, monkeypatch):
+    """Caught by ``python -m nmt.train``, which prints the message instead of a traceback."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = tiny_config(toy_dir, tmp_path / "run", max_steps=1)
+    with pytest.raises(TrainingError, match="train.device=cuda but CUDA is not available"):
+        make_trainer(with_train(cfg, device="cuda"))
+    with pytest.raises(TrainingError, match="train.precision=fp16 needs a CUDA device"):
+        make_trainer(with_train(cfg, device="cpu", precision="fp16"))
+
+
 def test_checkpoints_are_self_contained_and_load_with_weights_only(toy_dir, tmp_path):
     cfg = tiny_config(toy_dir, tmp_path / "run", max_steps=6, valid_every=2, keep_last=2)
     result = make_trainer(cfg).train()

@@ -193,13 +193,6 @@ def test_progress_counts_every_sentence(translator):
     assert sum(seen) == len(SENTENCES) + 2
 
 
-@pytest.fixture
-def cudnn_attention_restored():
-    before = torch.backends.cuda.cudnn_sdp_enabled()
-    yield
-    torch.backends.cuda.enable_cudnn_sdp(before)
-
-
 def test_translator_on_cuda_keeps_sdpa_off_cudnn(joint_tokenizer, monkeypatch, cudnn_attention_restored):
     """cuDNN's SDPA builds a kernel per shape, and beam search grows the key length every step.
     A Translator on CUDA switches it off (checked here without a GPU: only the flag is read)."""

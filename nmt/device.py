@@ -1,0 +1,51 @@
+"""Where and in which precision a model runs: one policy for training, decoding and the benchmarks."""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str | torch.device, setting: str = "device") -> torch.device:
+    """``"auto"`` = the first CUDA device if there is one, else the CPU. ``setting`` names the
+    option in error messages (``train.device``, ``--device``)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{setting}={name} but CUDA is not available; use {setting}=cpu.")
+    return device
+
+
+def resolve_dtype(
+    precision: str,
+    device: torch.device,
+    setting: str = "dtype",
+    gpu_without_bf16: torch.dtype = torch.float32,
+) -> torch.dtype:
+    """``"auto"`` = bf16 on a GPU that has it, ``gpu_without_bf16`` on an older GPU (training passes
+    fp16, which its gradient scaler handles), fp32 on the CPU (where bf16 matmuls are slower)."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else gpu_without_bf16
+    if precision not in DTYPES:
+        raise ValueError(f"{setting}={precision!r} is not valid; choose auto, {', '.join(DTYPES)}.")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"{setting}=fp16 needs a CUDA device; use fp32 or bf16 on the CPU.")
+    return DTYPES[precision]
+
+
+def avoid_per_shape_attention_kernels() -> None:
+    """Keep SDPA on CUDA to kernels that need no set-up per tensor shape (flash, memory-efficient).
+
+    On Hopper GPUs PyTorch prefers cuDNN's attention, which builds a kernel graph for every new
+    (batch, heads, query length, key length) and caches it: a few hundred milliseconds each time. A
+    translation batch has a new shape almost every step (batches are cut by tokens, and beam search
+    grows the key length by one per step): on an H100 the median training step of Transformer base took
+    382 ms with cuDNN's kernels and 43 ms without (docs/performance.md, log item 14). Process-wide; the
+    trainer, the translator and the benchmarks call it when they run on CUDA.
+    """
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(False)
