@@ -812,7 +812,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--cudnn-attention", action="store_true",
         help="CUDA: leave cuDNN's SDPA kernels on for both sides (off by default, as in the trainer: "
-        "nmt.runtime.avoid_per_shape_attention_kernels)",
+        "nmt.device.avoid_per_shape_attention_kernels)",
     )  # fmt: skip
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores available)")
