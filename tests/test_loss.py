@@ -216,3 +216,24 @@ def test_projected_loss_without_grad_keeps_no_gradient_state():
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(nll, expected_nll)
     assert loss.grad_fn is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_projected_loss_survives_target_probabilities_that_underflow(dtype):
+    """Logits 12,000 apart: the target's probability are exactly 0 in float32 and float64, so the
+    log-sum-exp must come from another token of those rows. Checked against float64 on the logits."""
+    from nmt.loss import projected_label_smoothed_nll
+
+    hidden, weight, target = projection_case(dtype)
+    with torch.no_grad():
+        weight[target[0, 0]] = -100.0  # row 0, position 0: its target's logit is -12,000
+        hidden[0, 0] = 20.0
+    hidden.requires_grad_(True)
+    logits64 = hidden.detach().double() @ weight.detach().double().T
+    assert torch.softmax(logits64[0, 0], dim=-1)[target[0, 0]] == 0  # underflows
+    want_loss, want_nll = label_smoothed_nll(logits64, target, 0.1, PAD_ID)
+    loss, nll = projected_label_smoothed_nll(hidden, weight, target, 0.1, PAD_ID)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(nll.double(), want_nll, rtol=1e-6, atol=0)
