@@ -1,0 +1,43 @@
+"""Training and decoding on a CUDA device: the same properties as the CPU tests, on the GPU paths
+(autocast, fused AdamW, pinned copies, SDPA's GPU kernels). Skipped where there is no GPU."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from nmt.translator import Translator
+from tests.conftest import tiny_config
+from tests.test_trainer import make_trainer
+from tests.test_translator import SENTENCES, make_checkpoint
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_training_on_cuda_autocasts_and_its_checkpoints_load_on_cpu(
+    toy_dir, tmp_path, cudnn_attention_restored
+):
+    cfg = tiny_config(toy_dir, tmp_path / "run", device="cuda", precision="auto", max_steps=6, valid_every=3)
+    trainer = make_trainer(cfg)
+    assert trainer.dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+    result = trainer.train()
+    assert result.state.step == 6
+    assert all(math.isfinite(loss) for loss in result.state.losses)
+    assert math.isfinite(result.last_valid["loss"])
+    raw = torch.load(Path(cfg.run_dir) / "checkpoints" / "latest.pt", weights_only=True, map_location="cpu")
+    assert all(t.device.type == "cpu" for t in raw["model"].values())
+    assert raw["train_state"]["step"] == 6
+
+
+def test_decoding_on_cuda_keeps_lines_and_greedy_equals_beam_one(tmp_path, cudnn_attention_restored):
+    checkpoint = make_checkpoint(tmp_path / "best.pt")
+    for dtype in ("fp32", "auto"):  # auto: bf16 where the GPU has it
+        translator = Translator.from_checkpoint(checkpoint, device="cuda", dtype=dtype)
+        greedy = translator.translate(SENTENCES, beam=1)
+        assert greedy == [n[0].text for n in translator.translate_nbest(SENTENCES, nbest=1, beam=1)]
+        out = translator.translate(["", *SENTENCES, ""], beam=3)
+        assert len(out) == len(SENTENCES) + 2 and out[0] == out[-1] == ""
