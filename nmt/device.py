@@ -37,15 +37,16 @@ def resolve_dtype(
     return DTYPES[precision]
 
 
-def avoid_per_shape_attention_kernels() -> None:
-    """Keep SDPA on CUDA to kernels that need no set-up per tensor shape (flash, memory-efficient).
+def avoid_per_shape_attention_kernels(device: torch.device) -> None:
+    """On a CUDA ``device``, keep SDPA to kernels that need no set-up per tensor shape (flash,
+    memory-efficient).
 
     On Hopper GPUs PyTorch prefers cuDNN's attention, which builds a kernel graph for every new
     (batch, heads, query length, key length) and caches it: a few hundred milliseconds each time. A
     translation batch has a new shape almost every step (batches are cut by tokens, and beam search
     grows the key length by one per step): on an H100 the median training step of Transformer base took
     382 ms with cuDNN's kernels and 43 ms without (docs/performance.md, log item 14). Process-wide; the
-    trainer, the translator and the benchmarks call it when they run on CUDA.
+    trainer, the translator and the benchmarks call it with the device they run on.
     """
-    if torch.cuda.is_available():
+    if device.type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)

@@ -104,8 +104,7 @@ class Trainer:
             self.device
         )
         self.model: nn.Module = self.raw_model
-        if self.device.type == "cuda":
-            avoid_per_shape_attention_kernels()
+        avoid_per_shape_attention_kernels(self.device)
         if cfg.train.compile:
             self.model = compile_model(self.model)
         if self.dist.enabled:

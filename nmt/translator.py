@@ -65,8 +65,7 @@ class Translator:
         self.tokenizer = tokenizer
         self.cfg = decode_cfg
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        if self.device.type == "cuda":
-            avoid_per_shape_attention_kernels()  # beam search's key length grows every step
+        avoid_per_shape_attention_kernels(self.device)  # beam search's key length grows every step
         model_cfg = getattr(model, "cfg", None)
         self.max_positions: int | None = getattr(model_cfg, "max_positions", None)
         self.max_src_len = max_src_len or self.max_positions

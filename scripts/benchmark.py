@@ -855,8 +855,8 @@ def run(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.precision, device)
     heap = device.type == "cpu" and args.malloc == "heap" and keep_freed_memory_in_heap()
-    if device.type == "cuda" and not args.cudnn_attention:
-        avoid_per_shape_attention_kernels()  # for both sides, as the trainer does
+    if not args.cudnn_attention:
+        avoid_per_shape_attention_kernels(device)  # for both sides, as the trainer does
     cfg = load_model_config(args)
     data = load_data(args)
     result: dict[str, Any] = {"meta": metadata(args, cfg, data, device, dtype)}

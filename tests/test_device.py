@@ -51,11 +51,9 @@ def test_explicit_precision_and_its_errors():
         resolve_dtype("half", CPU)
 
 
-def test_cudnn_attention_is_switched_off_only_where_cuda_is(monkeypatch, cudnn_attention_restored):
+def test_cudnn_attention_is_switched_off_only_for_a_cuda_device(cudnn_attention_restored):
     torch.backends.cuda.enable_cudnn_sdp(True)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    avoid_per_shape_attention_kernels()
+    avoid_per_shape_attention_kernels(CPU)
     assert torch.backends.cuda.cudnn_sdp_enabled()
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    avoid_per_shape_attention_kernels()
+    avoid_per_shape_attention_kernels(CUDA)
     assert not torch.backends.cuda.cudnn_sdp_enabled()
