@@ -108,16 +108,16 @@ def chunk_rows(vocab: int, budget_bytes: int = 64 << 20) -> int:
     return max(512, budget_bytes // (4 * vocab))
 
 
-def _log_sum_exp(logits: Tensor, probs: Tensor, target: Tensor) -> Tensor:
+def _log_sum_exp(logits: Tensor, probs: Tensor, target: Tensor, target_logits: Tensor) -> Tensor:
     """Each row's log-sum-exp (C,) from its softmax ``probs`` (C, V): ``logit_j - log p_j`` for any j.
 
-    j = the target token (a gather) wherever its probability is far from underflow, which is nearly
-    every row; the rows where it is not take j = their most likely token, whose probability is at
-    least 1/V. A ``max`` over every row would cost a full pass over the slice (7% of a step of the
-    tiny model on CPU).
+    j = the target token (``target`` (C, 1), whose logits ``target_logits`` (C,) the caller has)
+    wherever its probability is far from underflow, which is nearly every row; the rows where it is
+    not take j = their most likely token, whose probability is at least 1/V. A ``max`` over every row
+    would cost a full pass over the slice (7% of a step of the tiny model on CPU).
     """
     p_target = probs.gather(1, target).squeeze(1)  # (C,)
-    lse = logits.gather(1, target).squeeze(1) - p_target.log()
+    lse = target_logits - p_target.log()
     low = (p_target < torch.finfo(probs.dtype).tiny * 2**20).nonzero().squeeze(1)  # rows near underflow
     if low.numel():
         p_max, top = probs[low].max(dim=1)
@@ -142,8 +142,9 @@ class _ProjectedLabelSmoothedNLL(torch.autograd.Function):
                 x, t = rows[start : start + step], target[start : start + step, None]  # (C, D), (C, 1)
                 logits = (x @ weight.t()).to(dtype)  # (C, V)
                 probs = torch.softmax(logits, dim=-1)  # (C, V): the only exp pass over the slice
-                lse = _log_sum_exp(logits, probs, t)  # (C,)
-                nll += (lse - logits.gather(1, t).squeeze(1)).sum()
+                target_logits = logits.gather(1, t).squeeze(1)  # (C,)
+                lse = _log_sum_exp(logits, probs, t, target_logits)  # (C,)
+                nll += (lse - target_logits).sum()
                 smooth += lse.sum() - (x.to(dtype) @ weight_sum).sum() / vocab
                 if with_grad:
                     # d loss / d logits = softmax - (1 - eps) onehot - eps / V; the constant eps / V

@@ -281,7 +281,9 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(seed=args.seed, lr=args.lr, warmup_steps=args.warmup_steps, precision=args.precision)
 
 
-def build_ours(cfg: ModelConfig, data: BenchData, args: argparse.Namespace, device: torch.device) -> Side:
+def build_ours(
+    cfg: ModelConfig, data: BenchData, args: argparse.Namespace, device: torch.device, dtype: torch.dtype
+) -> Side:
     torch.manual_seed(args.seed)
     raw = Transformer(cfg, data.src_vocab, data.tgt_vocab, pad_id=PAD_ID).to(device)
     model = compile_model(raw) if args.compile else raw
@@ -291,7 +293,7 @@ def build_ours(cfg: ModelConfig, data: BenchData, args: argparse.Namespace, devi
     return Side(
         "nmt", model, lambda b: model(b.src, b.tgt_in), params, optimizer,
         build_scheduler(optimizer, tcfg), "sdpa", raw.num_parameters(),
-        loss_in_model=loss_in_model(device, resolve_dtype(args.precision, device), args.compile),
+        loss_in_model=loss_in_model(device, dtype, args.compile),
     )  # fmt: skip
 
 
@@ -862,7 +864,7 @@ def run(args: argparse.Namespace) -> dict:
     result: dict[str, Any] = {"meta": metadata(args, cfg, data, device, dtype)}
     result["meta"]["malloc"] = "glibc, freed memory kept in the heap" if heap else "default"
     log.info("benchmarking %s on %s (%s)", args.model, device, data.description)
-    builders = [lambda: build_ours(cfg, data, args, device)]
+    builders = [lambda: build_ours(cfg, data, args, device, dtype)]
     if args.compare_hf:
         builders.append(lambda: build_hf(cfg, data, args, device))
     results = measure(builders, data, cfg, args, device, dtype)
