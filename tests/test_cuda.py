@@ -41,3 +41,14 @@ def test_decoding_on_cuda_keeps_lines_and_greedy_equals_beam_one(tmp_path, cudnn
         assert greedy == [n[0].text for n in translator.translate_nbest(SENTENCES, nbest=1, beam=1)]
         out = translator.translate(["", *SENTENCES, ""], beam=3)
         assert len(out) == len(SENTENCES) + 2 and out[0] == out[-1] == ""
+
+
+def test_compiled_training_on_cuda(toy_dir, tmp_path, cudnn_attention_restored):
+    # train.compile=true with inductor's GPU kernels, under autocast; validation runs the plain model.
+    torch._dynamo.reset()
+    cfg = tiny_config(toy_dir, tmp_path / "run", device="cuda", max_steps=6, valid_every=3, compile=True)
+    trainer = make_trainer(cfg)
+    result = trainer.train()
+    assert result.state.step == 6
+    assert all(math.isfinite(loss) for loss in result.state.losses)
+    assert math.isfinite(result.last_valid["loss"])
