@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The GPU figures of README.md and docs/performance.md, on one CUDA GPU, in one command:
+#
+#   bash scripts/gpu_benchmarks.sh [--out DIR] [--data DIR] [PART ...]
+#
+# PARTs, in this order by default (their time limits add up to 53 minutes):
+#   tests     tests/test_cuda.py: training and decoding on the GPU (autocast dtype, checkpoints, search)
+#   train     scripts/benchmark.py, base and big against MarianMTModel, eager, bf16 (WMT-like batches)
+#   compiled  the same with --compile (torch.compile, both sides; the warm-up time is reported)
+#   batch     base with 32,768-token batches, eager
+#   recipe    the base recipe for 3 minutes, averaged, scored on Multi30k test (scripts/recipe.py)
+#   decode    scripts/benchmark_decode.py on the recipe's checkpoint, greedy and beam 5 against generate()
+#
+# Needs `pip install -e ".[dev,bench]"`. recipe and decode read Multi30k from --data (default
+# data/multi30k; the recipe downloads it there when the files are missing). Each part runs under its own
+# time limit and writes its log (and JSON) into --out (default results/gpu-DATE); a part that fails is
+# reported and the next one runs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT="results/gpu-$(date -u +%F)"
+DATA="data/multi30k"
+PARTS=()
+while (($#)); do
+    case "$1" in
+        --out) OUT=$2; shift 2 ;;
+        --data) DATA=$2; shift 2 ;;
+        -h | --help) sed -n '2,17p' "$0"; exit 0 ;;
+        *) PARTS+=("$1"); shift ;;
+    esac
+done
+ALL=(tests train compiled batch recipe decode)
+((${#PARTS[@]})) || PARTS=("${ALL[@]}")
+for part in "${PARTS[@]}"; do
+    [[ " ${ALL[*]} " == *" $part "* ]] || { echo "unknown part: $part (one of: ${ALL[*]})"; exit 2; }
+done
+python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || { echo "no CUDA device"; exit 1; }
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+run() {  # run NAME SECONDS COMMAND...: log to $OUT/NAME.log, print its tail
+    local name=$1 limit=$2 start=$SECONDS rc
+    shift 2
+    echo "=== $name (limit ${limit} s): $*"
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    rc=$?
+    echo "--- $name: exit $rc after $((SECONDS - start)) s"
+    grep -v -i "warning" "$OUT/$name.log" | tail -n 24
+}
+
+BENCH=(python scripts/benchmark.py --device cuda --precision bf16 --data synthetic --vocab-size 32000
+    --warmup 10 --steps 50)
+RUN_DIR=runs/base-gpu
+
+python -c "import torch; print(torch.cuda.get_device_name(), '| torch', torch.__version__, '| CUDA',
+    torch.version.cuda)" | tee "$OUT/gpu.txt"
+for part in "${PARTS[@]}"; do
+    case "$part" in
+        tests) run tests 300 python -m pytest -q -rs tests/test_cuda.py ;;
+        train)
+            for model in base big; do
+                run "train-$model" 300 "${BENCH[@]}" --model "$model" --max-tokens 16384 --compare-hf \
+                    --breakdown --json "$OUT/train-$model.json"
+            done
+            ;;
+        compiled)
+            for model in base big; do
+                run "compiled-$model" 600 "${BENCH[@]}" --model "$model" --max-tokens 16384 --compare-hf \
+                    --compile --json "$OUT/compiled-$model.json"
+            done
+            ;;
+        batch)
+            run batch-base 300 "${BENCH[@]}" --model base --max-tokens 32768 --compare-hf \
+                --json "$OUT/batch-base.json"
+            ;;
+        recipe)
+            run recipe 480 python scripts/recipe.py base "data.dir=$DATA" "run_dir=$RUN_DIR" \
+                train.max_time_min=3 --average 5 --json "$OUT/recipe-base.json"
+            ;;
+        decode)
+            run decode 300 python scripts/benchmark_decode.py --ckpt "$RUN_DIR/checkpoints/latest.pt" \
+                --data-dir "$DATA" --device cuda --dtype bf16 --beams 1,5 --repeat 2 --json "$OUT/decode.json"
+            ;;
+    esac
+done
+echo "logs and JSON in $OUT"
