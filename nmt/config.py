@@ -185,6 +185,9 @@ class DecodeConfig:
     nbest: int = 1
     batch_size: int = 64  # sentences per batch (cap)
     max_tokens: int = 4096  # source tokens per batch (cap)
+    # On CPU, batches decoded at the same time, each on its own thread with an equal share of torch's
+    # threads. 0: one per torch thread. Never more than the threads or the batches; 1 on GPUs.
+    workers: int = 0
 
     def __post_init__(self) -> None:
         _check(1 <= self.beam <= 1000, f"decode.beam={self.beam} must be in [1, 1000].")
@@ -198,6 +201,7 @@ class DecodeConfig:
             self.batch_size >= 1 and self.max_tokens >= 1,
             "decode.batch_size and decode.max_tokens must be >= 1.",
         )
+        _check(0 <= self.workers <= 1024, f"decode.workers={self.workers} must be in [0, 1024] (0 = auto).")
 
 
 @dataclass

@@ -133,13 +133,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-len", type=int, help="minimum output length in tokens")
     p.add_argument("--batch-size", type=int, help="sentences per batch (cap)")
     p.add_argument("--max-tokens", type=int, help="padded source tokens per batch (cap)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="CPU: batches decoded at once, each on an equal share of the threads (0 = one per thread)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p.parse_args(argv)
 
 
-DECODE_OVERRIDES = ("beam", "len_penalty", "max_len_a", "max_len_b", "min_len", "batch_size", "max_tokens")
+DECODE_OVERRIDES = (
+    "beam",
+    "len_penalty",
+    "max_len_a",
+    "max_len_b",
+    "min_len",
+    "batch_size",
+    "max_tokens",
+    "workers",
+)
 
 
 def load_translator(args: argparse.Namespace) -> Translator:

@@ -7,13 +7,19 @@ test scores come from the same decoding code. Guarantees:
 * an empty (or whitespace-only) sentence gives an empty translation without running the model;
 * a source longer than the model can take (``max_src_len``, by default the model's
   ``max_positions``) is truncated, with a warning, rather than failing the whole batch.
+
+On CPU several batches are decoded at once (``decode.workers``), each on its own thread with an equal
+share of torch's threads: the matrices of one decoder step are too small for several threads to
+share well, and whole batches on separate cores are not. Each batch's result does not depend on
+the others, so the output is the same as one batch at a time with that many threads per batch.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -150,10 +156,13 @@ class Translator:
     ) -> list[list[Translation]]:
         results = [[Translation("", 0.0)] for _ in sentences]
         source = self.encode(sentences)
-        with _eval_mode(self.model):
-            for batch in self.batches({i: len(ids) for i, ids in source.items()}):
-                src, src_mask = self.collate([source[i] for i in batch])
-                hyps = self._search(src, src_mask, beam, nbest, greedy_ok)
+        batches = self.batches({i: len(ids) for i, ids in source.items()})
+
+        def search(batch: list[int]) -> list[list[Hypothesis]]:
+            return self._search(*self.collate([source[i] for i in batch]), beam, nbest, greedy_ok)
+
+        with _eval_mode(self.model), self.batch_map(len(batches)) as map_batches:
+            for batch, hyps in zip(batches, map_batches(search, batches), strict=True):
                 for i, texts in zip(batch, self._detokenize(hyps), strict=True):
                     results[i] = texts
                 if progress is not None:
@@ -196,6 +205,31 @@ class Translator:
             else:
                 batches.append([i])
         return batches
+
+    def workers(self, n_batches: int) -> int:
+        """How many of ``n_batches`` batches are decoded at once: ``decode.workers`` on CPU (0: one
+        per torch thread), at most one per thread and per batch; always 1 on other devices."""
+        if self.device.type != "cpu":
+            return 1
+        threads = torch.get_num_threads()
+        return max(1, min(self.cfg.workers or threads, threads, n_batches))
+
+    @contextmanager
+    def batch_map(self, n_batches: int) -> Iterator[Callable[[Callable, Iterable], Iterator]]:
+        """A ``map`` for ``n_batches`` batches: the built-in one, or a pool of :meth:`workers` threads
+        that share torch's threads while it is open. Results come in input order either way."""
+        workers = self.workers(n_batches)
+        if workers == 1:
+            yield map
+            return
+        threads = torch.get_num_threads()  # a process-wide setting: each worker's ops get a share
+        torch.set_num_threads(threads // workers)
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="nmt-decode")
+        try:
+            yield pool.map
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # on an error, queued batches never start
+            torch.set_num_threads(threads)
 
     def _fits(self, size: int, width: int) -> bool:
         return size <= self.cfg.batch_size and size * width <= self.cfg.max_tokens

@@ -14,6 +14,13 @@ On CPU the process keeps freed memory in glibc's heap, as ``python -m nmt.transl
 (``nmt.runtime.keep_freed_memory_in_heap``); it applies to every system alike, and
 ``--malloc default`` turns it off.
 
+Workers. On CPU nmt decodes ``--workers`` batches at once, each on its own thread with an equal
+share of the ``--threads`` (``decode.workers``, as ``python -m nmt.translate`` does; the default 0
+gives one worker per thread). CTranslate2 gets the same split (``inter_threads`` workers of
+``intra_threads`` each), since it offers the same. ``generate()`` has nothing like it and decodes
+one batch at a time on all the threads, as a user would run it. ``--workers 1`` times nmt that way
+too.
+
 Equal work. The Marian model has random weights, so left alone it would stop at arbitrary
 lengths. Instead each batch is decoded by nmt first, counting its decoder steps S_b (the
 number of ``decode`` calls: the longest sentence of the batch, EOS included; with beam search,
@@ -41,6 +48,7 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -79,7 +87,7 @@ class Batch:
     tokens: int = 0  # nmt's output tokens, EOS included
 
 
-Runner = Callable[[Batch], None]
+Runner = Callable[[list[Batch]], None]  # decodes all the batches it is given
 
 
 def parse_args() -> argparse.Namespace:
@@ -93,6 +101,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
     p.add_argument("--batch-size", type=int, default=64, help="sentences per batch")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="CPU: batches nmt and CTranslate2 decode at once (default: the checkpoint's decode.workers; "
+        "0 = one per thread)",
+    )
     p.add_argument("--beams", default="1,5", help="comma-separated beam sizes (1 = greedy)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers generate()")
     p.add_argument(
@@ -132,37 +146,46 @@ def sync(device: torch.device) -> None:
 
 
 def timed(run: Runner, batches: list[Batch], device: torch.device) -> float:
-    """Seconds to run ``run(batch)`` over all batches, after one warm-up batch."""
-    run(batches[0])
+    """Seconds to run ``run(batches)``, after one warm-up batch."""
+    run(batches[:1])
     sync(device)
     start = time.perf_counter()
-    for batch in batches:
-        run(batch)
+    run(batches)
     sync(device)
     return time.perf_counter() - start
 
 
 def nmt_runner(translator: Translator, beam: int) -> Runner:
-    """Decode with nmt, recording each batch's decoder steps and output tokens."""
+    """Decode with nmt, recording each batch's decoder steps and output tokens.
+
+    Batches go through ``Translator.batch_map``, so on CPU several run at once, as in
+    ``python -m nmt.translate``.
+    """
     model, cfg = translator.model, translator.cfg
     lengths = dict(max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b, min_len=cfg.min_len)
     lengths["max_len_cap"] = translator.max_len_cap
-    decode, calls = type(model).decode.__get__(model), [0]  # the method, not an earlier wrapper
+    decode = type(model).decode.__get__(model)  # the method, not an earlier wrapper
+    counter = threading.local()  # decoder calls of the batch this thread is decoding
 
     def counting_decode(*args, **kwargs):
-        calls[0] += 1
+        counter.calls += 1
         return decode(*args, **kwargs)
 
     model.decode = counting_decode  # an instance attribute shadows the method; costs one call
 
-    def run(batch: Batch) -> None:
-        calls[0] = 0
+    def search(batch: Batch) -> None:
+        counter.calls = 0
         if beam == 1:
             outputs = greedy_search(model, batch.src, batch.mask, **lengths)
         else:
             hyps = beam_search(model, batch.src, batch.mask, beam, cfg.len_penalty, **lengths)
             outputs = [h[0].tokens for h in hyps]
-        batch.steps, batch.tokens = calls[0], sum(len(t) + 1 for t in outputs)
+        batch.steps, batch.tokens = counter.calls, sum(len(t) + 1 for t in outputs)
+
+    def run(batches: list[Batch]) -> None:
+        with translator.batch_map(len(batches)) as map_batches:
+            for _ in map_batches(search, batches):
+                pass
 
     return run
 
@@ -207,7 +230,11 @@ def marian_like(translator: Translator, dtype: torch.dtype):
 def hf_runner(marian, beam: int) -> Runner:
     from transformers import GenerationConfig
 
-    def run(batch: Batch) -> None:
+    def run(batches: list[Batch]) -> None:
+        for batch in batches:
+            generate(batch)
+
+    def generate(batch: Batch) -> None:
         # generate's first decoder step reads the start token, like nmt's BOS step: S_b steps.
         gen = GenerationConfig(
             num_beams=beam,
@@ -225,8 +252,11 @@ def hf_runner(marian, beam: int) -> Runner:
     return run
 
 
-def ctranslate2_runner(marian, translator: Translator, beam: int, workdir: Path) -> Runner:
-    """CTranslate2 on the same Marian weights; tokens are passed as SentencePiece piece strings."""
+def ctranslate2_runner(marian, translator: Translator, beam: int, workdir: Path, workers: int) -> Runner:
+    """CTranslate2 on the same Marian weights; tokens are passed as SentencePiece piece strings.
+
+    ``workers`` batches run at once (``inter_threads``), sharing the threads as nmt's workers do.
+    """
     import ctranslate2
 
     model_dir = workdir / "ct2"
@@ -234,25 +264,34 @@ def ctranslate2_runner(marian, translator: Translator, beam: int, workdir: Path)
         convert_to_ctranslate2(marian, translator, workdir, model_dir)
     device = translator.device
     dtype = next(translator.model.parameters()).dtype
+    threads = torch.get_num_threads()
     ct2 = ctranslate2.Translator(
         str(model_dir),
         device=device.type,
         device_index=device.index or 0,
         compute_type={torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype],
-        inter_threads=1,
-        intra_threads=torch.get_num_threads(),
+        inter_threads=workers,
+        intra_threads=max(1, threads // workers),
     )
+    # CTranslate2 sets OpenMP's thread count of the calling thread to intra_threads, which is also
+    # torch's: give the other systems their threads back.
+    torch.set_num_threads(threads)
     pieces = _piece_table(translator)
 
-    def run(batch: Batch) -> None:
-        src = [[pieces[i] for i in row[row != 0].tolist()] for row in batch.src.cpu()]
-        ct2.translate_batch(
-            src,
-            beam_size=beam,
-            min_decoding_length=batch.steps,
-            max_decoding_length=batch.steps,
-            max_batch_size=len(src),
-        )
+    def run(batches: list[Batch]) -> None:
+        pending = []  # with asynchronous=True each call returns at once; the workers take the batches
+        for batch in batches:
+            src = [[pieces[i] for i in row[row != 0].tolist()] for row in batch.src.cpu()]
+            pending += ct2.translate_batch(
+                src,
+                beam_size=beam,
+                min_decoding_length=batch.steps,
+                max_decoding_length=batch.steps,
+                max_batch_size=len(src),
+                asynchronous=True,
+            )
+        for result in pending:
+            result.result()
 
     return run
 
@@ -319,7 +358,8 @@ def runners(args, translator: Translator, marian, beam: int, workdir: Path) -> d
         systems["transformers"] = hf_runner(marian, beam)
     if args.ctranslate2:
         try:
-            systems["ctranslate2"] = ctranslate2_runner(marian, translator, beam, workdir)
+            workers = translator.workers(args.batch_count)
+            systems["ctranslate2"] = ctranslate2_runner(marian, translator, beam, workdir, workers)
         except Exception as e:  # noqa: BLE001 - an optional system: say why and go on
             log.warning("CTranslate2 skipped: %s: %s", type(e).__name__, e)
     return systems
@@ -333,9 +373,12 @@ def main() -> None:
     heap = translator.device.type == "cpu" and args.malloc == "heap" and keep_freed_memory_in_heap()
     # Batches capped by sentence count only, the same for every system.
     translator.cfg = replace(translator.cfg, batch_size=args.batch_size, max_tokens=10**9)
+    if args.workers is not None:
+        translator.cfg = replace(translator.cfg, workers=args.workers)
     device, dtype = translator.device, next(translator.model.parameters()).dtype
     src_lang = args.src_lang or _checkpoint_src_lang(args.ckpt)
     batches = make_batches(translator, read_source(Path(args.data_dir), args.split, src_lang, args.limit))
+    args.batch_count = len(batches)
     marian = None if args.no_hf and not args.ctranslate2 else marian_like(translator, dtype)
     workdir = Path(tempfile.mkdtemp(prefix="benchmark_decode."))  # CTranslate2's converted model
     results: list[Result] = []
@@ -351,6 +394,7 @@ def main() -> None:
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
+        "workers": translator.workers(len(batches)),
         "dtype": str(dtype).replace("torch.", ""),
         "torch": torch.__version__,
         "batch_size": args.batch_size,
@@ -365,7 +409,8 @@ def main() -> None:
 
         meta["transformers"] = transformers.__version__
         meta["marian_parameters"] = sum(p.numel() for p in marian.parameters())
-    print(json.dumps({k: meta[k] for k in ("device", "threads", "dtype", "parameters", "repeat", "malloc")}))
+    keys = ("device", "threads", "workers", "dtype", "parameters", "repeat", "malloc")
+    print(json.dumps({k: meta[k] for k in keys}))
     if args.json:
         report = {"meta": meta, "results": [asdict(r) for r in results]}
         Path(args.json).write_text(json.dumps(report, indent=2))

@@ -119,3 +119,17 @@ def test_missing_checkpoint_is_one_clear_line(tmp_path, capsys):
 def test_nbest_larger_than_beam_is_rejected(checkpoint, capsys):
     assert main(["--ckpt", str(checkpoint), "--beam", "2", "--nbest", "3"]) == 1
     assert "--nbest 3 needs --beam of at least 3" in capsys.readouterr().err
+
+
+def test_workers_flag_same_output_and_bad_value_rejected(checkpoint, tmp_path, capsys):
+    src = tmp_path / "in.en"
+    src.write_text("\n".join([*SENTENCES, "", *SENTENCES]) + "\n", encoding="utf-8")
+    args = ["--ckpt", str(checkpoint), "--device", "cpu", "--input", str(src), "--beam", "3"]
+    outputs = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"out-{workers}.de"
+        assert main([*args, "--output", str(out), "--workers", workers]) == 0
+        outputs.append(out.read_text(encoding="utf-8"))
+    assert outputs[0] == outputs[1] and len(outputs[0].split("\n")) == 2 * len(SENTENCES) + 2
+    assert main([*args, "--workers", "-1"]) == 1
+    assert "decode.workers=-1 must be in [0, 1024]" in capsys.readouterr().err

@@ -4,6 +4,9 @@ batching that keeps the input order, empty and over-long inputs, n-best lists.""
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -202,3 +205,72 @@ def test_translator_on_cuda_keeps_sdpa_off_cudnn(joint_tokenizer, cudnn_attentio
     assert torch.backends.cuda.cudnn_sdp_enabled()  # CPU: left alone
     Translator(model, joint_tokenizer, DecodeConfig(), "cuda")
     assert not torch.backends.cuda.cudnn_sdp_enabled()
+
+
+@pytest.fixture
+def torch_threads():
+    """Runs the test with 4 torch threads (what a 4-core machine has); restores the setting after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    yield 4
+    torch.set_num_threads(before)
+
+
+def test_workers_follow_config_threads_batches_and_device(translator, torch_threads):
+    auto = Translator(translator.model, translator.tokenizer, replace(translator.cfg, workers=0), "cpu")
+    assert [auto.workers(n) for n in (1, 2, 3, 4, 10)] == [1, 2, 3, 4, 4]  # one per thread, per batch
+    two = Translator(translator.model, translator.tokenizer, replace(translator.cfg, workers=2), "cpu")
+    assert two.workers(10) == 2
+    many = Translator(translator.model, translator.tokenizer, replace(translator.cfg, workers=16), "cpu")
+    assert many.workers(10) == 4  # never more than the threads
+    auto.device = torch.device("cuda")  # only the device type is read
+    assert auto.workers(10) == 1
+
+
+def test_parallel_batches_share_the_threads_and_keep_every_output(checkpoint, torch_threads):
+    """With 2 workers on 4 threads, batches run on 2 threads of 2 torch threads each; the output
+    equals one batch at a time (each batch's result does not depend on the others), in input
+    order, and the thread setting is restored afterwards."""
+    serial = Translator.from_checkpoint(checkpoint, device="cpu")
+    serial.cfg = replace(serial.cfg, workers=1)
+    parallel = Translator.from_checkpoint(checkpoint, device="cpu")
+    parallel.cfg = replace(parallel.cfg, workers=2)
+    sentences = ["", *SENTENCES, "", *reversed(SENTENCES)]  # 14 sentences, batches of 3 at most
+    assert len(parallel.batches({i: 1 for i in range(14)})) == 5
+
+    seen: list[tuple[str, int]] = []
+    search = parallel._search
+
+    def recording_search(*args, **kwargs):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        time.sleep(0.05)  # long enough for the other worker to take a batch meanwhile
+        return search(*args, **kwargs)
+
+    parallel._search = recording_search
+    torch.set_num_threads(2)  # serial: each batch on 2 threads, as in the parallel run
+    expected = [serial.translate(sentences, beam=b) for b in (1, 3)]
+    nbest = serial.translate_nbest(sentences, nbest=2, beam=3)
+    torch.set_num_threads(4)
+    assert [parallel.translate(sentences, beam=b) for b in (1, 3)] == expected
+    assert [[t.text for t in n] for n in parallel.translate_nbest(sentences, nbest=2, beam=3)] == [
+        [t.text for t in n] for n in nbest
+    ]
+    assert torch.get_num_threads() == 4
+    assert {threads for _, threads in seen} == {2}
+    assert len({name for name, _ in seen}) == 2 and all(name.startswith("nmt-decode") for name, _ in seen)
+
+
+def test_an_error_in_a_worker_reaches_the_caller_and_restores_the_threads(checkpoint, torch_threads):
+    parallel = Translator.from_checkpoint(checkpoint, device="cpu")
+    calls: list[int] = []
+
+    def failing_search(*args, **kwargs):
+        calls.append(1)
+        time.sleep(0.2)  # the caller sees the first failure while the others still run
+        raise RuntimeError("out of memory in a worker")
+
+    parallel._search = failing_search
+    with pytest.raises(RuntimeError, match="out of memory in a worker"):
+        parallel.translate(SENTENCES * 4)  # 10 batches
+    assert torch.get_num_threads() == 4
+    assert len(calls) < 10  # queued batches were cancelled, not all decoded after the error
