@@ -90,7 +90,7 @@ class Batch:
 Runner = Callable[[list[Batch]], None]  # decodes all the batches it is given
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="trained nmt checkpoint")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA), help="folder with SPLIT.LANG[.gz]")
@@ -121,7 +121,7 @@ def parse_args() -> argparse.Namespace:
         "whole process, so every system); default: glibc's defaults",
     )
     p.add_argument("--json", help="write the results here")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def read_source(data_dir: Path, split: str, lang: str, limit: int) -> list[str]:
@@ -365,8 +365,9 @@ def runners(args, translator: Translator, marian, beam: int, workdir: Path) -> d
     return systems
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> dict:
+    """Runs the benchmark; returns the report that ``--json`` writes."""
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     translator = Translator.from_checkpoint(args.ckpt, device=args.device, dtype=args.dtype)
@@ -411,9 +412,10 @@ def main() -> None:
         meta["marian_parameters"] = sum(p.numel() for p in marian.parameters())
     keys = ("device", "threads", "workers", "dtype", "parameters", "repeat", "malloc")
     print(json.dumps({k: meta[k] for k in keys}))
+    report = {"meta": meta, "results": [asdict(r) for r in results]}
     if args.json:
-        report = {"meta": meta, "results": [asdict(r) for r in results]}
         Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
 
 
 def _checkpoint_src_lang(path: str) -> str:
