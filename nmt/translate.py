@@ -7,7 +7,9 @@ Output: exactly one line per input line, in order; an empty input line gives an 
 line. Input is read as bytes and decoded as UTF-8; invalid bytes become U+FFFD, with a warning.
 Standard input is translated as it arrives: lines are gathered into chunks of up to 1000 and a
 chunk is translated as soon as no more input is waiting, so interactive use answers line by line
-while piped files are batched efficiently.
+while piped files are batched efficiently. On CPU the batches of a chunk are decoded side by side,
+by default one per torch thread (``--workers``); a chunk of one batch, as in interactive use, gets
+all the threads.
 
 With ``--nbest N`` (N > 1) each input line gives up to N lines ``INDEX ||| TRANSLATION ||| SCORE``,
 best first, where INDEX is the 0-based input line number and SCORE the length-normalised
