@@ -186,7 +186,7 @@ class DecodeConfig:
     batch_size: int = 64  # sentences per batch (cap)
     max_tokens: int = 4096  # source tokens per batch (cap)
     # On CPU, batches decoded at the same time, each on its own thread with an equal share of torch's
-    # threads. 0: one per torch thread. Never more than the threads or the batches; 1 on GPUs.
+    # threads. 0: one per torch thread, at most 8. Never more than the threads or the batches; 1 on GPUs.
     workers: int = 0
 
     def __post_init__(self) -> None:

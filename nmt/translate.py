@@ -138,7 +138,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--workers",
         type=int,
-        help="CPU: batches decoded at once, each on an equal share of the threads (0 = one per thread)",
+        help="CPU: batches decoded at once, each on an equal share of the threads (0 = one per thread, at most 8)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))

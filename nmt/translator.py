@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -33,6 +34,11 @@ from nmt.device import avoid_per_shape_attention_kernels, resolve_device, resolv
 from nmt.search import Hypothesis, beam_search, greedy_search
 
 log = logging.getLogger(__name__)
+
+# Workers that decode.workers=0 starts at most: past a few, the Python of each step (under the
+# interpreter lock) and the memory of one batch per worker stop paying. Measured on 2 cores only.
+AUTO_MAX_WORKERS = 8
+_THREAD_SETTING = threading.RLock()  # held while a parallel section has lowered torch's threads
 
 
 @dataclass
@@ -208,11 +214,18 @@ class Translator:
 
     def workers(self, n_batches: int) -> int:
         """How many of ``n_batches`` batches are decoded at once: ``decode.workers`` on CPU (0: one
-        per torch thread), at most one per thread and per batch; always 1 on other devices."""
-        if self.device.type != "cpu":
+        per torch thread, at most :data:`AUTO_MAX_WORKERS`), never more than the threads or the
+        batches. Always 1 on other devices, for a compiled model, and inside a CPU autocast region
+        (worker threads would not inherit it)."""
+        if (
+            self.device.type != "cpu"
+            or hasattr(self.model, "_orig_mod")  # torch.compile's wrapper: not known to be thread-safe
+            or torch.is_autocast_enabled("cpu")
+        ):
             return 1
         threads = torch.get_num_threads()
-        return max(1, min(self.cfg.workers or threads, threads, n_batches))
+        wanted = self.cfg.workers or min(threads, AUTO_MAX_WORKERS)
+        return max(1, min(wanted, threads, n_batches))
 
     @contextmanager
     def batch_map(self, n_batches: int) -> Iterator[Callable[[Callable, Iterable], Iterator]]:
@@ -222,14 +235,18 @@ class Translator:
         if workers == 1:
             yield map
             return
-        threads = torch.get_num_threads()  # a process-wide setting: each worker's ops get a share
-        torch.set_num_threads(threads // workers)
-        pool = ThreadPoolExecutor(workers, thread_name_prefix="nmt-decode")
-        try:
-            yield pool.map
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)  # on an error, queued batches never start
-            torch.set_num_threads(threads)
+        # torch's thread count is process-wide: one parallel section at a time may change it.
+        with _THREAD_SETTING:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(threads // workers)
+            try:
+                pool = ThreadPoolExecutor(workers, thread_name_prefix="nmt-decode")
+                try:
+                    yield pool.map
+                finally:
+                    pool.shutdown(wait=True, cancel_futures=True)  # on an error, queued batches never start
+            finally:
+                torch.set_num_threads(threads)
 
     def _fits(self, size: int, width: int) -> bool:
         return size <= self.cfg.batch_size and size * width <= self.cfg.max_tokens

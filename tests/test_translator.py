@@ -223,6 +223,14 @@ def test_workers_follow_config_threads_batches_and_device(translator, torch_thre
     assert two.workers(10) == 2
     many = Translator(translator.model, translator.tokenizer, replace(translator.cfg, workers=16), "cpu")
     assert many.workers(10) == 4  # never more than the threads
+    torch.set_num_threads(16)
+    assert auto.workers(20) == 8  # the automatic value stops at AUTO_MAX_WORKERS
+    assert many.workers(20) == 16  # an explicit one does not
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # worker threads would not inherit autocast
+        assert auto.workers(10) == 1
+    compiled = nn.Module()
+    compiled._orig_mod = translator.model  # what torch.compile's wrapper looks like from outside
+    assert Translator(compiled, translator.tokenizer, auto.cfg, "cpu").workers(10) == 1
     auto.device = torch.device("cuda")  # only the device type is read
     assert auto.workers(10) == 1
 
@@ -266,11 +274,33 @@ def test_an_error_in_a_worker_reaches_the_caller_and_restores_the_threads(checkp
 
     def failing_search(*args, **kwargs):
         calls.append(1)
-        time.sleep(0.2)  # the caller sees the first failure while the others still run
+        time.sleep(0.5)  # the caller sees the first failure while the others still run
         raise RuntimeError("out of memory in a worker")
 
     parallel._search = failing_search
     with pytest.raises(RuntimeError, match="out of memory in a worker"):
-        parallel.translate(SENTENCES * 4)  # 10 batches
+        parallel.translate(SENTENCES * 8)  # 19 batches on 4 workers
     assert torch.get_num_threads() == 4
-    assert len(calls) < 10  # queued batches were cancelled, not all decoded after the error
+    assert len(calls) < 19  # queued batches were cancelled, not all decoded after the error
+
+
+def test_an_error_in_the_caller_cancels_queued_batches_and_restores_the_threads(checkpoint, torch_threads):
+    """An exception raised while results are consumed (here by the progress callback, as Ctrl-C
+    would be) leaves the batches not yet started unstarted and the thread setting as it was."""
+    parallel = Translator.from_checkpoint(checkpoint, device="cpu")
+    calls: list[int] = []
+    search = parallel._search
+
+    def slow_search(*args, **kwargs):
+        calls.append(1)
+        time.sleep(0.5)
+        return search(*args, **kwargs)
+
+    def interrupting_progress(n: int) -> None:
+        raise KeyboardInterrupt
+
+    parallel._search = slow_search
+    with pytest.raises(KeyboardInterrupt):
+        parallel.translate(SENTENCES * 8, progress=interrupting_progress)  # 19 batches on 4 workers
+    assert torch.get_num_threads() == 4
+    assert len(calls) < 19
