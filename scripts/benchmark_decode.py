@@ -19,7 +19,8 @@ share of the ``--threads`` (``decode.workers``, as ``python -m nmt.translate`` d
 gives one worker per thread). CTranslate2 gets the same split (``inter_threads`` workers of
 ``intra_threads`` each), since it offers the same. ``generate()`` has nothing like it and decodes
 one batch at a time on all the threads, as a user would run it. ``--workers 1`` times nmt that way
-too.
+too; ``--hf-workers`` runs ``generate()`` with nmt's workers instead, to compare the two on equal
+terms.
 
 Equal work. The Marian model has random weights, so left alone it would stop at arbitrary
 lengths. Instead each batch is decoded by nmt first, counting its decoder steps S_b (the
@@ -110,6 +111,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--beams", default="1,5", help="comma-separated beam sizes (1 = greedy)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers generate()")
     p.add_argument(
+        "--hf-workers",
+        action="store_true",
+        help="run generate() with nmt's workers too (several batches at once on CPU, which generate() "
+        "itself does not do)",
+    )
+    p.add_argument(
         "--ctranslate2", action="store_true", help="also time CTranslate2 on the converted Marian model"
     )
     p.add_argument("--repeat", type=int, default=3, help="timed passes per system; the fastest counts")
@@ -168,7 +175,7 @@ def nmt_runner(translator: Translator, beam: int) -> Runner:
     counter = threading.local()  # decoder calls of the batch this thread is decoding
 
     def counting_decode(*args, **kwargs):
-        counter.calls += 1
+        counter.calls = getattr(counter, "calls", 0) + 1
         return decode(*args, **kwargs)
 
     model.decode = counting_decode  # an instance attribute shadows the method; costs one call
@@ -227,12 +234,19 @@ def marian_like(translator: Translator, dtype: torch.dtype):
     return MarianMTModel(config).eval().to(device=translator.device, dtype=dtype)
 
 
-def hf_runner(marian, beam: int) -> Runner:
+def hf_runner(marian, beam: int, translator: Translator | None = None) -> Runner:
+    """``generate()`` one batch at a time, or, given ``translator``, through its ``batch_map`` like
+    nmt (several batches at once on CPU: not something ``generate()`` offers, but a user could)."""
     from transformers import GenerationConfig
 
     def run(batches: list[Batch]) -> None:
-        for batch in batches:
-            generate(batch)
+        if translator is None:
+            for batch in batches:
+                generate(batch)
+            return
+        with translator.batch_map(len(batches)) as map_batches:
+            for _ in map_batches(generate, batches):
+                pass
 
     def generate(batch: Batch) -> None:
         # generate's first decoder step reads the start token, like nmt's BOS step: S_b steps.
@@ -355,7 +369,7 @@ def runners(args, translator: Translator, marian, beam: int, workdir: Path) -> d
     """The systems to time at this beam size; nmt first, since it sets each batch's step count."""
     systems = {"nmt": nmt_runner(translator, beam)}
     if not args.no_hf:
-        systems["transformers"] = hf_runner(marian, beam)
+        systems["transformers"] = hf_runner(marian, beam, translator if args.hf_workers else None)
     if args.ctranslate2:
         try:
             workers = translator.workers(args.batch_count)
@@ -395,7 +409,8 @@ def main(argv: list[str] | None = None) -> dict:
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
-        "workers": translator.workers(len(batches)),
+        "workers": translator.workers(len(batches)),  # nmt's and CTranslate2's
+        "hf_workers": translator.workers(len(batches)) if args.hf_workers else 1,
         "dtype": str(dtype).replace("torch.", ""),
         "torch": torch.__version__,
         "batch_size": args.batch_size,
