@@ -162,12 +162,17 @@ def timed(run: Runner, batches: list[Batch], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def nmt_runner(translator: Translator, beam: int) -> Runner:
-    """Decode with nmt, recording each batch's decoder steps and output tokens.
+def decode_all(translator: Translator, decode: Callable[[Batch], None], batches: list[Batch]) -> None:
+    """``decode`` every batch through ``Translator.batch_map``: several at once on CPU, as in
+    ``python -m nmt.translate``."""
+    with translator.batch_map(len(batches)) as map_batches:
+        for _ in map_batches(decode, batches):
+            pass
 
-    Batches go through ``Translator.batch_map``, so on CPU several run at once, as in
-    ``python -m nmt.translate``.
-    """
+
+def nmt_runner(translator: Translator, beam: int) -> Runner:
+    """Decode with nmt (through :func:`decode_all`), recording each batch's decoder steps and
+    output tokens."""
     model, cfg = translator.model, translator.cfg
     lengths = dict(max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b, min_len=cfg.min_len)
     lengths["max_len_cap"] = translator.max_len_cap
@@ -189,12 +194,7 @@ def nmt_runner(translator: Translator, beam: int) -> Runner:
             outputs = [h[0].tokens for h in hyps]
         batch.steps, batch.tokens = counter.calls, sum(len(t) + 1 for t in outputs)
 
-    def run(batches: list[Batch]) -> None:
-        with translator.batch_map(len(batches)) as map_batches:
-            for _ in map_batches(search, batches):
-                pass
-
-    return run
+    return lambda batches: decode_all(translator, search, batches)
 
 
 def marian_like(translator: Translator, dtype: torch.dtype):
@@ -235,7 +235,7 @@ def marian_like(translator: Translator, dtype: torch.dtype):
 
 
 def hf_runner(marian, beam: int, translator: Translator | None = None) -> Runner:
-    """``generate()`` one batch at a time, or, given ``translator``, through its ``batch_map`` like
+    """``generate()`` one batch at a time, or, given ``translator``, through :func:`decode_all` like
     nmt (several batches at once on CPU: not something ``generate()`` offers, but a user could)."""
     from transformers import GenerationConfig
 
@@ -243,10 +243,8 @@ def hf_runner(marian, beam: int, translator: Translator | None = None) -> Runner
         if translator is None:
             for batch in batches:
                 generate(batch)
-            return
-        with translator.batch_map(len(batches)) as map_batches:
-            for _ in map_batches(generate, batches):
-                pass
+        else:
+            decode_all(translator, generate, batches)
 
     def generate(batch: Batch) -> None:
         # generate's first decoder step reads the start token, like nmt's BOS step: S_b steps.
@@ -365,14 +363,15 @@ def print_table(results: list[Result]) -> None:
         )
 
 
-def runners(args, translator: Translator, marian, beam: int, workdir: Path) -> dict[str, Runner]:
+def runners(
+    args, translator: Translator, marian, beam: int, workdir: Path, workers: int
+) -> dict[str, Runner]:
     """The systems to time at this beam size; nmt first, since it sets each batch's step count."""
     systems = {"nmt": nmt_runner(translator, beam)}
     if not args.no_hf:
         systems["transformers"] = hf_runner(marian, beam, translator if args.hf_workers else None)
     if args.ctranslate2:
         try:
-            workers = translator.workers(args.batch_count)
             systems["ctranslate2"] = ctranslate2_runner(marian, translator, beam, workdir, workers)
         except Exception as e:  # noqa: BLE001 - an optional system: say why and go on
             log.warning("CTranslate2 skipped: %s: %s", type(e).__name__, e)
@@ -393,12 +392,12 @@ def main(argv: list[str] | None = None) -> dict:
     device, dtype = translator.device, next(translator.model.parameters()).dtype
     src_lang = args.src_lang or _checkpoint_src_lang(args.ckpt)
     batches = make_batches(translator, read_source(Path(args.data_dir), args.split, src_lang, args.limit))
-    args.batch_count = len(batches)
+    workers = translator.workers(len(batches))  # nmt's, and CTranslate2's inter_threads
     marian = None if args.no_hf and not args.ctranslate2 else marian_like(translator, dtype)
     workdir = Path(tempfile.mkdtemp(prefix="benchmark_decode."))  # CTranslate2's converted model
     results: list[Result] = []
     for beam in [int(b) for b in args.beams.split(",")]:
-        systems = runners(args, translator, marian, beam, workdir)
+        systems = runners(args, translator, marian, beam, workdir, workers)
         passes: dict[str, list[float]] = {name: [] for name in systems}
         for _ in range(args.repeat):  # interleaved, so that a busy moment hurts all systems alike
             for name, run in systems.items():
@@ -409,8 +408,8 @@ def main(argv: list[str] | None = None) -> dict:
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
-        "workers": translator.workers(len(batches)),  # nmt's and CTranslate2's
-        "hf_workers": translator.workers(len(batches)) if args.hf_workers else 1,
+        "workers": workers,  # nmt's and CTranslate2's
+        "hf_workers": workers if args.hf_workers else 1,
         "dtype": str(dtype).replace("torch.", ""),
         "torch": torch.__version__,
         "batch_size": args.batch_size,
