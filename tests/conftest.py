@@ -103,3 +103,12 @@ def cudnn_attention_restored():
     before = torch.backends.cuda.cudnn_sdp_enabled()
     yield
     torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+@pytest.fixture
+def torch_threads():
+    """Runs the test with 4 torch threads (what a 4-core machine has); restores the setting after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    yield 4
+    torch.set_num_threads(before)

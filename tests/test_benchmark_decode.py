@@ -7,8 +7,6 @@ import importlib.util
 import sys
 from pathlib import Path
 
-import torch
-
 from tests.test_translator import SENTENCES, make_checkpoint
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_decode.py"
@@ -18,18 +16,14 @@ sys.modules[_spec.name] = benchmark_decode  # dataclasses look their module up w
 _spec.loader.exec_module(benchmark_decode)
 
 
-def test_parallel_batches_count_the_same_steps_and_tokens(tmp_path):
+def test_parallel_batches_count_the_same_steps_and_tokens(tmp_path, torch_threads):
     ckpt = make_checkpoint(tmp_path / "ckpt.pt")
     data = tmp_path / "data"
     data.mkdir()
     (data / "test_2016_flickr.en").write_text("\n".join(SENTENCES * 3) + "\n", encoding="utf-8")
     args = ["--ckpt", str(ckpt), "--data-dir", str(data), "--src-lang", "en", "--no-hf"]
     args += ["--beams", "1,3", "--repeat", "2", "--batch-size", "4", "--threads", "2", "--malloc", "default"]
-    threads = torch.get_num_threads()
-    try:
-        reports = {w: benchmark_decode.main([*args, "--workers", str(w)]) for w in (1, 2)}
-    finally:
-        torch.set_num_threads(threads)
+    reports = {w: benchmark_decode.main([*args, "--workers", str(w)]) for w in (1, 2)}  # sets 2 threads
     assert reports[1]["meta"]["workers"] == 1 and reports[2]["meta"]["workers"] == 2
     counted = {
         w: [(r["search"], r["sentences"], r["target_tokens"], r["decoder_steps"]) for r in report["results"]]

@@ -11,7 +11,6 @@ import sys
 import threading
 
 import pytest
-import torch
 
 from nmt.translate import main
 from nmt.translator import Translator
@@ -122,16 +121,8 @@ def test_nbest_larger_than_beam_is_rejected(checkpoint, capsys):
     assert "--nbest 3 needs --beam of at least 3" in capsys.readouterr().err
 
 
-def test_workers_flag_same_output_and_bad_value_rejected(checkpoint, tmp_path, capsys):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # so that --workers 2 runs two batches at once on any machine
-    try:
-        _check_workers_flag(checkpoint, tmp_path, capsys)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _check_workers_flag(checkpoint, tmp_path, capsys):
+def test_workers_flag_same_output_and_bad_value_rejected(checkpoint, tmp_path, capsys, torch_threads):
+    # 4 threads, so that --workers 2 runs two batches at once on any machine.
     src = tmp_path / "in.en"
     src.write_text("\n".join([*SENTENCES, "", *SENTENCES]) + "\n", encoding="utf-8")
     args = ["--ckpt", str(checkpoint), "--device", "cpu", "--input", str(src), "--beam", "3"]

@@ -207,15 +207,6 @@ def test_translator_on_cuda_keeps_sdpa_off_cudnn(joint_tokenizer, cudnn_attentio
     assert not torch.backends.cuda.cudnn_sdp_enabled()
 
 
-@pytest.fixture
-def torch_threads():
-    """Runs the test with 4 torch threads (what a 4-core machine has); restores the setting after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(4)
-    yield 4
-    torch.set_num_threads(before)
-
-
 def test_workers_follow_config_threads_batches_and_device(translator, torch_threads):
     auto = Translator(translator.model, translator.tokenizer, replace(translator.cfg, workers=0), "cpu")
     assert [auto.workers(n) for n in (1, 2, 3, 4, 10)] == [1, 2, 3, 4, 4]  # one per thread, per batch
