@@ -73,7 +73,22 @@ def keep_freed_memory_in_heap() -> bool:
 def compile_model(model: torch.nn.Module) -> torch.nn.Module:
     """``torch.compile`` for batches whose (B, T) changes every step: symbolic shapes from the
     first call, so one compilation serves every batch (instead of a static one, then a recompile;
-    docs/performance.md, log item 15)."""
+    docs/performance.md, log item 15).
+
+    Two of dynamo's defaults would trace the model again (log item 18), so this sets them for the
+    whole process:
+
+    * duck sizing gives sizes that are equal in the first batch one symbol: when its source and
+      target happened to have the same length, the next batch whose lengths differ recompiles;
+    * with symbolic shapes, float attributes (LayerNorm's eps, dropout's p, ``nn.Embedding``'s
+      ``norm_type``) are first traced as symbols too, and every graph is traced a second time when
+      they cannot be turned into tensors. They are constants of the model, so they are specialised.
+    """
+    import torch._dynamo
+    import torch.fx.experimental._config as fx_config
+
+    torch._dynamo.config.specialize_float = True
+    fx_config.use_duck_shape = False
     return torch.compile(model, dynamic=True)
 
 

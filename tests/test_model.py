@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch._functorch.config
+import torch.fx.experimental._config as fx_config
 import torch.nn.functional as F
 import yaml
 
@@ -17,6 +19,7 @@ from nmt.loss import label_smoothed_nll
 from nmt.model import MultiHeadAttention, SelfAttentionCache, Transformer
 from nmt.model import attention as attention_module
 from nmt.model.dropout import Dropout
+from nmt.runtime import compile_model
 
 MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 VOCAB = 23
@@ -487,3 +490,38 @@ def test_training_forward_compiles_without_graph_breaks():
     explanation = torch._dynamo.explain(model)(src, tgt)
     assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
     assert explanation.graph_count == 1
+
+
+def test_compile_model_traces_once_for_every_batch_shape(monkeypatch):
+    # Token-budget batches change (B, S, T) every step. The first batch has equal source and target
+    # lengths, which dynamo's duck sizing would bake in; the model's float attributes would make the
+    # first trace restart; and on CPU without attention dropout the explicit attention path below 64
+    # keys would add a branch on the key length. Any of them calls the backend more than once.
+    graphs = []
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(graph)
+        return aot_eager(graph, example_inputs)
+
+    compile_ = torch.compile
+    monkeypatch.setattr(
+        torch, "compile", lambda fn, **kw: compile_(fn, **{**kw, "backend": counting_backend})
+    )
+    batches = [([6, 3, 6], [6, 2, 4]), ([5, 4, 2, 3], [7, 3, 3, 2]), ([70, 9], [3, 66])]
+    # Start from dynamo's defaults, which compile_model changes, and restore them after; no on-disk
+    # cache: a graph found there brings the guards it was first compiled with.
+    with (
+        torch._dynamo.config.patch(specialize_float=False),
+        fx_config.patch(use_duck_shape=True),
+        torch._functorch.config.patch(enable_autograd_cache=False),
+    ):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = Transformer(tiny_config(attn_dropout=0.0, max_positions=128), VOCAB, VOCAB).train()
+        compiled = compile_model(model)
+        for seed, (src_lens, tgt_lens) in enumerate(batches):
+            src, tgt = padded_batch(src_lens, seed=2 * seed), padded_batch(tgt_lens, seed=2 * seed + 1)
+            compiled(src, tgt).float().logsumexp(-1).mean().backward()
+        torch._dynamo.reset()
+    assert len(graphs) == 1

@@ -127,10 +127,10 @@ class MultiHeadAttention(nn.Module):
         past = key_len - query_len
         dropout = self.dropout if self.training else 0.0
         # A single query (a cached decoding step) stays with SDPA, which reads the strided self-attention
-        # cache in place where matmul would first copy it.
-        explicit = q.device.type == "cpu" and (
-            (1 < query_len and key_len <= CPU_EXPLICIT_MAX_KEYS) or dropout > 0
-        )
+        # cache in place where matmul would first copy it. Compiled, the choice must not depend on the
+        # key length, or a batch crossing the threshold would compile the model again.
+        short_keys = torch.compiler.is_compiling() or key_len <= CPU_EXPLICIT_MAX_KEYS
+        explicit = q.device.type == "cpu" and ((1 < query_len and short_keys) or dropout > 0)
         use_is_causal = False
         if causal and past == 0 and mask is None and not explicit:
             use_is_causal = True  # SDPA's built-in mask is top-left aligned: right only without a cache
