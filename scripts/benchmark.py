@@ -487,6 +487,16 @@ def _proc_status_bytes(key: str) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------------- measuring
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far, recompilations included (0 before
+    anything was compiled). One per model is the aim: each more is another trace and code generation."""
+    if "torch._dynamo" not in sys.modules:
+        return 0
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 class Measurement:
     """One side's clocks, losses and memory over the warm-up, timed and breakdown passes."""
 
@@ -501,23 +511,27 @@ class Measurement:
         self.memory: dict[str, Any] = {}
         self._memory_at_start = 0
         self.warmup_seconds = 0.0
+        self.graphs = {"warmup": 0, "timed": 0}  # graphs compiled during this side's steps
 
     def warm_up(self, batches: list[np.ndarray]) -> None:
         self.side.model.train()
         self._memory_at_start = reset_peak_memory(self.device)
         torch.manual_seed(self.seed)
-        start = time.perf_counter()
+        graphs, start = compiled_graphs(), time.perf_counter()
         self.losses += [self.runner.step(b, None) for b in batches]
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.warmup_seconds = time.perf_counter() - start  # compilation included
+        self.graphs["warmup"] += compiled_graphs() - graphs
 
     def timed_step(self, indices: np.ndarray) -> None:
+        graphs = compiled_graphs()
         self.steps.start()
         if self.phases is not None:
             self.phases.start()
         self.losses.append(self.runner.step(indices, self.phases))
         self.steps.stop()
+        self.graphs["timed"] += compiled_graphs() - graphs
 
     def record_memory(self, note: str = "") -> None:
         peak, kind = peak_memory(self.device)
@@ -580,6 +594,8 @@ def finish(run: Measurement, data: BenchData, cfg, args, device, dtype) -> dict:
     phases = run.breakdown(timed) if (args.breakdown or device.type == "cpu") else None
     result = summarise(run.side, data, cfg, timed, seconds, phases, args, device, dtype)
     result.update(run.memory, loss_first=losses[0], loss_last=losses[-1], warmup_seconds=run.warmup_seconds)
+    if args.compile:
+        result.update(compiled_graphs_warmup=run.graphs["warmup"], compiled_graphs_timed=run.graphs["timed"])
     if args.profile:
         result["profile"] = profile_side(run.runner, timed[: args.profile], device)
     return result
@@ -741,6 +757,13 @@ def format_table(result: dict) -> str:
         ("loss first -> last", lambda r: f"{r['loss_first']:.2f} -> {r['loss_last']:.2f}"),
         ("warm-up (s)", lambda r: _fmt(r["warmup_seconds"], ".1f")),
     ]
+    if "compiled_graphs_warmup" in sides[0]:
+        rows.append(
+            (
+                "graphs compiled: warm-up, timed",
+                lambda r: f"{r['compiled_graphs_warmup']}, {r['compiled_graphs_timed']}",
+            )
+        )
     header = ["metric"] + [r["name"] for r in sides] + (["nmt / hf"] if len(sides) == 2 else [])
     lines = [header]
     ratio_rows = {

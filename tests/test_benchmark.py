@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch._functorch.config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -60,6 +61,21 @@ def test_mfu_uses_the_given_peak(tmp_path):
     result = benchmark.main([*TINY_RUN, "--peak-tflops", "2.0"])
     ours = result["ours"]
     assert ours["mfu"] == pytest.approx(ours["achieved_tflops"] / 2.0)
+
+
+def test_compiled_run_reports_the_graphs_it_compiled(monkeypatch, capsys):
+    # aot_eager traces the forward and backward graphs as inductor would, without generating code.
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **{**kw, "backend": "aot_eager"}))
+    with torch._functorch.config.patch(enable_autograd_cache=False):  # trace afresh
+        torch._dynamo.reset()
+        result = benchmark.main([*TINY_RUN, "--compile", "--warmup", "2", "--steps", "4"])
+        torch._dynamo.reset()
+    ours = result["ours"]
+    # Batches of four shapes, one graph: compiled in the first warm-up step, none after it.
+    assert (ours["compiled_graphs_warmup"], ours["compiled_graphs_timed"]) == (1, 0)
+    assert "graphs compiled: warm-up, timed" in capsys.readouterr().out
+    assert np.isfinite(ours["loss_last"])
 
 
 def test_flops_formula_matches_a_hand_count():
