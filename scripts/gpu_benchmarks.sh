@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of README.md and docs/performance.md, on one CUDA GPU, in one command:
 #
-#   bash scripts/gpu_benchmarks.sh [--out DIR] [--data DIR] [PART ...]
+#   bash scripts/gpu_benchmarks.sh [--out DIR] [--data DIR] [--dry-run] [PART ...]
 #
 # PARTs, in this order by default (their time limits add up to 53 minutes):
 #   tests     tests/test_cuda.py: training and decoding on the GPU (autocast dtype, checkpoints, search)
@@ -12,20 +12,24 @@
 #   decode    scripts/benchmark_decode.py on the recipe's checkpoint, greedy and beam 5 against generate()
 #
 # Needs `pip install -e ".[dev,bench]"`. recipe and decode read Multi30k from --data (default
-# data/multi30k; the recipe downloads it there when the files are missing). Each part runs under its own
-# time limit and writes its log (and JSON) into --out (default results/gpu-DATE); a part that fails is
-# reported and the next one runs.
+# data/multi30k; the recipe downloads it there when the files are missing, so on a machine without
+# internet copy the files there first). Each part runs under its own time limit and writes its log (and
+# JSON) into --out (default results/gpu-DATE); a part that fails is reported and the next one runs.
+# --dry-run prints each part's command and runs nothing (no GPU needed; tests/test_gpu_benchmarks.py
+# checks every printed command against its script's arguments and the config schema).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 OUT="results/gpu-$(date -u +%F)"
 DATA="data/multi30k"
 PARTS=()
+DRY_RUN=0
 while (($#)); do
     case "$1" in
         --out) OUT=$2; shift 2 ;;
         --data) DATA=$2; shift 2 ;;
-        -h | --help) sed -n '2,17p' "$0"; exit 0 ;;
+        --dry-run) DRY_RUN=1; shift ;;
+        -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
         *) PARTS+=("$1"); shift ;;
     esac
 done
@@ -34,13 +38,21 @@ ALL=(tests train compiled batch recipe decode)
 for part in "${PARTS[@]}"; do
     [[ " ${ALL[*]} " == *" $part "* ]] || { echo "unknown part: $part (one of: ${ALL[*]})"; exit 2; }
 done
-python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || { echo "no CUDA device"; exit 1; }
-mkdir -p "$OUT"
+if ((!DRY_RUN)); then
+    python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || { echo "no CUDA device"; exit 1; }
+    mkdir -p "$OUT"
+fi
 export PYTHONUNBUFFERED=1
 
 run() {  # run NAME SECONDS COMMAND...: log to $OUT/NAME.log, print its tail
     local name=$1 limit=$2 start=$SECONDS rc
     shift 2
+    if ((DRY_RUN)); then
+        printf '%s %s' "$name" "$limit"
+        printf ' %q' "$@"
+        echo
+        return
+    fi
     echo "=== $name (limit ${limit} s): $*"
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
     rc=$?
@@ -52,8 +64,8 @@ BENCH=(python scripts/benchmark.py --device cuda --precision bf16 --data synthet
     --warmup 10 --steps 50)
 RUN_DIR=runs/base-gpu
 
-python -c "import torch; print(torch.cuda.get_device_name(), '| torch', torch.__version__, '| CUDA',
-    torch.version.cuda)" | tee "$OUT/gpu.txt"
+((DRY_RUN)) || python -c "import torch; print(torch.cuda.get_device_name(), '| torch', torch.__version__,
+    '| CUDA', torch.version.cuda)" | tee "$OUT/gpu.txt"
 for part in "${PARTS[@]}"; do
     case "$part" in
         tests) run tests 300 python -m pytest -q -rs tests/test_cuda.py ;;
@@ -83,4 +95,4 @@ for part in "${PARTS[@]}"; do
             ;;
     esac
 done
-echo "logs and JSON in $OUT"
+((DRY_RUN)) || echo "logs and JSON in $OUT"

@@ -81,7 +81,7 @@ def hardware(device: torch.device) -> str:
     return f"CPU, {threads} thread{'s' if threads > 1 else ''} ({model})"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -96,7 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", help="also write the results to this file")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     from nmt.checkpoint import load_checkpoint

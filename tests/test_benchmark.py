@@ -3,15 +3,13 @@ and against PyTorch's FLOP counter on the real model."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch._functorch.config
+from script_loader import load_script
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -19,11 +17,7 @@ from nmt.config import ModelConfig
 from nmt.loss import label_smoothed_nll
 from nmt.model import Transformer
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
-_spec = importlib.util.spec_from_file_location("nmt_benchmark_script", SCRIPT)
-benchmark = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = benchmark  # dataclasses look their module up while the class is built
-_spec.loader.exec_module(benchmark)
+benchmark = load_script("benchmark")
 
 # A model of a few thousand parameters on a few hundred synthetic pairs: each step takes milliseconds.
 TINY_RUN = [

@@ -3,17 +3,11 @@ or side by side (each batch's decoder steps are counted on the thread that decod
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+from script_loader import load_script
 
 from tests.test_translator import SENTENCES, make_checkpoint
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_decode.py"
-_spec = importlib.util.spec_from_file_location("nmt_benchmark_decode_script", SCRIPT)
-benchmark_decode = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = benchmark_decode  # dataclasses look their module up while the class is built
-_spec.loader.exec_module(benchmark_decode)
+benchmark_decode = load_script("benchmark_decode")
 
 
 def test_parallel_batches_count_the_same_steps_and_tokens(tmp_path, torch_threads):
