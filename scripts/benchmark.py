@@ -511,6 +511,7 @@ class Measurement:
         self.memory: dict[str, Any] = {}
         self._memory_at_start = 0
         self.warmup_seconds = 0.0
+        self.compiled = args.compile
         self.graphs = {"warmup": 0, "timed": 0}  # graphs compiled during this side's steps
 
     def warm_up(self, batches: list[np.ndarray]) -> None:
@@ -523,6 +524,11 @@ class Measurement:
             torch.cuda.synchronize()
         self.warmup_seconds = time.perf_counter() - start  # compilation included
         self.graphs["warmup"] += compiled_graphs() - graphs
+        # Logged as it happens: a run stopped by a time limit still shows how far each side got.
+        compiled = f", {self.graphs['warmup']} graphs compiled" if self.compiled else ""
+        log.info(
+            "%s: warm-up of %d steps in %.1f s%s", self.side.name, len(batches), self.warmup_seconds, compiled
+        )
 
     def timed_step(self, indices: np.ndarray) -> None:
         graphs = compiled_graphs()
@@ -596,6 +602,10 @@ def finish(run: Measurement, data: BenchData, cfg, args, device, dtype) -> dict:
     result.update(run.memory, loss_first=losses[0], loss_last=losses[-1], warmup_seconds=run.warmup_seconds)
     if args.compile:
         result.update(compiled_graphs_warmup=run.graphs["warmup"], compiled_graphs_timed=run.graphs["timed"])
+    log.info(
+        "%s: %.0f target tokens/s, %.1f ms per step (medians of %d timed steps)",
+        result["name"], result["tgt_tokens_per_sec"], result["step_time_ms_median"], len(timed),
+    )  # fmt: skip
     if args.profile:
         result["profile"] = profile_side(run.runner, timed[: args.profile], device)
     return result
