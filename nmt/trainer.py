@@ -346,7 +346,9 @@ class Trainer:
 
     def resume(self, path: str | os.PathLike) -> None:
         """Continue exactly from a training checkpoint: weights, optimizer, scheduler, scaler, data, RNG."""
-        state = load_checkpoint(path, map_location=self.device)
+        # Read onto the CPU: RNG states must stay there (numpy, torch.set_rng_state), and the model,
+        # optimizer and scaler copy their tensors to the training device as they load them.
+        state = load_checkpoint(path)
         if "optimizer" not in state:
             raise TrainingError(f"{path} holds weights only (e.g. an average); it cannot be resumed from.")
         if state.get("world_size", 1) != self.dist.world_size:

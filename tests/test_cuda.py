@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from nmt.trainer import find_resume_checkpoint
 from nmt.translator import Translator
 from tests.conftest import tiny_config
-from tests.test_trainer import make_trainer
+from tests.test_trainer import make_trainer, with_train
 from tests.test_translator import SENTENCES, make_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -52,3 +53,19 @@ def test_compiled_training_on_cuda(toy_dir, tmp_path, cudnn_attention_restored):
     assert result.state.step == 6
     assert all(math.isfinite(loss) for loss in result.state.losses)
     assert math.isfinite(result.last_valid["loss"])
+
+
+def test_training_resumes_on_cuda(toy_dir, tmp_path, cudnn_attention_restored):
+    # The checkpoint's RNG states (CPU and CUDA generators) are restored from CPU tensors, and the
+    # fused AdamW state moves back onto the GPU with the weights.
+    cut = tiny_config(toy_dir, tmp_path / "run", device="cuda", precision="auto", max_steps=3)
+    first = make_trainer(cut).train()
+    resumed_cfg = with_train(cut, max_steps=6, resume="true")
+    trainer = make_trainer(resumed_cfg)
+    trainer.resume(find_resume_checkpoint(resumed_cfg, Path(cut.run_dir)))
+    assert trainer.state.step == 3
+    second = trainer.train()
+    assert second.state.step == 6 and second.state.losses[:3] == first.state.losses
+    assert all(math.isfinite(loss) for loss in second.state.losses)
+    steps = {s["step"].item() for s in trainer.optimizer.state.values()}
+    assert steps == {6.0} and all(p.is_cuda for p in trainer.raw_model.parameters())

@@ -308,3 +308,17 @@ def test_compiled_training_validates_and_saves_plain_checkpoints(toy_dir, tmp_pa
     saved = load_checkpoint(Path(cfg.run_dir) / "checkpoints" / "latest.pt")
     assert list(saved["model"]) == list(trainer.raw_model.state_dict())
     assert not [k for k in saved["model"] if "_orig_mod" in k]
+
+
+def test_resume_reads_the_checkpoint_onto_the_cpu_whatever_the_training_device(toy_dir, tmp_path):
+    # On a GPU, RNG states mapped onto it broke resume: numpy and torch.set_rng_state take CPU tensors
+    # only. The model and optimizer copy their tensors to their parameters' device anyway, so the
+    # checkpoint is read onto the CPU. meta stands in for the GPU: nothing mapped there can be read.
+    cut = tiny_config(toy_dir, tmp_path / "cut", max_steps=2)
+    make_trainer(cut).train()
+    resumed_cfg = with_train(cut, max_steps=4, resume="true")
+    trainer = make_trainer(resumed_cfg)
+    trainer.device = torch.device("meta")
+    trainer.resume(find_resume_checkpoint(resumed_cfg, Path(cut.run_dir)))
+    assert trainer.state.step == 2
+    assert all(p.device.type == "cpu" for p in trainer.raw_model.parameters())
