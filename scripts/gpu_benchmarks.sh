@@ -11,15 +11,17 @@
 #   recipe    the base recipe for 3 minutes, averaged, scored on Multi30k test (scripts/recipe.py)
 #   decode    scripts/benchmark_decode.py on the recipe's checkpoint, greedy and beam 5 against generate()
 #
-# Needs `pip install -e ".[dev,bench]"`. recipe and decode read Multi30k from --data (default
-# data/multi30k; the recipe downloads it there when the files are missing, so on a machine without
-# internet copy the files there first). Each part runs under its own time limit and writes its log (and
-# JSON) into --out (default results/gpu-DATE); a part that fails is reported and the next one runs.
-# --dry-run prints each part's command and runs nothing (no GPU needed; tests/test_gpu_benchmarks.py
-# checks every printed command against its script's arguments and the config schema).
+# Needs `pip install -e ".[dev,bench]"`; runs $PYTHON (default python3). recipe and decode read
+# Multi30k from --data (default data/multi30k; the recipe downloads it there when the files are
+# missing, so on a machine without internet copy the files there first). Each part runs under its own
+# time limit and writes its log (and JSON) into --out (default results/gpu-DATE); a part that fails is
+# reported and the next one runs. --dry-run prints each part's command and runs nothing (no GPU
+# needed; tests/test_gpu_benchmarks.py checks every printed command against its script's arguments
+# and the config schema).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
+PY=${PYTHON:-python3}
 OUT="results/gpu-$(date -u +%F)"
 DATA="data/multi30k"
 PARTS=()
@@ -29,7 +31,7 @@ while (($#)); do
         --out) OUT=$2; shift 2 ;;
         --data) DATA=$2; shift 2 ;;
         --dry-run) DRY_RUN=1; shift ;;
-        -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
         *) PARTS+=("$1"); shift ;;
     esac
 done
@@ -39,7 +41,7 @@ for part in "${PARTS[@]}"; do
     [[ " ${ALL[*]} " == *" $part "* ]] || { echo "unknown part: $part (one of: ${ALL[*]})"; exit 2; }
 done
 if ((!DRY_RUN)); then
-    python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || { echo "no CUDA device"; exit 1; }
+    "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" || { echo "no CUDA device"; exit 1; }
     mkdir -p "$OUT"
 fi
 export PYTHONUNBUFFERED=1
@@ -60,15 +62,15 @@ run() {  # run NAME SECONDS COMMAND...: log to $OUT/NAME.log, print its tail
     grep -v -i "warning" "$OUT/$name.log" | tail -n 24
 }
 
-BENCH=(python scripts/benchmark.py --device cuda --precision bf16 --data synthetic --vocab-size 32000
+BENCH=("$PY" scripts/benchmark.py --device cuda --precision bf16 --data synthetic --vocab-size 32000
     --warmup 10 --steps 50)
 RUN_DIR=runs/base-gpu
 
-((DRY_RUN)) || python -c "import torch; print(torch.cuda.get_device_name(), '| torch', torch.__version__,
+((DRY_RUN)) || "$PY" -c "import torch; print(torch.cuda.get_device_name(), '| torch', torch.__version__,
     '| CUDA', torch.version.cuda)" | tee "$OUT/gpu.txt"
 for part in "${PARTS[@]}"; do
     case "$part" in
-        tests) run tests 300 python -m pytest -q -rs tests/test_cuda.py ;;
+        tests) run tests 300 "$PY" -m pytest -q -rs tests/test_cuda.py ;;
         train)
             for model in base big; do
                 run "train-$model" 300 "${BENCH[@]}" --model "$model" --max-tokens 16384 --compare-hf \
@@ -86,11 +88,11 @@ for part in "${PARTS[@]}"; do
                 --json "$OUT/batch-base.json"
             ;;
         recipe)
-            run recipe 480 python scripts/recipe.py base "data.dir=$DATA" "run_dir=$RUN_DIR" \
+            run recipe 480 "$PY" scripts/recipe.py base "data.dir=$DATA" "run_dir=$RUN_DIR" \
                 train.max_time_min=3 --average 5 --json "$OUT/recipe-base.json"
             ;;
         decode)
-            run decode 300 python scripts/benchmark_decode.py --ckpt "$RUN_DIR/checkpoints/latest.pt" \
+            run decode 300 "$PY" scripts/benchmark_decode.py --ckpt "$RUN_DIR/checkpoints/latest.pt" \
                 --data-dir "$DATA" --device cuda --dtype bf16 --beams 1,5 --repeat 2 --json "$OUT/decode.json"
             ;;
     esac
