@@ -6,7 +6,7 @@
 # PARTs, in this order by default (their time limits add up to 53 minutes):
 #   tests     tests/test_cuda.py: training and decoding on the GPU (autocast dtype, checkpoints, search)
 #   train     scripts/benchmark.py, base and big against MarianMTModel, eager, bf16 (WMT-like batches)
-#   compiled  the same with --compile (torch.compile, both sides; the warm-up time is reported)
+#   compiled  the same with --compile (torch.compile, both sides; warm-up time and graphs reported)
 #   batch     base with 32,768-token batches, eager
 #   recipe    the base recipe for 3 minutes, averaged, scored on Multi30k test (scripts/recipe.py)
 #   decode    scripts/benchmark_decode.py on the recipe's checkpoint, greedy and beam 5 against generate()
@@ -78,9 +78,9 @@ for part in "${PARTS[@]}"; do
             done
             ;;
         compiled)
-            for model in base big; do
-                run "compiled-$model" 600 "${BENCH[@]}" --model "$model" --max-tokens 16384 --compare-hf \
-                    --compile --json "$OUT/compiled-$model.json"
+            for model in base big; do  # the log names the cause of any recompilation
+                TORCH_LOGS=recompiles run "compiled-$model" 600 "${BENCH[@]}" --model "$model" \
+                    --max-tokens 16384 --compare-hf --compile --json "$OUT/compiled-$model.json"
             done
             ;;
         batch)
