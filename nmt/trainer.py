@@ -69,14 +69,15 @@ class TrainResult:
     last_valid: dict[str, float]
 
 
-def loss_in_model(device: torch.device, dtype: torch.dtype, compiled: bool) -> bool:
+def loss_in_model(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the model computes the loss itself (``model(src, tgt_in, tgt_out, smoothing)``).
 
     Yes on CPU in fp32: slice by slice, without (B, T, V) logits (see
     :func:`nmt.loss.projected_label_smoothed_nll`; docs/performance.md has the figures). Elsewhere the
-    logits path keeps autocast and ``torch.compile`` on the output projection.
+    logits path keeps the output projection under autocast. (``train.compile`` compiles the layers
+    only, so it does not change this.)
     """
-    return device.type == "cpu" and dtype == torch.float32 and not compiled
+    return device.type == "cpu" and dtype == torch.float32
 
 
 class Trainer:
@@ -96,7 +97,7 @@ class Trainer:
             self.dtype = resolve_dtype(cfg.train.precision, self.device, "train.precision", torch.float16)
         except ValueError as e:
             raise TrainingError(str(e)) from None
-        self.fused_loss = loss_in_model(self.device, self.dtype, cfg.train.compile)
+        self.fused_loss = loss_in_model(self.device, self.dtype)
         seed_everything(cfg.train.seed)
 
         tok = data.tokenizer

@@ -293,7 +293,7 @@ def build_ours(
     return Side(
         "nmt", model, lambda b: model(b.src, b.tgt_in), params, optimizer,
         build_scheduler(optimizer, tcfg), "sdpa", raw.num_parameters(),
-        loss_in_model=loss_in_model(device, dtype, args.compile),
+        loss_in_model=loss_in_model(device, dtype),
     )  # fmt: skip
 
 

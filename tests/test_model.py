@@ -493,10 +493,11 @@ def test_training_forward_compiles_without_graph_breaks():
 
 
 def test_compile_model_traces_once_for_every_batch_shape(monkeypatch):
+    # One graph per layer class (encoder layer, decoder layer), shared by all layers of the class.
     # Token-budget batches change (B, S, T) every step. The first batch has equal source and target
     # lengths, which dynamo's duck sizing would bake in; the model's float attributes would make the
     # first trace restart; and on CPU without attention dropout the explicit attention path below 64
-    # keys would add a branch on the key length. Any of them calls the backend more than once.
+    # keys would add a branch on the key length. Any of them calls the backend more than twice.
     graphs = []
     aot_eager = torch._dynamo.lookup_backend("aot_eager")
 
@@ -523,5 +524,15 @@ def test_compile_model_traces_once_for_every_batch_shape(monkeypatch):
         for seed, (src_lens, tgt_lens) in enumerate(batches):
             src, tgt = padded_batch(src_lens, seed=2 * seed), padded_batch(tgt_lens, seed=2 * seed + 1)
             compiled(src, tgt).float().logsumexp(-1).mean().backward()
+        assert len(graphs) == 2
+        # A view: the same parameters, now with gradients; the model itself stays eager.
+        assert [id(p) for p in compiled.parameters()] == [id(p) for p in model.parameters()]
+        assert all(p.grad is not None for p in model.parameters())
+        model.eval()(src, tgt)
+        assert len(graphs) == 2
         torch._dynamo.reset()
-    assert len(graphs) == 1
+
+
+def test_compile_model_needs_layers_to_compile():
+    with pytest.raises(ValueError, match="no nn.ModuleList named 'layers'"):
+        compile_model(torch.nn.Sequential(torch.nn.Linear(2, 2)))
