@@ -112,3 +112,28 @@ def torch_threads():
     torch.set_num_threads(4)
     yield 4
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def traced_graphs(monkeypatch):
+    """``torch.compile`` with the aot_eager backend, which traces the forward and backward graphs as
+    inductor would without generating code; yields the list of the graphs it was given. Traces afresh
+    (dynamo reset, no on-disk cache: a cached graph brings the guards it was first compiled with)."""
+    import torch._dynamo
+    import torch._functorch.config
+
+    graphs = []
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(graph)
+        return aot_eager(graph, example_inputs)
+
+    compile_ = torch.compile
+    monkeypatch.setattr(
+        torch, "compile", lambda fn, **kw: compile_(fn, **{**kw, "backend": counting_backend})
+    )
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        torch._dynamo.reset()
+        yield graphs
+        torch._dynamo.reset()

@@ -57,19 +57,13 @@ def test_mfu_uses_the_given_peak(tmp_path):
     assert ours["mfu"] == pytest.approx(ours["achieved_tflops"] / 2.0)
 
 
-def test_compiled_run_reports_the_graphs_it_compiled(monkeypatch, capsys):
-    # aot_eager traces the forward and backward graphs as inductor would, without generating code.
-    compile_ = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **{**kw, "backend": "aot_eager"}))
-    with torch._functorch.config.patch(enable_autograd_cache=False):  # trace afresh
-        torch._dynamo.reset()
-        result = benchmark.main([*TINY_RUN, "--compile", "--warmup", "2", "--steps", "4"])
-        torch._dynamo.reset()
+def test_compiled_run_reports_the_graphs_it_compiled(traced_graphs, capsys):
+    result = benchmark.main([*TINY_RUN, "--compile", "--warmup", "2", "--steps", "4"])
     ours = result["ours"]
     # Batches of four shapes, one graph per layer class: compiled in the first warm-up step, none after.
     assert (ours["compiled_graphs_warmup"], ours["compiled_graphs_timed"]) == (2, 0)
     assert "graphs compiled: warm-up, timed" in capsys.readouterr().out
-    assert np.isfinite(ours["loss_last"])
+    assert np.isfinite(ours["loss_last"]) and len(traced_graphs) == 2
 
 
 def test_flops_formula_matches_a_hand_count():

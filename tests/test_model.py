@@ -492,45 +492,27 @@ def test_training_forward_compiles_without_graph_breaks():
     assert explanation.graph_count == 1
 
 
-def test_compile_model_traces_once_for_every_batch_shape(monkeypatch):
+def test_compile_model_traces_once_for_every_batch_shape(traced_graphs):
     # One graph per layer class (encoder layer, decoder layer), shared by all layers of the class.
     # Token-budget batches change (B, S, T) every step. The first batch has equal source and target
     # lengths, which dynamo's duck sizing would bake in; the model's float attributes would make the
     # first trace restart; and on CPU without attention dropout the explicit attention path below 64
     # keys would add a branch on the key length. Any of them calls the backend more than twice.
-    graphs = []
-    aot_eager = torch._dynamo.lookup_backend("aot_eager")
-
-    def counting_backend(graph, example_inputs):
-        graphs.append(graph)
-        return aot_eager(graph, example_inputs)
-
-    compile_ = torch.compile
-    monkeypatch.setattr(
-        torch, "compile", lambda fn, **kw: compile_(fn, **{**kw, "backend": counting_backend})
-    )
     batches = [([6, 3, 6], [6, 2, 4]), ([5, 4, 2, 3], [7, 3, 3, 2]), ([70, 9], [3, 66])]
-    # Start from dynamo's defaults, which compile_model changes, and restore them after; no on-disk
-    # cache: a graph found there brings the guards it was first compiled with.
-    with (
-        torch._dynamo.config.patch(specialize_float=False),
-        fx_config.patch(use_duck_shape=True),
-        torch._functorch.config.patch(enable_autograd_cache=False),
-    ):
-        torch._dynamo.reset()
+    # Start from dynamo's defaults, which compile_model changes, and restore them after.
+    with torch._dynamo.config.patch(specialize_float=False), fx_config.patch(use_duck_shape=True):
         torch.manual_seed(0)
         model = Transformer(tiny_config(attn_dropout=0.0, max_positions=128), VOCAB, VOCAB).train()
         compiled = compile_model(model)
         for seed, (src_lens, tgt_lens) in enumerate(batches):
             src, tgt = padded_batch(src_lens, seed=2 * seed), padded_batch(tgt_lens, seed=2 * seed + 1)
             compiled(src, tgt).float().logsumexp(-1).mean().backward()
-        assert len(graphs) == 2
+        assert len(traced_graphs) == 2
         # A view: the same parameters, now with gradients; the model itself stays eager.
         assert [id(p) for p in compiled.parameters()] == [id(p) for p in model.parameters()]
         assert all(p.grad is not None for p in model.parameters())
         model.eval()(src, tgt)
-        assert len(graphs) == 2
-        torch._dynamo.reset()
+        assert len(traced_graphs) == 2
 
 
 def test_compile_model_needs_layers_to_compile():

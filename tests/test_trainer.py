@@ -278,33 +278,21 @@ def test_checkpoint_round_trip_restores_the_model(toy_dir, tmp_path):
         assert torch.equal(state["model"][k], v)
 
 
-def test_compiled_training_validates_and_saves_plain_checkpoints(toy_dir, tmp_path, monkeypatch):
+def test_compiled_training_validates_and_saves_plain_checkpoints(toy_dir, tmp_path, traced_graphs):
     """train.compile=true: training steps run the compiled layers (and, on CPU in fp32, the slice-wise
     loss, which stays eager), validation and its beam search run the plain model without compiling
     anything, and checkpoints hold the plain model's state_dict (no ``_orig_mod.`` prefix). aot_eager
     traces the forward and backward graphs as inductor would, without generating code."""
-    graphs = []
-    aot_eager = torch._dynamo.lookup_backend("aot_eager")
-
-    def counting_backend(graph, example_inputs):
-        graphs.append(graph)
-        return aot_eager(graph, example_inputs)
-
-    compile_ = torch.compile
-    monkeypatch.setattr(
-        torch, "compile", lambda fn, **kw: compile_(fn, **{**kw, "backend": counting_backend})
-    )
-    torch._dynamo.reset()
     cfg = with_train(tiny_config(toy_dir, tmp_path / "run", max_steps=6, valid_every=3), compile=True)
     trainer = make_trainer(cfg)
     assert trainer.model is not trainer.raw_model and trainer.fused_loss
     result = trainer.train()
     assert result.state.step == 6 and all(math.isfinite(loss) for loss in result.state.losses)
-    assert graphs, "training steps ran the compiled model"
-    traced = len(graphs)
+    assert traced_graphs, "training steps ran the compiled layers"
+    traced = len(traced_graphs)
     metrics = trainer.validate()
     assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["bleu"])
-    assert len(graphs) == traced, "validation compiled a graph"
+    assert len(traced_graphs) == traced, "validation compiled a graph"
     saved = load_checkpoint(Path(cfg.run_dir) / "checkpoints" / "latest.pt")
     assert list(saved["model"]) == list(trainer.raw_model.state_dict())
     assert not [k for k in saved["model"] if "_orig_mod" in k]
