@@ -489,7 +489,8 @@ def _proc_status_bytes(key: str) -> int | None:
 # ---------------------------------------------------------------------------------------------- measuring
 def compiled_graphs() -> int:
     """Graphs torch.compile has compiled in this process so far, recompilations included (0 before
-    anything was compiled). One per model is the aim: each more is another trace and code generation."""
+    anything was compiled). One per layer class is the aim (``nmt.runtime.compile_model``): each more
+    is another trace and code generation."""
     if "torch._dynamo" not in sys.modules:
         return 0
     from torch._dynamo.utils import counters

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch._functorch.config
 from script_loader import load_script
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode

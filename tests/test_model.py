@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch._functorch.config
 import torch.fx.experimental._config as fx_config
 import torch.nn.functional as F
 import yaml
