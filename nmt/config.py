@@ -118,7 +118,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # auto = bf16 on CUDA (fp16 on GPUs without bf16), fp32 on CPU | fp32 | bf16 | fp16
     precision: str = "auto"
-    # torch.compile the encoder and decoder layers for training (nmt.runtime.compile_model)
+    # torch.compile the encoder and decoder layers for training (nmt.runtime.compile_model), and the loss
+    # where it is computed from logits: GPU, or CPU in bf16 (compile_loss)
     compile: bool = False
     # optimisation
     lr: float = 1e-3

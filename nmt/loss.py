@@ -12,6 +12,11 @@ time of the autograd version and no extra (B, T, V) buffer at fp32.
 computes logits for the non-padding positions only, a slice of rows at a time, and turns each slice
 into its loss and its gradients at once, so the (B, T, V) logits, log-probabilities and gradient are
 never held in memory, and padding positions cost nothing.
+
+:func:`label_smoothed_nll_ops` is the same loss in plain tensor operations, for ``torch.compile``
+(``nmt.runtime.compile_loss``): compiled, the softmax, the loss and the gradient become a few fused
+passes over the logits, and only the logits themselves are saved for the backward pass (no float32
+(B, T, V) buffer for bf16/fp16 logits).
 """
 
 from __future__ import annotations
@@ -38,6 +43,21 @@ def label_smoothed_nll(logits: Tensor, target: Tensor, epsilon: float, pad_id: i
     call (no ``retain_graph`` second backward).
     """
     return _LabelSmoothedNLL.apply(logits, target, float(epsilon), int(pad_id))
+
+
+def label_smoothed_nll_ops(
+    logits: Tensor, target: Tensor, epsilon: float, pad_id: int
+) -> tuple[Tensor, Tensor]:
+    """:func:`label_smoothed_nll` written for a compiler: the same sums, gradient and dtypes.
+
+    Run eagerly, autograd keeps (B, T, V) intermediates and is about twice as slow as
+    :func:`label_smoothed_nll`; it is meant to be passed to ``torch.compile``.
+    """
+    lprobs = F.log_softmax(logits, dim=-1, dtype=_reduction_dtype(logits))  # (B, T, V)
+    pad = target == pad_id  # (B, T)
+    nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1).masked_fill(pad, 0.0).sum()
+    smooth = -lprobs.mean(dim=-1).masked_fill(pad, 0.0).sum()
+    return (1.0 - epsilon) * nll + epsilon * smooth, nll.detach()
 
 
 def _reduction_dtype(logits: Tensor) -> torch.dtype:

@@ -12,6 +12,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -87,12 +88,10 @@ def compile_model(model: torch.nn.Module) -> torch.nn.Module:
       process: duck sizing gives sizes that are equal in the first batch one symbol (when its source
       and target had the same length, the next batch recompiled), and float attributes (LayerNorm's
       eps, dropout's p) are first traced as symbols, then every graph a second time as constants.
-    """
-    import torch._dynamo
-    import torch.fx.experimental._config as fx_config
 
-    torch._dynamo.config.specialize_float = True
-    fx_config.use_duck_shape = False
+    The loss is compiled apart: :func:`compile_loss`.
+    """
+    _trace_once_for_all_shapes()
 
     def view(module: torch.nn.Module) -> tuple[torch.nn.Module, int]:
         children, compiled = {}, 0
@@ -115,6 +114,32 @@ def compile_model(model: torch.nn.Module) -> torch.nn.Module:
     if not compiled:
         raise ValueError(f"compile_model: {type(model).__name__} has no nn.ModuleList named 'layers'")
     return training_view
+
+
+def compile_loss() -> Callable[[torch.Tensor, torch.Tensor, float, int], tuple[torch.Tensor, torch.Tensor]]:
+    """``nmt.loss.label_smoothed_nll`` for compiled training: its plain-operation form, compiled with
+    symbolic shapes (one graph for every batch shape, as in :func:`compile_model`).
+
+    Eagerly, the loss over bf16 logits keeps float32 log-probabilities of every position and word
+    for the backward pass, and reads and writes them in several passes; on the H100 that was about 6
+    of the 39 ms of a ``base`` step (docs/performance.md). Compiled, softmax, loss and gradient are
+    fused into a few passes over the logits, and only the logits are saved. Use it for the
+    training step only: validation runs the eager loss, which compiles nothing.
+    """
+    from nmt.loss import label_smoothed_nll_ops
+
+    _trace_once_for_all_shapes()
+    return torch.compile(label_smoothed_nll_ops, dynamic=True)
+
+
+def _trace_once_for_all_shapes() -> None:
+    """Process-wide dynamo settings that keep one symbolic-shape graph for every batch shape
+    (docs/performance.md, log item 18): no duck sizing, floats specialised."""
+    import torch._dynamo
+    import torch.fx.experimental._config as fx_config
+
+    torch._dynamo.config.specialize_float = True
+    fx_config.use_duck_shape = False
 
 
 def seed_everything(seed: int) -> None:

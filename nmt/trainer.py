@@ -12,7 +12,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +34,7 @@ from nmt.model import Transformer
 from nmt.optim import build_optimizer, build_scheduler
 from nmt.runtime import (
     Progress,
+    compile_loss,
     compile_model,
     install_signal_handlers,
     restore_signal_handlers,
@@ -74,8 +75,8 @@ def loss_in_model(device: torch.device, dtype: torch.dtype) -> bool:
 
     Yes on CPU in fp32: slice by slice, without (B, T, V) logits (see
     :func:`nmt.loss.projected_label_smoothed_nll`; docs/performance.md has the figures). Elsewhere the
-    logits path keeps the output projection under autocast. (``train.compile`` compiles the layers
-    only, so it does not change this.)
+    logits path keeps the output projection under autocast. (``train.compile`` compiles the layers,
+    and the loss only on the logits path, so it does not change this.)
     """
     return device.type == "cpu" and dtype == torch.float32
 
@@ -106,8 +107,11 @@ class Trainer:
         )
         self.model: nn.Module = self.raw_model
         avoid_per_shape_attention_kernels(self.device)
+        self.train_loss = label_smoothed_nll  # of the training step; validation runs the eager one
         if cfg.train.compile:
             self.model = compile_model(self.model)
+            if not self.fused_loss:
+                self.train_loss = compile_loss()
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
@@ -159,14 +163,16 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def _loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss(
+        self, model: nn.Module, batch: Batch, loss_fn: Callable = label_smoothed_nll
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sums of label-smoothed loss and NLL over the batch's target tokens."""
         smoothing = self.cfg.train.label_smoothing
         if self.fused_loss:
             return model(batch.src, batch.tgt_in, batch.tgt_out, smoothing)
         with self._autocast():
             logits = model(batch.src, batch.tgt_in)  # (B, T, V)
-        return label_smoothed_nll(logits, batch.tgt_out, smoothing, PAD_ID)
+        return loss_fn(logits, batch.tgt_out, smoothing, PAD_ID)
 
     def _micro_step(
         self, batch: Batch, loss_scale: float | torch.Tensor, sync: bool
@@ -174,7 +180,7 @@ class Trainer:
         no_sync = getattr(self.model, "no_sync", None)
         ctx = no_sync() if (no_sync is not None and not sync) else nullcontext()
         with ctx:
-            loss_sum, nll_sum = self._loss(self.model, batch)
+            loss_sum, nll_sum = self._loss(self.model, batch, self.train_loss)
             self.scaler.scale(loss_sum * loss_scale).backward()
         return loss_sum.detach(), nll_sum.detach()
 

@@ -1,4 +1,4 @@
-"""label_smoothed_nll against F.cross_entropy, a hand-computed value, and plain autograd (gradients)."""
+"""label_smoothed_nll against F.cross_entropy, a hand-computed value, plain autograd (gradients), and\nits compiled form."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from nmt.data.tokenizer import PAD_ID
-from nmt.loss import label_smoothed_nll
+from nmt.loss import label_smoothed_nll, label_smoothed_nll_ops
+from nmt.runtime import compile_loss
 
 VOCAB = 11
 
@@ -85,16 +86,8 @@ def test_bf16_logits_are_reduced_in_float32():
     torch.testing.assert_close(nll, ref_nll)
 
 
-def reference_label_smoothed_nll(logits, target, epsilon, pad_id):
-    """The loss through plain autograd (the implementation before the closed-form backward)."""
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    lprobs = F.log_softmax(logits, dim=-1, dtype=dtype)
-    non_pad = target != pad_id
-    nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    smooth = -lprobs.mean(dim=-1)
-    nll = nll.masked_fill(~non_pad, 0.0).sum()
-    smooth = smooth.masked_fill(~non_pad, 0.0).sum()
-    return (1.0 - epsilon) * nll + epsilon * smooth, nll
+# The loss through plain autograd (before the closed-form backward), and what compile_loss compiles.
+reference_label_smoothed_nll = label_smoothed_nll_ops
 
 
 def values_and_grads(fn, logits, target, epsilon, upstream):
@@ -237,3 +230,38 @@ def test_projected_loss_survives_target_probabilities_that_underflow(dtype):
     assert torch.isfinite(loss) and torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
     torch.testing.assert_close(loss.double(), want_loss, rtol=1e-6, atol=0)
     torch.testing.assert_close(nll.double(), want_nll, rtol=1e-6, atol=0)
+
+
+def padded_case(batch: int, length: int, dtype: torch.dtype, seed: int):
+    """(B, T, 50) logits and a target whose rows end in 0 to T - 1 pads."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(batch, length, 50, generator=gen) * 4).to(dtype)
+    target = torch.randint(4, 50, (batch, length), generator=gen)
+    for row in range(batch):
+        target[row, length - row % length :] = PAD_ID
+    return logits, target
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_loss_equals_the_eager_loss(dtype):
+    # compile_loss with inductor's generated CPU code, over batches of three shapes.
+    loss_fn = compile_loss()
+    for seed, (batch, length) in enumerate([(2, 5), (3, 9), (5, 4)]):
+        logits, target = padded_case(batch, length, dtype, seed)
+        loss, nll, grad = values_and_grads(loss_fn, logits, target, 0.1, 0.37)
+        ref_loss, ref_nll, ref_grad = values_and_grads(label_smoothed_nll, logits, target, 0.1, 0.37)
+        assert loss.dtype == ref_loss.dtype == torch.float32 and grad.dtype == dtype
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(nll, ref_nll, rtol=1e-5, atol=1e-4)
+        # bf16: both round a float32 gradient to bf16 once.
+        tol = 2**-7 if dtype == torch.bfloat16 else 1e-6
+        torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=tol, atol=1e-6)
+        assert torch.count_nonzero(grad[target == PAD_ID]) == 0
+
+
+def test_compiled_loss_traces_once_for_every_batch_shape(traced_graphs):
+    loss_fn = compile_loss()
+    for seed, (batch, length) in enumerate([(3, 3), (2, 6), (4, 7)]):  # equal B and T first
+        logits, target = padded_case(batch, length, torch.bfloat16, seed)
+        values_and_grads(loss_fn, logits, target, 0.1, 1.0)
+    assert len(traced_graphs) == 1

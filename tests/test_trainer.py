@@ -298,6 +298,18 @@ def test_compiled_training_validates_and_saves_plain_checkpoints(toy_dir, tmp_pa
     assert not [k for k in saved["model"] if "_orig_mod" in k]
 
 
+def test_compiled_training_from_logits_compiles_the_loss(toy_dir, tmp_path, traced_graphs):
+    """Where the loss is computed from logits (here bf16 on CPU; every GPU run), train.compile=true
+    compiles it too: one graph for the loss beside one per layer class, over every batch shape, and
+    validation still compiles nothing."""
+    cfg = tiny_config(toy_dir, tmp_path / "run", max_steps=4, valid_every=2)
+    trainer = make_trainer(with_train(cfg, compile=True, precision="bf16"))
+    assert not trainer.fused_loss
+    result = trainer.train()
+    assert result.state.step == 4 and all(math.isfinite(loss) for loss in result.state.losses)
+    assert len(traced_graphs) == 3  # encoder layer, decoder layer, loss
+
+
 def test_resume_reads_the_checkpoint_onto_the_cpu_whatever_the_training_device(toy_dir, tmp_path):
     # On a GPU, RNG states mapped onto it broke resume: numpy and torch.set_rng_state take CPU tensors
     # only. The model and optimizer copy their tensors to their parameters' device anyway, so the
