@@ -8,7 +8,8 @@
 
 What a step is. The same work as ``Trainer.train_step`` with one micro-batch: collate the batch from
 the encoded pairs and move it to the device ("data"), autocast forward and ``label_smoothed_nll``
-(on CPU in fp32, as in the trainer, nmt's forward computes the loss itself without a logits tensor:
+(with ``--compile``, its compiled form ``nmt.runtime.compile_loss``, as in the trainer; on CPU in
+fp32, as in the trainer, nmt's forward computes the loss itself without a logits tensor:
 ``nmt.trainer.loss_in_model``) ("forward"), backward of the loss divided by the batch's target
 tokens ("backward"), then gradient clipping, the AdamW step of ``nmt.optim.build_optimizer``,
 zero_grad and the schedule ("optimizer").
@@ -105,7 +106,7 @@ from nmt.device import resolve_dtype as nmt_resolve_dtype
 from nmt.loss import label_smoothed_nll
 from nmt.model import Transformer
 from nmt.optim import build_optimizer, build_scheduler
-from nmt.runtime import compile_model, keep_freed_memory_in_heap
+from nmt.runtime import compile_loss, compile_model, keep_freed_memory_in_heap
 from nmt.trainer import loss_in_model
 
 log = logging.getLogger("benchmark")
@@ -275,6 +276,13 @@ class Side:
     attention: str
     num_params: int
     loss_in_model: bool = False  # model(src, tgt_in, tgt_out, smoothing) gives the loss, as in the trainer
+    loss: Callable = label_smoothed_nll  # of the logits, as in the trainer: compiled with --compile
+
+
+def logits_loss(args: argparse.Namespace) -> Callable:
+    """The loss of the logits both sides use: the trainer's choice (``nmt.runtime.compile_loss`` when
+    compiling)."""
+    return compile_loss() if args.compile else label_smoothed_nll
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -293,7 +301,7 @@ def build_ours(
     return Side(
         "nmt", model, lambda b: model(b.src, b.tgt_in), params, optimizer,
         build_scheduler(optimizer, tcfg), "sdpa", raw.num_parameters(),
-        loss_in_model=loss_in_model(device, dtype),
+        loss_in_model=loss_in_model(device, dtype), loss=logits_loss(args),
     )  # fmt: skip
 
 
@@ -342,7 +350,10 @@ def build_hf(cfg: ModelConfig, data: BenchData, args: argparse.Namespace, device
     attention = raw.config._attn_implementation
     num_params = sum(p.numel() for p in params)
     scheduler = build_scheduler(optimizer, tcfg)  # the same learning rates: comparable losses
-    return Side("hf-marian", model, logits, params, optimizer, scheduler, attention, num_params)
+    return Side(
+        "hf-marian", model, logits, params, optimizer, scheduler, attention, num_params,
+        loss=logits_loss(args),
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -426,7 +437,7 @@ class StepRunner:
         else:
             with self.autocast():
                 logits = self.side.logits(batch)  # (B, T, V)
-            loss_sum, _ = label_smoothed_nll(logits, batch.tgt_out, self.label_smoothing, PAD_ID)
+            loss_sum, _ = self.side.loss(logits, batch.tgt_out, self.label_smoothing, PAD_ID)
         mark("forward")
         self.scaler.scale(loss_sum / max(batch.num_tgt_tokens, 1)).backward()
         mark("backward")
@@ -489,8 +500,9 @@ def _proc_status_bytes(key: str) -> int | None:
 # ---------------------------------------------------------------------------------------------- measuring
 def compiled_graphs() -> int:
     """Graphs torch.compile has compiled in this process so far, recompilations included (0 before
-    anything was compiled). One per layer class is the aim (``nmt.runtime.compile_model``): each more
-    is another trace and code generation."""
+    anything was compiled). One per layer class is the aim (``nmt.runtime.compile_model``), plus one
+    for the loss where it is computed from logits (``compile_loss``): each more is another trace and
+    code generation."""
     if "torch._dynamo" not in sys.modules:
         return 0
     from torch._dynamo.utils import counters
@@ -844,7 +856,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator)")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
-    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models' layers and their loss")
     p.add_argument(
         "--cudnn-attention", action="store_true",
         help="CUDA: leave cuDNN's SDPA kernels on for both sides (off by default, as in the trainer: "

@@ -65,6 +65,14 @@ def test_compiled_run_reports_the_graphs_it_compiled(traced_graphs, capsys):
     assert np.isfinite(ours["loss_last"]) and len(traced_graphs) == 2
 
 
+def test_compiled_run_from_logits_compiles_the_loss_once(traced_graphs):
+    # In bf16 the loss is computed from logits, as on a GPU: compiled as well, one graph for all shapes.
+    result = benchmark.main([*TINY_RUN, "--precision", "bf16", "--compile", "--warmup", "2", "--steps", "4"])
+    ours = result["ours"]
+    assert (ours["compiled_graphs_warmup"], ours["compiled_graphs_timed"]) == (3, 0)
+    assert np.isfinite(ours["loss_last"])
+
+
 def test_flops_formula_matches_a_hand_count():
     cfg = ModelConfig(d_model=8, n_heads=2, enc_layers=1, dec_layers=1, ffn_dim=16)
     # Per source token: encoder 4*8*8 + 2*8*16 = 512, cross-attention K/V 2*8*8 = 128 -> 640.
