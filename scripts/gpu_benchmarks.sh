@@ -3,8 +3,9 @@
 #
 #   bash scripts/gpu_benchmarks.sh [--out DIR] [--data DIR] [--dry-run] [PART ...]
 #
-# PARTs, in this order by default (their time limits add up to 53 minutes):
+# PARTs, in this order by default (their time limits add up to 57 minutes):
 #   tests     tests/test_cuda.py: training and decoding on the GPU (autocast dtype, checkpoints, search)
+#   loss      scripts/benchmark_loss.py: the loss over bf16 logits, eager against compiled (minutes)
 #   train     scripts/benchmark.py, base and big against MarianMTModel, eager, bf16 (WMT-like batches)
 #   compiled  the same with --compile (torch.compile, both sides; warm-up time and graphs reported)
 #   batch     base with 32,768-token batches, eager
@@ -35,7 +36,7 @@ while (($#)); do
         *) PARTS+=("$1"); shift ;;
     esac
 done
-ALL=(tests train compiled batch recipe decode)
+ALL=(tests loss train compiled batch recipe decode)
 ((${#PARTS[@]})) || PARTS=("${ALL[@]}")
 for part in "${PARTS[@]}"; do
     [[ " ${ALL[*]} " == *" $part "* ]] || { echo "unknown part: $part (one of: ${ALL[*]})"; exit 2; }
@@ -71,6 +72,10 @@ RUN_DIR=runs/base-gpu
 for part in "${PARTS[@]}"; do
     case "$part" in
         tests) run tests 300 "$PY" -m pytest -q -rs tests/test_cuda.py ;;
+        loss)
+            run loss 240 "$PY" scripts/benchmark_loss.py --device cuda --dtype bf16 --vocab 32000 \
+                --tokens 16384 --warmup 3 --steps 20 --json "$OUT/loss.json"
+            ;;
         train)
             for model in base big; do
                 run "train-$model" 300 "${BENCH[@]}" --model "$model" --max-tokens 16384 --compare-hf \

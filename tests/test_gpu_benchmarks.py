@@ -14,6 +14,7 @@ from script_loader import SCRIPTS, load_script
 REPO = SCRIPTS.parent
 PARTS = [
     "tests",
+    "loss",
     "train-base",
     "train-big",
     "compiled-base",
@@ -70,6 +71,10 @@ def test_every_command_parses_with_its_script(tmp_path):
             cfg = recipe.compose(args.experiment, args.overrides)
             assert cfg.data.dir == str(tmp_path / "data") and cfg.train.max_time_min == 3
             run_dir = cfg.run_dir
+        elif argv[1] == "scripts/benchmark_loss.py":
+            args = load_script("benchmark_loss").parse_args(argv[2:])
+            assert args.device == "cuda" and args.impl == ["eager", "compiled"]
+            assert args.json == str(tmp_path / "out" / "loss.json")
         elif argv[1] == "scripts/benchmark_decode.py":
             args = load_script("benchmark_decode").parse_args(argv[2:])
             assert args.device == "cuda" and args.data_dir == str(tmp_path / "data")
