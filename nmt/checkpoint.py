@@ -10,13 +10,17 @@ A checkpoint is a plain dict of tensors and Python primitives (no pickled object
     optimizer, scheduler, scaler, train_state (step, epoch, best metric, ...),
     sampler (position in the epoch), rng (python/numpy/torch/cuda states)
 
-Everything needed to translate travels in the first four keys.
+Everything needed to translate travels in the first four keys. A training run keeps its checkpoints
+in ``RUN_DIR/checkpoints/``: ``latest.pt``, linked as ``step_N.pt`` (the last ``train.keep_last``) and
+as ``best.pt`` (:func:`save_run_checkpoint`); :func:`find_resume_checkpoint` finds the one
+``train.resume`` names.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -123,3 +127,50 @@ def last_checkpoints(run_dir: str | os.PathLike, n: int) -> list[Path]:
     if len(found) < n:
         log.warning("asked to average %d checkpoints but %s holds only %d", n, ckpt_dir, len(found))
     return found[-n:]
+
+
+def save_run_checkpoint(state: dict[str, Any], ckpt_dir: Path, step: int, keep_last: int, best: bool) -> Path:
+    """Write a training run's ``ckpt_dir/latest.pt`` atomically and link it under its other names:
+    ``step_N.pt`` (only the ``keep_last`` newest are kept; none when it is 0) and, if ``best``,
+    ``best.pt``. A link is a hard link where the file system allows, else a copy."""
+    latest = save_checkpoint(state, ckpt_dir / "latest.pt")
+    if keep_last > 0:
+        _link(latest, ckpt_dir / f"step_{step:08d}.pt")
+        for old in sorted(ckpt_dir.glob("step_*.pt"))[:-keep_last]:
+            old.unlink(missing_ok=True)
+    if best:
+        _link(latest, ckpt_dir / "best.pt")
+    return latest
+
+
+def _link(src: Path, dst: Path) -> None:
+    """Point ``dst`` at ``src``'s current contents atomically (hard link; copy where links fail)."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def find_resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
+    """Which checkpoint ``train.resume`` names, or None for a fresh run (refusing to overwrite one)."""
+    latest = run_dir / "checkpoints" / "latest.pt"
+    if not cfg.train.resume_requested:
+        if latest.exists():
+            raise CheckpointError(
+                f"{run_dir} already holds a run (checkpoints/latest.pt). Continue it with train.resume=true, "
+                "or start a new one elsewhere with run_dir=PATH (or name=NEW_NAME)."
+            )
+        return None
+    if cfg.train.resume.lower() in ("true", "latest", "yes", "1"):
+        if not latest.exists():
+            raise CheckpointError(f"train.resume={cfg.train.resume} but {latest} does not exist.")
+        return latest
+    path = Path(cfg.train.resume)
+    if path.is_dir():
+        path = path / "checkpoints" / "latest.pt"
+    if not path.is_file():
+        raise CheckpointError(f"train.resume={cfg.train.resume}: no checkpoint at {path}.")
+    return path

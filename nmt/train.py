@@ -29,10 +29,11 @@ def run(cfg: Config) -> int:
     """Train one run described by ``cfg``. Returns the process exit code."""
     from torch.utils.tensorboard import SummaryWriter
 
+    from nmt.checkpoint import find_resume_checkpoint
     from nmt.data import prepare_data
     from nmt.distributed import barrier, init_distributed, shutdown_distributed
     from nmt.runtime import keep_freed_memory_in_heap
-    from nmt.trainer import Trainer, find_resume_checkpoint, resolve_device
+    from nmt.trainer import Trainer, resolve_device
 
     device = resolve_device(cfg.train.device)
     if device.type == "cpu" and keep_freed_memory_in_heap():

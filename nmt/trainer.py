@@ -1,4 +1,7 @@
-"""Training: train step, validation, checkpoints, exact resume, stopping rules.
+"""Training: train step, checkpoint contents, exact resume, stopping rules.
+
+Validation is :mod:`nmt.validation`; the checkpoint files of a run (latest, step_N, best) are written
+by :func:`nmt.checkpoint.save_run_checkpoint`.
 
 Everything the run needs to continue exactly (weights, optimizer, scheduler, scaler, step, sampler
 position, RNG states) is in each checkpoint, so stopping at any step and resuming gives, on CPU, the
@@ -22,13 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from nmt.checkpoint import load_checkpoint, save_checkpoint
+from nmt.checkpoint import load_checkpoint, save_run_checkpoint
 from nmt.config import Config
-from nmt.data.batching import Batch, BatchLoader, make_loader
+from nmt.data.batching import Batch, make_loader
 from nmt.data.tokenizer import PAD_ID
 from nmt.device import avoid_per_shape_attention_kernels, resolve_device, resolve_dtype
 from nmt.distributed import DistInfo, all_gather_state, all_reduce_sum, any_flag, barrier, broadcast_flag
-from nmt.evaluate import score
 from nmt.loss import label_smoothed_nll
 from nmt.model import Transformer
 from nmt.optim import build_optimizer, build_scheduler
@@ -42,7 +44,7 @@ from nmt.runtime import (
     seed_everything,
     set_rng_state,
 )
-from nmt.translator import Translator
+from nmt.validation import Validator
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +137,10 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
         )
         self.sampler = self.loader.sampler
-        self._valid_loader: BatchLoader | None = None  # built on first use: the same batches every time
+        # Validation runs the plain model, with the eager loss: nothing compiled.
+        self.validator = Validator(
+            cfg, data, self.device, lambda b: self._loss(self.raw_model, b), self.writer
+        )
         self._stop_signal: int | None = None
         self._bad_steps = 0
 
@@ -253,58 +258,9 @@ class Trainer:
         return None
 
     # ------------------------------------------------------------------ validation
-    @torch.no_grad()
-    def validation_loss(self) -> tuple[float, float]:
-        """Label-smoothed loss and NLL per target token on the validation set (teacher forcing)."""
-        if self._valid_loader is None:
-            self._valid_loader = make_loader(
-                self.data.valid,
-                self.cfg.data.max_tokens,
-                shuffle=False,
-                pin_memory=self.device.type == "cuda",
-            )
-        sums: list[torch.Tensor] = []  # (loss, nll) of each batch, kept on the device
-        tokens = 0
-        for batch in self._valid_loader:
-            batch = batch.to(self.device, non_blocking=True)
-            loss_i, nll_i = self._loss(self.raw_model, batch)
-            sums.append(torch.stack([loss_i, nll_i]))
-            tokens += batch.num_tgt_tokens
-        pairs = torch.stack(sums).tolist() if sums else []  # one host sync; summed in float64 here
-        loss = sum(pair[0] for pair in pairs)
-        nll = sum(pair[1] for pair in pairs)
-        return loss / max(tokens, 1), nll / max(tokens, 1)
-
     def validate(self) -> dict[str, float]:
         """Loss, perplexity, BLEU and chrF on the validation set, decoded like ``nmt.translate`` does."""
-        self.raw_model.eval()
-        try:
-            loss, nll = self.validation_loss()
-            translator = Translator(self.raw_model, self.data.tokenizer, self.cfg.decode, self.device)
-            hyps = translator.translate(self.data.valid_src)
-            scores = score(hyps, self.data.valid_ref)
-        finally:
-            self.raw_model.train()
-        metrics = {"loss": loss, "ppl": math.exp(min(nll, 50.0)), "bleu": scores.bleu, "chrf": scores.chrf}
-        samples = list(zip(self.data.valid_src, self.data.valid_ref, hyps))[: self.cfg.train.num_samples]
-        for src, ref, hyp in samples:
-            log.info("sample | src: %s\n         | ref: %s\n         | hyp: %s", src, ref, hyp)
-        if self.writer is not None:
-            for key, value in metrics.items():
-                self.writer.add_scalar(f"valid/{key}", value, self.state.step)
-            text = "\n\n".join(f"**src** {s}  \n**ref** {r}  \n**hyp** {h}" for s, r, h in samples)
-            self.writer.add_text("valid/samples", text, self.state.step)
-            self.writer.flush()
-        log.info(
-            "validation at step %d | loss %.3f | ppl %.2f | BLEU %.2f | chrF %.2f | %s",
-            self.state.step,
-            loss,
-            metrics["ppl"],
-            scores.bleu,
-            scores.chrf,
-            scores.bleu_signature,
-        )
-        return metrics
+        return self.validator.run(self.raw_model, self.state.step)
 
     def _improved(self, metrics: dict[str, float]) -> bool:
         value = metrics[self.cfg.train.best_metric]
@@ -334,20 +290,15 @@ class Trainer:
         }
 
     def save(self, best: bool) -> Path | None:
-        """Write latest.pt atomically; link it as step_N.pt (keep_last) and as best.pt if it is the best.
+        """Write latest.pt atomically, linked as step_N.pt (keep_last) and as best.pt if it is the best.
 
         Under DDP call it on every rank: each contributes its RNG state; only rank 0 writes.
         """
         rng_states = all_gather_state(rng_state(), self.dist)
         if not self.dist.is_main:
             return None
-        latest = save_checkpoint(self.checkpoint_state(rng_states), self.ckpt_dir / "latest.pt")
-        if self.cfg.train.keep_last > 0:
-            _link(latest, self.ckpt_dir / f"step_{self.state.step:08d}.pt")
-            for old in sorted(self.ckpt_dir.glob("step_*.pt"))[: -self.cfg.train.keep_last]:
-                old.unlink(missing_ok=True)
-        if best:
-            _link(latest, self.ckpt_dir / "best.pt")
+        state = self.checkpoint_state(rng_states)
+        latest = save_run_checkpoint(state, self.ckpt_dir, self.state.step, self.cfg.train.keep_last, best)
         log.info("saved checkpoint %s%s", latest, " (best)" if best else "")
         return latest
 
@@ -473,38 +424,3 @@ class Trainer:
         self.writer.add_scalar("train/lr", stats["lr"], step)
         self.writer.add_scalar("train/grad_norm", stats["grad_norm"], step)
         self.writer.add_scalar("train/tokens_per_sec", stats["tokens_per_sec"], step)
-
-
-def _link(src: Path, dst: Path) -> None:
-    """Point ``dst`` at ``src``'s current contents atomically (hard link; copy where links fail)."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        import shutil
-
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-def find_resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
-    """Which checkpoint ``train.resume`` names, or None for a fresh run (refusing to overwrite one)."""
-    latest = run_dir / "checkpoints" / "latest.pt"
-    if not cfg.train.resume_requested:
-        if latest.exists():
-            raise TrainingError(
-                f"{run_dir} already holds a run (checkpoints/latest.pt). Continue it with train.resume=true, "
-                "or start a new one elsewhere with run_dir=PATH (or name=NEW_NAME)."
-            )
-        return None
-    if cfg.train.resume.lower() in ("true", "latest", "yes", "1"):
-        if not latest.exists():
-            raise TrainingError(f"train.resume={cfg.train.resume} but {latest} does not exist.")
-        return latest
-    path = Path(cfg.train.resume)
-    if path.is_dir():
-        path = path / "checkpoints" / "latest.pt"
-    if not path.is_file():
-        raise TrainingError(f"train.resume={cfg.train.resume}: no checkpoint at {path}.")
-    return path

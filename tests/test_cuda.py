@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nmt.trainer import find_resume_checkpoint
+from nmt.checkpoint import find_resume_checkpoint
 from nmt.translator import Translator
 from tests.conftest import tiny_config
 from tests.test_trainer import make_trainer, with_train

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from nmt.checkpoint import load_checkpoint
+from nmt.checkpoint import CheckpointError, find_resume_checkpoint, load_checkpoint
 from nmt.config import Config
 from nmt.data import prepare_data
 from nmt.optim import lr_multiplier
-from nmt.trainer import Trainer, TrainingError, find_resume_checkpoint
+from nmt.trainer import Trainer, TrainingError
 from tests.conftest import tiny_config
 
 
@@ -108,9 +108,9 @@ def test_validation_loss_equals_a_per_batch_reference(toy_dir, tmp_path):
                 tokens + batch.num_tgt_tokens,
             )
     expected = (loss_sum / tokens, nll_sum / tokens)
-    first = trainer.validation_loss()
+    first = trainer.validator.loss()
     assert first == pytest.approx(expected, rel=1e-5)
-    assert trainer.validation_loss() == first  # the cached loader gives the same batches again
+    assert trainer.validator.loss() == first  # the cached loader gives the same batches again
 
 
 def test_freed_memory_is_reused_without_page_faults():
@@ -171,9 +171,9 @@ def test_resume_gives_the_same_losses_bit_for_bit(toy_dir, tmp_path, where):
 def test_fresh_run_refuses_to_overwrite_an_existing_run(toy_dir, tmp_path):
     cfg = tiny_config(toy_dir, tmp_path / "run", max_steps=2)
     make_trainer(cfg).train()
-    with pytest.raises(TrainingError, match="train.resume=true"):
+    with pytest.raises(CheckpointError, match="train.resume=true"):
         find_resume_checkpoint(cfg, Path(cfg.run_dir))
-    with pytest.raises(TrainingError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         find_resume_checkpoint(with_train(cfg, resume="true"), tmp_path / "elsewhere")
 
 

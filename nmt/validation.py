@@ -1,0 +1,90 @@
+"""Validation of a training run: teacher-forced loss and perplexity on the validation set, BLEU and
+chrF of the model's translations of it, and their report (log lines, TensorBoard, sample translations).
+
+The translations come from :class:`nmt.translator.Translator` with the run's ``decode`` settings, the
+same code path as ``python -m nmt.translate``, and are scored on detokenized text with sacreBLEU, so
+a validation BLEU is what translating the file and scoring it would give.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from nmt.config import Config
+from nmt.data.batching import Batch, BatchLoader, make_loader
+from nmt.evaluate import score
+from nmt.translator import Translator
+
+log = logging.getLogger("nmt.trainer")
+
+BatchLoss = Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]  # sums of loss and NLL of a batch
+
+
+class Validator:
+    """Validates a model on ``data.valid``; ``batch_loss`` computes a batch's loss as training does."""
+
+    def __init__(
+        self, cfg: Config, data: Any, device: torch.device, batch_loss: BatchLoss, writer: Any = None
+    ):
+        self.cfg, self.data, self.device = cfg, data, device
+        self.batch_loss = batch_loss
+        self.writer = writer
+        self._loader: BatchLoader | None = None  # built on first use: the same batches every time
+
+    @torch.no_grad()
+    def loss(self) -> tuple[float, float]:
+        """Label-smoothed loss and NLL per target token on the validation set (teacher forcing)."""
+        if self._loader is None:
+            self._loader = make_loader(
+                self.data.valid,
+                self.cfg.data.max_tokens,
+                shuffle=False,
+                pin_memory=self.device.type == "cuda",
+            )
+        sums: list[torch.Tensor] = []  # (loss, nll) of each batch, kept on the device
+        tokens = 0
+        for batch in self._loader:
+            batch = batch.to(self.device, non_blocking=True)
+            sums.append(torch.stack(self.batch_loss(batch)))
+            tokens += batch.num_tgt_tokens
+        pairs = torch.stack(sums).tolist() if sums else []  # one host sync; summed in float64 here
+        loss = sum(pair[0] for pair in pairs)
+        nll = sum(pair[1] for pair in pairs)
+        return loss / max(tokens, 1), nll / max(tokens, 1)
+
+    def run(self, model: nn.Module, step: int) -> dict[str, float]:
+        """Loss, perplexity, BLEU and chrF of ``model`` (which ``batch_loss`` runs), reported at ``step``."""
+        model.eval()
+        try:
+            loss, nll = self.loss()
+            translator = Translator(model, self.data.tokenizer, self.cfg.decode, self.device)
+            hyps = translator.translate(self.data.valid_src)
+            scores = score(hyps, self.data.valid_ref)
+        finally:
+            model.train()
+        metrics = {"loss": loss, "ppl": math.exp(min(nll, 50.0)), "bleu": scores.bleu, "chrf": scores.chrf}
+        samples = list(zip(self.data.valid_src, self.data.valid_ref, hyps))[: self.cfg.train.num_samples]
+        for src, ref, hyp in samples:
+            log.info("sample | src: %s\n         | ref: %s\n         | hyp: %s", src, ref, hyp)
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(f"valid/{key}", value, step)
+            text = "\n\n".join(f"**src** {s}  \n**ref** {r}  \n**hyp** {h}" for s, r, h in samples)
+            self.writer.add_text("valid/samples", text, step)
+            self.writer.flush()
+        log.info(
+            "validation at step %d | loss %.3f | ppl %.2f | BLEU %.2f | chrF %.2f | %s",
+            step,
+            loss,
+            metrics["ppl"],
+            scores.bleu,
+            scores.chrf,
+            scores.bleu_signature,
+        )
+        return metrics
