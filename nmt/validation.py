@@ -21,7 +21,7 @@ from nmt.data.batching import Batch, BatchLoader, make_loader
 from nmt.evaluate import score
 from nmt.translator import Translator
 
-log = logging.getLogger("nmt.trainer")
+log = logging.getLogger("nmt.trainer")  # validation lines keep the name they have always had in logs
 
 BatchLoss = Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]  # sums of loss and NLL of a batch
 

@@ -1,4 +1,5 @@
-"""label_smoothed_nll against F.cross_entropy, a hand-computed value, plain autograd (gradients), and\nits compiled form."""
+"""label_smoothed_nll against F.cross_entropy, a hand-computed value, plain autograd (gradients), and
+its compiled form."""
 
 from __future__ import annotations
 
