@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -34,7 +38,22 @@ def resolve_dtype(
         raise ValueError(f"{setting}={precision!r} is not valid; choose auto, {', '.join(DTYPES)}.")
     if precision == "fp16" and device.type != "cuda":
         raise ValueError(f"{setting}=fp16 needs a CUDA device; use fp32 or bf16 on the CPU.")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16_matmul():
+        log.warning(
+            "%s=bf16 on a CPU without bf16 matrix instructions (%s): its bf16 matrix products are "
+            "emulated, many times slower than fp32 (a training step of the tiny model took 18x as long "
+            "on a 2-core AVX2 machine); fp32, the CPU's default, is faster.",
+            setting,
+            torch.backends.cpu.get_cpu_capability(),
+        )
     return DTYPES[precision]
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """Whether PyTorch's oneDNN multiplies bf16 matrices with this CPU's own instructions (AVX-512 and
+    later); on AVX2 CPUs bf16 products take a generic path (a (3800, 64) x (64, 8000) product: 1.5 s in
+    bf16 against 0.1 s in fp32 on 2 cores)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def avoid_per_shape_attention_kernels(device: torch.device) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -49,6 +51,17 @@ def test_explicit_precision_and_its_errors():
         resolve_dtype("fp16", CPU, "--precision")
     with pytest.raises(ValueError, match="dtype='half' is not valid; choose auto, fp32, bf16, fp16"):
         resolve_dtype("half", CPU)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_bf16_matmuls_warns(monkeypatch, caplog, native):
+    monkeypatch.setattr("nmt.device.cpu_has_bf16_matmul", lambda: native)
+    with caplog.at_level(logging.WARNING, logger="nmt.device"):
+        assert resolve_dtype("bf16", CPU, "train.precision") == torch.bfloat16
+        resolve_dtype("fp32", CPU, "train.precision")
+    warned = [r.getMessage() for r in caplog.records if "bf16 matrix instructions" in r.getMessage()]
+    assert len(warned) == (0 if native else 1)  # for bf16 only
+    assert all(m.startswith("train.precision=bf16 on a CPU") for m in warned)
 
 
 def test_cudnn_attention_is_switched_off_only_for_a_cuda_device(cudnn_attention_restored):
