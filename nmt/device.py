@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import platform
 
 import torch
 
@@ -54,6 +55,19 @@ def cpu_has_bf16_matmul() -> bool:
     later); on AVX2 CPUs bf16 products take a generic path (a (3800, 64) x (64, 8000) product: 1.5 s in
     bf16 against 0.1 s in fp32 on 2 cores)."""
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name (``/proc/cpuinfo``; the platform's words elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+        return names[0] if names else model
+    except OSError:
+        return model
 
 
 def avoid_per_shape_attention_kernels(device: torch.device) -> None:

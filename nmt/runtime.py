@@ -132,6 +132,17 @@ def compile_loss() -> Callable[[torch.Tensor, torch.Tensor, float, int], tuple[t
     return torch.compile(label_smoothed_nll_ops, dynamic=True)
 
 
+def compiled_graph_count() -> int:
+    """Graphs ``torch.compile`` has compiled in this process so far, recompilations included (0 before
+    anything was compiled): one per layer class and one for the loss is the aim, each more is another
+    trace and code generation. The benchmarks report it."""
+    if "torch._dynamo" not in sys.modules:
+        return 0
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def _trace_once_for_all_shapes() -> None:
     """Process-wide dynamo settings that keep one symbolic-shape graph for every batch shape
     (docs/performance.md, log item 18): no duck sizing, floats specialised."""

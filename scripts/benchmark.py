@@ -106,7 +106,7 @@ from nmt.device import resolve_dtype as nmt_resolve_dtype
 from nmt.loss import label_smoothed_nll
 from nmt.model import Transformer
 from nmt.optim import build_optimizer, build_scheduler
-from nmt.runtime import compile_loss, compile_model, keep_freed_memory_in_heap
+from nmt.runtime import compile_loss, compile_model, compiled_graph_count, keep_freed_memory_in_heap
 from nmt.trainer import loss_in_model
 
 log = logging.getLogger("benchmark")
@@ -498,18 +498,6 @@ def _proc_status_bytes(key: str) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------------- measuring
-def compiled_graphs() -> int:
-    """Graphs torch.compile has compiled in this process so far, recompilations included (0 before
-    anything was compiled). One per layer class is the aim (``nmt.runtime.compile_model``), plus one
-    for the loss where it is computed from logits (``compile_loss``): each more is another trace and
-    code generation."""
-    if "torch._dynamo" not in sys.modules:
-        return 0
-    from torch._dynamo.utils import counters
-
-    return counters["stats"]["unique_graphs"]
-
-
 class Measurement:
     """One side's clocks, losses and memory over the warm-up, timed and breakdown passes."""
 
@@ -531,12 +519,12 @@ class Measurement:
         self.side.model.train()
         self._memory_at_start = reset_peak_memory(self.device)
         torch.manual_seed(self.seed)
-        graphs, start = compiled_graphs(), time.perf_counter()
+        graphs, start = compiled_graph_count(), time.perf_counter()
         self.losses += [self.runner.step(b, None) for b in batches]
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.warmup_seconds = time.perf_counter() - start  # compilation included
-        self.graphs["warmup"] += compiled_graphs() - graphs
+        self.graphs["warmup"] += compiled_graph_count() - graphs
         # Logged as it happens: a run stopped by a time limit still shows how far each side got.
         compiled = f", {self.graphs['warmup']} graphs compiled" if self.compiled else ""
         log.info(
@@ -544,13 +532,13 @@ class Measurement:
         )
 
     def timed_step(self, indices: np.ndarray) -> None:
-        graphs = compiled_graphs()
+        graphs = compiled_graph_count()
         self.steps.start()
         if self.phases is not None:
             self.phases.start()
         self.losses.append(self.runner.step(indices, self.phases))
         self.steps.stop()
-        self.graphs["timed"] += compiled_graphs() - graphs
+        self.graphs["timed"] += compiled_graph_count() - graphs
 
     def record_memory(self, note: str = "") -> None:
         peak, kind = peak_memory(self.device)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -40,8 +39,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from nmt.data.tokenizer import PAD_ID  # noqa: E402
+from nmt.device import device_name  # noqa: E402
 from nmt.loss import label_smoothed_nll  # noqa: E402
-from nmt.runtime import compile_loss, keep_freed_memory_in_heap  # noqa: E402
+from nmt.runtime import compile_loss, compiled_graph_count, keep_freed_memory_in_heap  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -90,22 +90,9 @@ def make_batch(shape: tuple[int, int], args: argparse.Namespace, device: torch.d
     return logits, target
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def compiled_graphs() -> int:
-    from torch._dynamo.utils import counters
-
-    return counters["stats"]["unique_graphs"]
 
 
 def saved_beyond_logits(loss_fn, logits: torch.Tensor, target: torch.Tensor, smoothing: float) -> int:
@@ -149,7 +136,7 @@ def run(args: argparse.Namespace) -> dict:
         losses = {}
         for name in order:
             leaf = logits.detach().requires_grad_()
-            graphs = compiled_graphs()
+            graphs = compiled_graph_count()
             synchronize(device)
             start = time.perf_counter()
             loss, _ = impls[name](leaf, target, args.smoothing, PAD_ID)
@@ -157,7 +144,7 @@ def run(args: argparse.Namespace) -> dict:
             synchronize(device)
             seconds = time.perf_counter() - start
             res = results[name]
-            res["graphs"] += compiled_graphs() - graphs
+            res["graphs"] += compiled_graph_count() - graphs
             if step < args.warmup:
                 res["warmup_s"] += seconds
             else:
@@ -171,6 +158,7 @@ def run(args: argparse.Namespace) -> dict:
     # Memory, on the last batch shape: what the backward pass holds, and on CUDA the peak.
     logits, target = make_batch(shapes[-1], args, device, len(shapes))
     positions = logits.shape[0] * logits.shape[1]
+    mean_positions = sum(b * t for b, t in shapes[args.warmup :]) / args.steps  # of the timed steps
     for name in args.impl:
         res = results[name]
         res["saved_beyond_logits_bytes"] = saved_beyond_logits(
@@ -186,11 +174,10 @@ def run(args: argparse.Namespace) -> dict:
             synchronize(device)
             res["peak_above_logits_bytes"] = torch.cuda.max_memory_allocated(device) - base
         res["step_ms_median"] = statistics.median(res["times_ms"])
-        mean_tokens = sum(b * t for b, t in shapes[args.warmup :]) / args.steps
-        res["positions_per_sec"] = mean_tokens / (res["step_ms_median"] / 1000)
+        res["positions_per_sec"] = mean_positions / (res["step_ms_median"] / 1000)
     meta = {
         **{k: v for k, v in vars(args).items() if k not in ("json", "device", "threads")},
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "device": device_name(device),
         "device_type": device.type,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

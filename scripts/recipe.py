@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import platform
 import subprocess
 import sys
 import time
@@ -68,17 +67,12 @@ def candidates(run_dir: Path, average: int) -> dict[str, Path]:
 
 
 def hardware(device: torch.device) -> str:
+    from nmt.device import device_name
+
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
-        model = names[0] if names else model
-    except OSError:
-        pass
+        return device_name(device)
     threads = torch.get_num_threads()
-    return f"CPU, {threads} thread{'s' if threads > 1 else ''} ({model})"
+    return f"CPU, {threads} thread{'s' if threads > 1 else ''} ({device_name(device)})"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
