@@ -44,7 +44,7 @@ from nmt.runtime import (
     seed_everything,
     set_rng_state,
 )
-from nmt.validation import Validator
+from nmt.validation import Validator, perplexity
 
 log = logging.getLogger(__name__)
 
@@ -420,7 +420,7 @@ class Trainer:
             return
         step = self.state.step
         self.writer.add_scalar("train/loss", stats["loss"], step)
-        self.writer.add_scalar("train/ppl", math.exp(min(stats["nll"], 50.0)), step)
+        self.writer.add_scalar("train/ppl", perplexity(stats["nll"]), step)
         self.writer.add_scalar("train/lr", stats["lr"], step)
         self.writer.add_scalar("train/grad_norm", stats["grad_norm"], step)
         self.writer.add_scalar("train/tokens_per_sec", stats["tokens_per_sec"], step)

@@ -26,6 +26,11 @@ log = logging.getLogger("nmt.trainer")  # validation lines keep the name they ha
 BatchLoss = Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]  # sums of loss and NLL of a batch
 
 
+def perplexity(nll: float) -> float:
+    """exp(NLL per token), capped at exp(50) so that an untrained model's value stays printable."""
+    return math.exp(min(nll, 50.0))
+
+
 class Validator:
     """Validates a model on ``data.valid``; ``batch_loss`` computes a batch's loss as training does."""
 
@@ -68,7 +73,7 @@ class Validator:
             scores = score(hyps, self.data.valid_ref)
         finally:
             model.train()
-        metrics = {"loss": loss, "ppl": math.exp(min(nll, 50.0)), "bleu": scores.bleu, "chrf": scores.chrf}
+        metrics = {"loss": loss, "ppl": perplexity(nll), "bleu": scores.bleu, "chrf": scores.chrf}
         samples = list(zip(self.data.valid_src, self.data.valid_ref, hyps))[: self.cfg.train.num_samples]
         for src, ref, hyp in samples:
             log.info("sample | src: %s\n         | ref: %s\n         | hyp: %s", src, ref, hyp)
