@@ -11,12 +11,12 @@ numbers.
 from __future__ import annotations
 
 import argparse
-import gzip
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from sacrebleu.metrics import BLEU, CHRF
+
+from nmt.data.sources import read_text_lines
 
 
 @dataclass
@@ -52,14 +52,6 @@ def score(hyps: list[str], refs: list[str], lowercase: bool = False) -> Scores:
     )
 
 
-def read_lines(path: str | Path) -> list[str]:
-    """Lines of a UTF-8 text file (``.gz`` read transparently), without line endings."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nmt.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--hyp", required=True, help="system output, one sentence per line")
@@ -67,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lowercase", action="store_true", help="lowercased BLEU (chrF stays cased)")
     args = parser.parse_args(argv)
     try:
-        scores = score(read_lines(args.hyp), read_lines(args.ref), lowercase=args.lowercase)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+        scores = score(read_text_lines(args.hyp), read_text_lines(args.ref), lowercase=args.lowercase)
+    except (OSError, ValueError) as e:
         parser.exit(1, f"nmt.evaluate: error: {e}\n")
     print(scores.bleu_detail)
     print(scores.format())

@@ -38,7 +38,8 @@ from tqdm import tqdm
 
 from nmt.checkpoint import CheckpointError
 from nmt.config import ConfigError
-from nmt.evaluate import read_lines, score
+from nmt.data.sources import read_text_lines
+from nmt.evaluate import score
 from nmt.runtime import keep_freed_memory_in_heap
 from nmt.translator import Translation, Translator
 
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in (args.ckpt, args.input, args.ref):
             if path is not None and not Path(path).exists():
                 raise FileNotFoundError(f"{path} does not exist.")
-        refs = read_lines(args.ref) if args.ref else None
+        refs = read_text_lines(args.ref) if args.ref else None
         translator = load_translator(args)
         source, total = open_input(args.input)
         with contextlib.ExitStack() as stack:

@@ -149,6 +149,19 @@ def test_invalid_utf8_inside_gzip(tmp_path):
         read_split(data_cfg(tmp_path), "train")
 
 
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_damaged_gzip_is_a_data_error_naming_the_file(tmp_path, damage):
+    write_lines(tmp_path / "train.en", ["one", "two"] * 200)
+    packed = gzip.compress("".join(f"line {i}\n" for i in range(400)).encode())
+    if damage == "truncated":
+        packed = packed[:-20]  # no end-of-stream marker: EOFError inside gzip
+    else:
+        packed = packed[:12] + bytes(b ^ 0xFF for b in packed[12:40]) + packed[40:]  # zlib.error
+    (tmp_path / "train.de.gz").write_bytes(packed)
+    with pytest.raises(DataError, match=r"could not read .*train\.de\.gz"):
+        read_split(data_cfg(tmp_path), "train")
+
+
 def test_tsv_wrong_column_count_names_line(tmp_path):
     write_lines(tmp_path / "train.tsv", ["a\tb", "c\td", "only one column", "e\tf"])
     with pytest.raises(DataError, match=r"train\.tsv line 3: expected 2 tab-separated columns .* found 1"):

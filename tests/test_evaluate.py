@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from nmt.evaluate import main, read_lines, score
+from nmt.data.sources import read_text_lines
+from nmt.evaluate import main, score
 
 REFS = [
     "Ein Mann fährt Fahrrad auf der Straße.",
@@ -55,7 +57,7 @@ def sacrebleu_cli(ref: Path, hyp: Path, *extra: str) -> dict[str, dict]:
 def test_scores_and_signatures_equal_sacrebleu_cli(tmp_path, lowercase):
     ref, hyp = write(tmp_path / "ref.de", REFS), write(tmp_path / "hyp.de", HYPS)
     expected = sacrebleu_cli(ref, hyp, *(["-lc"] if lowercase else []))
-    got = score(read_lines(hyp), read_lines(ref), lowercase=lowercase)
+    got = score(read_text_lines(hyp), read_text_lines(ref), lowercase=lowercase)
     assert got.bleu == pytest.approx(expected["BLEU"]["score"], abs=1e-4)
     assert got.chrf == pytest.approx(expected["chrF2"]["score"], abs=1e-4)
     assert got.bleu_signature == expected["BLEU"]["signature"]
@@ -96,3 +98,32 @@ def test_cli_prints_scores_with_signatures_and_reads_gzip(tmp_path, capsys):
     expected = score(HYPS, REFS, lowercase=True)
     assert f"BLEU {expected.bleu:.2f} ({expected.bleu_signature})" in out
     assert f"chrF {expected.chrf:.2f} ({expected.chrf_signature})" in out
+
+
+def test_a_carriage_return_inside_a_line_does_not_split_it(tmp_path):
+    """Only "\\n" ends a line, as in sacreBLEU's own reader; a lone "\\r" stays part of its line."""
+    refs = [REFS[0], "Zwei Hunde\rspielen im Schnee.", REFS[2]]
+    ref = tmp_path / "ref.de"
+    ref.write_bytes(("\r\n".join(refs) + "\r\n").encode())
+    assert read_text_lines(ref) == refs
+    got = score(refs, read_text_lines(ref))
+    assert got.bleu == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("ref.de", "Ein Hund läuft.\n".encode("latin-1"), r"ref\.de line 1: invalid UTF-8"),
+        ("ref.de.gz", gzip.compress(b"Ein Hund.\n" * 50)[:-10], r"could not read .*ref\.de\.gz"),
+    ],
+    ids=["latin-1", "truncated-gzip"],
+)
+def test_unreadable_files_are_one_error_naming_the_file(tmp_path, capsys, name, content, message):
+    ref = tmp_path / name
+    ref.write_bytes(content)
+    hyp = write(tmp_path / "hyp.de", ["Ein Hund."])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--hyp", str(hyp), "--ref", str(ref)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err

@@ -22,6 +22,7 @@ import gzip
 import hashlib
 import json
 import logging
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -97,27 +98,37 @@ def _missing(path: Path, cfg: DataConfig, what: str) -> DataError:
     )
 
 
-def read_lines(path: Path) -> list[str]:
-    """Lines of a UTF-8 text file (gzipped if it ends in .gz) without BOM and line ends (LF or CRLF)."""
+def read_text_lines(path: str | Path) -> list[str]:
+    """Lines of a UTF-8 text file (gzipped if it ends in .gz) without BOM and line ends (LF or CRLF).
+
+    Only "\n" ends a line (with an optional "\r" before it), as in sacreBLEU: the other characters
+    that ``str.splitlines`` takes as line breaks (\x1c, \x85, \u2028, ...) stay inside their line.
+    Raises :class:`DataError` naming the file (and the line, for invalid UTF-8).
+    """
+    path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except OSError as e:  # also a corrupt gzip stream
+    except (OSError, EOFError, zlib.error) as e:  # also a corrupt or truncated gzip stream
         raise DataError(f"could not read {path}: {e}") from e
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise DataError(f"{path} line {line}: invalid UTF-8 ({e.reason}); convert the file to UTF-8.") from e
-    # split("\n") rather than splitlines(): the latter also breaks at \x1c, \x85, \u2028, ... which would
-    # shift every following line against the other language's file.
     lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()  # the final newline ends the last line, it does not start a new one
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def read_lines(path: Path) -> list[str]:
+    """:func:`read_text_lines` of a corpus file, which must hold at least one non-blank line."""
+    lines = read_text_lines(path)
     if not any(line.strip() for line in lines):
         raise DataError(f"{path} is empty; every split needs at least one sentence.")
-    return [line[:-1] if line.endswith("\r") else line for line in lines]
+    return lines
 
 
 def _read_text_pair(cfg: DataConfig, prefix: str) -> tuple[list[str], list[str]]:
