@@ -194,11 +194,13 @@ class DecodeConfig:
     def __post_init__(self) -> None:
         _check(1 <= self.beam <= 1000, f"decode.beam={self.beam} must be in [1, 1000].")
         _check(1 <= self.nbest <= self.beam, f"decode.nbest={self.nbest} must be in [1, decode.beam].")
-        _check(self.len_penalty >= 0, "decode.len_penalty must be >= 0.")
+        _check(0 <= self.len_penalty <= 100, f"decode.len_penalty={self.len_penalty} must be in [0, 100].")
+        # Outputs are capped by the model's positions anyway; past these bounds a + b overflows.
+        _check(0 <= self.max_len_a <= 1000, f"decode.max_len_a={self.max_len_a} must be in [0, 1000].")
         _check(
-            self.max_len_a >= 0 and self.max_len_b >= 1, "decode.max_len_a >= 0 and decode.max_len_b >= 1."
+            1 <= self.max_len_b <= 1_000_000, f"decode.max_len_b={self.max_len_b} must be in [1, 1000000]."
         )
-        _check(self.min_len >= 0, "decode.min_len must be >= 0.")
+        _check(0 <= self.min_len <= 1_000_000, f"decode.min_len={self.min_len} must be in [0, 1000000].")
         _check(
             self.batch_size >= 1 and self.max_tokens >= 1,
             "decode.batch_size and decode.max_tokens must be >= 1.",

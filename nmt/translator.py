@@ -4,7 +4,8 @@ The trainer validates with this class and ``nmt.translate`` uses it, so validati
 test scores come from the same decoding code. Guarantees:
 
 * exactly one result per input sentence, in input order;
-* an empty (or whitespace-only) sentence gives an empty translation without running the model;
+* an empty sentence (blank, or without a single piece once tokenized, such as a lone zero-width
+  space) gives an empty translation without running the model;
 * a source longer than the model can take (``max_src_len``, by default the model's
   ``max_positions``) is truncated, with a warning, rather than failing the whole batch.
 
@@ -124,18 +125,21 @@ class Translator:
         beam: int | None = None,
         nbest: int | None = None,
         progress: Callable[[int], None] | None = None,
+        first_line: int = 1,
     ) -> list[str]:
         """The best translation of each sentence, in input order.
 
         ``nbest`` exists for symmetry with the configuration and must be 1 (or None); use
         :meth:`translate_nbest` for several hypotheses per sentence. ``progress(n)`` is called
-        after each batch with the number of sentences it held.
+        after each batch with the number of sentences it held. ``first_line`` is the line number of
+        ``sentences[0]`` in the caller's input, for warnings.
         """
         if nbest not in (None, 1):
             raise ValueError(
                 f"translate returns one string per sentence (nbest={nbest}); use translate_nbest."
             )
-        results = self._translate(sentences, beam or self.cfg.beam, 1, progress, greedy_ok=True)
+        beam = self.cfg.beam if beam is None else beam
+        results = self._translate(sentences, beam, 1, progress, first_line, greedy_ok=True)
         return [best[0].text for best in results]
 
     def translate_nbest(
@@ -144,11 +148,12 @@ class Translator:
         nbest: int | None = None,
         beam: int | None = None,
         progress: Callable[[int], None] | None = None,
+        first_line: int = 1,
     ) -> list[list[Translation]]:
         """Up to ``nbest`` translations per sentence, best first (at least one; empty input: one "")."""
-        nbest = nbest or self.cfg.nbest
-        beam = max(beam or self.cfg.beam, nbest)
-        return self._translate(sentences, beam, nbest, progress, greedy_ok=False)
+        nbest = self.cfg.nbest if nbest is None else nbest
+        beam = max(self.cfg.beam, nbest) if beam is None else beam
+        return self._translate(sentences, beam, nbest, progress, first_line, greedy_ok=False)
 
     # ---- steps ---------------------------------------------------------------------------------
 
@@ -158,10 +163,14 @@ class Translator:
         beam: int,
         nbest: int,
         progress: Callable[[int], None] | None,
+        first_line: int,
         greedy_ok: bool,
     ) -> list[list[Translation]]:
+        if isinstance(sentences, str):
+            raise TypeError("pass a list of sentences, not one string (it would be read letter by letter).")
+        replace(self.cfg, beam=beam, nbest=nbest)  # one clear error for a bad combination, before any work
         results = [[Translation("", 0.0)] for _ in sentences]
-        source = self.encode(sentences)
+        source = self.encode(sentences, first_line)
         batches = self.batches({i: len(ids) for i, ids in source.items()})
 
         def search(batch: list[int]) -> list[list[Hypothesis]]:
@@ -177,18 +186,23 @@ class Translator:
             progress(len(sentences) - len(source))  # the empty ones
         return results
 
-    def encode(self, sentences: list[str]) -> dict[int, list[int]]:
-        """Source ids of the non-empty sentences, by input position; over-long ones truncated."""
+    def encode(self, sentences: list[str], first_line: int = 1) -> dict[int, list[int]]:
+        """Source ids of the sentences that have any, by input position; over-long ones truncated.
+
+        A sentence that is blank, or that the tokenizer turns into no pieces at all (a lone
+        zero-width space or control character), is left out: it gets an empty translation, as it
+        would be dropped from training data, instead of whatever the model makes of EOS alone.
+        """
         positions = [i for i, s in enumerate(sentences) if s.strip()]
         encoded = self.tokenizer.encode_src([sentences[i] for i in positions]) if positions else []
-        source = dict(zip(positions, encoded, strict=True))
+        source = {i: ids for i, ids in zip(positions, encoded, strict=True) if ids != [EOS_ID]}
         limit = self.max_src_len
         for i, ids in source.items():
             if limit is not None and len(ids) > limit:
                 log.warning(
-                    "source sentence %d has %d tokens, more than the %d the model takes; "
+                    "source line %d has %d tokens, more than the %d the model takes; "
                     "translating only its beginning: %.60r...",
-                    i,
+                    first_line + i,
                     len(ids),
                     limit,
                     sentences[i],

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from nmt.checkpoint import CheckpointError, save_checkpoint
-from nmt.config import Config, DataConfig, DecodeConfig, ModelConfig
+from nmt.config import Config, ConfigError, DataConfig, DecodeConfig, ModelConfig
 from nmt.data.tokenizer import EOS_ID, Tokenizer
 from nmt.model import Transformer
 from nmt.translator import Translator
@@ -144,8 +144,41 @@ def test_overlong_input_is_truncated_with_a_warning(joint_tokenizer, caplog):
         out = translator.translate([SENTENCES[1], long_line, SENTENCES[3]])
     # The first 11 pieces (the 12th position holds EOS), and no decoding past the positions.
     assert out == [SENTENCES[1], joint_tokenizer.decode_src([ids[:11]])[0], SENTENCES[3]]
-    assert any("source sentence 1 has" in r.getMessage() for r in caplog.records)
-    assert translator.translate([long_line], beam=3) == out[1:2]
+    assert any("source line 2 has" in r.getMessage() for r in caplog.records)  # 1-based
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nmt.translator"):
+        assert translator.translate([long_line], beam=3, first_line=1001) == out[1:2]
+    assert any("source line 1001 has" in r.getMessage() for r in caplog.records)
+
+
+def test_a_sentence_without_pieces_gets_an_empty_translation_without_search(joint_tokenizer, monkeypatch):
+    """A lone zero-width space or control character encodes to EOS alone; the model is not asked to
+    translate nothing (training drops such pairs), and the line still gets its (empty) output."""
+    translator = copy_translator(joint_tokenizer)
+    nothing = ["\u200b", "\ufeff", "\x01"]
+    assert all(ids == [EOS_ID] for ids in joint_tokenizer.encode_src(nothing))
+    searched: list[list[int]] = []
+    collate = translator.collate
+    monkeypatch.setattr(translator, "collate", lambda source: searched.extend(source) or collate(source))
+    sentences = [nothing[0], SENTENCES[0], *nothing[1:]]
+    assert translator.translate(sentences) == ["", SENTENCES[0], "", ""]
+    assert [n[0].text for n in translator.translate_nbest(sentences, nbest=2, beam=2)] == [
+        "",
+        SENTENCES[0],
+        "",
+        "",
+    ]
+    assert [EOS_ID] not in searched and len(searched) == 2
+
+
+def test_bad_arguments_are_errors_not_defaults(joint_tokenizer):
+    translator = copy_translator(joint_tokenizer)
+    with pytest.raises(TypeError, match="list of sentences"):
+        translator.translate(SENTENCES[0])
+    with pytest.raises(ConfigError, match="decode.beam=0"):
+        translator.translate(SENTENCES[:1], beam=0)
+    with pytest.raises(ConfigError, match="decode.nbest=0"):
+        translator.translate_nbest(SENTENCES[:1], nbest=0)
 
 
 def test_real_model_batched_equals_one_at_a_time_and_survives_overlong_input(translator):
