@@ -4,7 +4,10 @@
     python -m nmt.translate --ckpt best.pt --input test.en --output test.de --ref test.de.ref
 
 Output: exactly one line per input line, in order; an empty input line gives an empty output
-line. Input is read as bytes and decoded as UTF-8; invalid bytes become U+FFFD, with a warning.
+line. Input is read as bytes and decoded as UTF-8 (a byte-order mark is dropped); invalid bytes become
+U+FFFD, with a warning for each of the first few such lines and a count at the end. Everything that
+can be checked first is: the flags, an ``--output`` that is the ``--input`` or ``--ref`` file (refused),
+and the line counts of ``--input`` and ``--ref``; an existing output file is replaced only after that.
 Standard input is translated as it arrives: lines are gathered into chunks of up to 1000 and a
 chunk is translated as soon as no more input is waiting, so interactive use answers line by line
 while piped files are batched efficiently. On CPU the batches of a chunk are decoded side by side,
@@ -26,9 +29,12 @@ import contextlib
 import gzip
 import io
 import logging
+import os
 import queue
+import stat
 import sys
 import threading
+import zlib
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -52,26 +58,56 @@ INPUT_IDLE_SECONDS = 0.05
 LINE_BREAKS = str.maketrans({c: " " for c in "\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
 
 
-def decode_line(raw: bytes, number: int) -> str:
-    """One input line (without its line ending) as text; invalid UTF-8 is replaced, with a warning."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        log.warning(
-            "input line %d is not valid UTF-8 (%s); invalid bytes replaced by U+FFFD", number, e.reason
-        )
-        return raw.decode("utf-8", errors="replace")
+class LineDecoder:
+    """Input lines (bytes, without their line ending) as text. Invalid UTF-8 is replaced by U+FFFD:
+    the first few such lines get a warning each, the rest one summary (:meth:`summarise`)."""
+
+    WARN_LINES = 3
+
+    def __init__(self) -> None:
+        self.invalid_lines = 0
+
+    def __call__(self, raw: bytes, number: int) -> str:
+        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]  # a UTF-8 byte-order mark is not part of the first sentence
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            self.invalid_lines += 1
+            if self.invalid_lines <= self.WARN_LINES:
+                log.warning(
+                    "input line %d is not valid UTF-8 (%s); invalid bytes replaced by U+FFFD",
+                    number,
+                    e.reason,
+                )
+            return raw.decode("utf-8", errors="replace")
+
+    def summarise(self) -> None:
+        if self.invalid_lines > self.WARN_LINES:
+            log.warning(
+                "%d input lines in all were not valid UTF-8 (warnings for the first %d above); is the "
+                "input in another encoding? Convert it with iconv -f ENCODING -t UTF-8.",
+                self.invalid_lines,
+                self.WARN_LINES,
+            )
 
 
-def read_lines_from(stream: BinaryIO) -> Iterator[str]:
+def read_lines_from(stream: BinaryIO, name: str = "standard input") -> Iterator[str]:
     """Lines of a byte stream, decoded; a last line without a newline still counts."""
-    for number, raw in enumerate(stream, start=1):
-        if raw.endswith(b"\n"):
-            raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
-        yield decode_line(raw, number)
+    decode = LineDecoder()
+    try:
+        for number, raw in enumerate(stream, start=1):
+            if raw.endswith(b"\n"):
+                raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+            yield decode(raw, number)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise ValueError(f"could not read {name}: {e}") from e
+    decode.summarise()
 
 
-def read_chunks(stream: BinaryIO, chunk_lines: int = CHUNK_LINES) -> Iterator[list[str]]:
+def read_chunks(
+    stream: BinaryIO, chunk_lines: int = CHUNK_LINES, name: str = "standard input"
+) -> Iterator[list[str]]:
     """Chunks of decoded lines, each handed over once full or once the input pauses.
 
     A reader thread fills a bounded queue, so translation never waits for the end of the input.
@@ -81,7 +117,7 @@ def read_chunks(stream: BinaryIO, chunk_lines: int = CHUNK_LINES) -> Iterator[li
 
     def reader() -> None:
         try:
-            for line in read_lines_from(stream):
+            for line in read_lines_from(stream, name):
                 lines.put(line)
         except BaseException as e:  # handed to the main thread, which raises it
             lines.put(e)
@@ -159,10 +195,28 @@ DECODE_OVERRIDES = (
 )
 
 
-def load_translator(args: argparse.Namespace) -> Translator:
-    """The checkpoint's model with the decoding settings given on the command line."""
+def check_args(args: argparse.Namespace) -> None:
+    """What can be checked before anything is read or written."""
+    for path in (args.ckpt, args.input, args.ref):
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{path} does not exist.")
+    if args.nbest < 1:
+        raise ConfigError(f"--nbest {args.nbest}: give at least 1 hypothesis per line.")
+    if args.beam is not None and args.beam < 1:
+        raise ConfigError(f"--beam {args.beam}: the beam size is at least 1 (1 = greedy).")
     if args.beam is not None and args.nbest > args.beam:
         raise ConfigError(f"--nbest {args.nbest} needs --beam of at least {args.nbest}.")
+    if args.output is not None and Path(args.output).exists():
+        for flag, path in (("--input", args.input), ("--ref", args.ref)):
+            if path is not None and Path(args.output).samefile(path):
+                raise ConfigError(
+                    f"--output {args.output} is the {flag} file; writing the translations there would "
+                    "destroy it. Choose another output file."
+                )
+
+
+def load_translator(args: argparse.Namespace) -> Translator:
+    """The checkpoint's model with the decoding settings given on the command line."""
     overrides = {k: getattr(args, k) for k in DECODE_OVERRIDES if getattr(args, k) is not None}
     translator = Translator.from_checkpoint(args.ckpt, device=args.device, dtype=args.dtype)
     translator.cfg = replace(translator.cfg, **overrides, nbest=1)  # nbest goes to translate_nbest
@@ -172,12 +226,21 @@ def load_translator(args: argparse.Namespace) -> Translator:
 
 
 def open_input(path: str | None) -> tuple[BinaryIO, int | None]:
-    """The input byte stream and its number of lines when known (for the progress bar)."""
+    """The input byte stream and its number of lines when known in advance.
+
+    Lines are counted first only in a regular file: a pipe or a FIFO (``/dev/stdin``, ``<(...)``) can be
+    read only once.
+    """
     if path is None:
         return sys.stdin.buffer, None
     opener = gzip.open if path.endswith(".gz") else open
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        return opener(path, "rb"), None
     with opener(path, "rb") as f:
-        total = sum(1 for _ in f)
+        try:
+            total = sum(1 for _ in f)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise ValueError(f"could not read {path}: {e}") from e
     return opener(path, "rb"), total
 
 
@@ -197,17 +260,27 @@ def open_output(path: str | None) -> Iterator[TextIO]:
 
 
 def translate_stream(
-    translator: Translator, source: BinaryIO, out: TextIO, nbest: int, total: int | None
+    translator: Translator,
+    source: BinaryIO,
+    out: TextIO,
+    nbest: int,
+    total: int | None,
+    name: str = "standard input",
 ) -> list[str]:
     """Translate chunk by chunk, writing as it goes; returns the best translation of every line."""
     best: list[str] = []
     bar = tqdm(total=total, unit=" lines", file=sys.stderr, disable=not sys.stderr.isatty())
     with bar:
-        for chunk in read_chunks(source):
+        for chunk in read_chunks(source, name=name):
             if nbest == 1:  # translate() takes the faster greedy path for beam 1
-                results = [[Translation(t, 0.0)] for t in translator.translate(chunk, progress=bar.update)]
+                results = [
+                    [Translation(t, 0.0)]
+                    for t in translator.translate(chunk, progress=bar.update, first_line=len(best) + 1)
+                ]
             else:
-                results = translator.translate_nbest(chunk, nbest=nbest, progress=bar.update)
+                results = translator.translate_nbest(
+                    chunk, nbest=nbest, progress=bar.update, first_line=len(best) + 1
+                )
             out.write("".join(format_output(len(best) + i, r, nbest) for i, r in enumerate(results)))
             out.flush()
             best.extend(r[0].text for r in results)
@@ -220,16 +293,21 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        for path in (args.ckpt, args.input, args.ref):
-            if path is not None and not Path(path).exists():
-                raise FileNotFoundError(f"{path} does not exist.")
+        check_args(args)
         refs = read_text_lines(args.ref) if args.ref else None
-        translator = load_translator(args)
         source, total = open_input(args.input)
         with contextlib.ExitStack() as stack:
             stack.enter_context(source)
+            if refs is not None and total is not None and len(refs) != total:
+                raise ValueError(
+                    f"{args.input} has {total:,} lines but {args.ref} has {len(refs):,}; "
+                    "the references must be aligned with the input line by line."
+                )
+            translator = load_translator(args)
             out = stack.enter_context(open_output(args.output))
-            hyps = translate_stream(translator, source, out, args.nbest, total)
+            hyps = translate_stream(
+                translator, source, out, args.nbest, total, args.input or "standard input"
+            )
         if refs is not None:
             scores = score(hyps, refs, lowercase=args.lowercase)
             print(scores.bleu_detail, file=sys.stderr)

@@ -3,7 +3,9 @@ format, scores equal to sacreBLEU's, clear errors."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import logging
 import os
 import queue
 import subprocess
@@ -134,3 +136,85 @@ def test_workers_flag_same_output_and_bad_value_rejected(checkpoint, tmp_path, c
     assert outputs[0] == outputs[1] and len(outputs[0].split("\n")) == 2 * len(SENTENCES) + 2
     assert main([*args, "--workers", "-1"]) == 1
     assert "decode.workers=-1 must be in [0, 1024]" in capsys.readouterr().err
+
+
+def test_input_from_a_pipe_is_read_once_and_translated(checkpoint):
+    """``--input /dev/stdin`` (or ``<(...)``) is a pipe: it cannot be read twice to count its lines."""
+    expected = Translator.from_checkpoint(checkpoint, device="cpu").translate(SENTENCES[:3])
+    proc = translate_cli("--ckpt", str(checkpoint), "--device", "cpu", "--input", "/dev/stdin")
+    try:
+        out, err = proc.communicate("\n".join(SENTENCES[:3]).encode() + b"\n", timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().split("\n") == [*expected, ""]
+
+
+def test_output_onto_the_input_or_the_reference_is_refused_and_destroys_nothing(checkpoint, tmp_path, capsys):
+    src, ref = tmp_path / "in.en", tmp_path / "ref.de"
+    text = "\n".join(SENTENCES[:3]) + "\n"
+    src.write_text(text, encoding="utf-8")
+    ref.write_text(text, encoding="utf-8")
+    base = ["--ckpt", str(checkpoint), "--device", "cpu", "--input", str(src)]
+    assert main([*base, "--output", str(src)]) == 1
+    assert "is the --input file" in capsys.readouterr().err
+    assert main([*base, "--ref", str(ref), "--output", str(tmp_path / "." / "ref.de")]) == 1
+    assert "is the --ref file" in capsys.readouterr().err
+    assert src.read_text(encoding="utf-8") == text and ref.read_text(encoding="utf-8") == text
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--nbest", "-1"], "--nbest -1: give at least 1"),
+        (["--nbest", "0"], "--nbest 0: give at least 1"),
+        (["--beam", "0"], "--beam 0: the beam size is at least 1"),
+        (["--max-len-a", "inf"], "decode.max_len_a=inf must be in"),
+        (["--max-len-b", "100000000000000000000"], "decode.max_len_b=100000000000000000000 must be in"),
+    ],
+)
+def test_bad_decoding_flags_fail_before_the_output_is_touched(checkpoint, tmp_path, capsys, flags, message):
+    src, out = tmp_path / "in.en", tmp_path / "out.de"
+    src.write_text(SENTENCES[0] + "\n", encoding="utf-8")
+    out.write_text("an earlier translation\n", encoding="utf-8")
+    args = ["--ckpt", str(checkpoint), "--device", "cpu", "--input", str(src), "--output", str(out)]
+    assert main([*args, *flags]) == 1
+    assert message in capsys.readouterr().err
+    assert out.read_text(encoding="utf-8") == "an earlier translation\n"
+
+
+def test_reference_line_count_is_checked_before_translating(checkpoint, tmp_path, capsys, monkeypatch):
+    src, ref = tmp_path / "in.en", tmp_path / "ref.de"
+    src.write_text("\n".join(SENTENCES[:3]) + "\n", encoding="utf-8")
+    ref.write_text("\n".join(SENTENCES[:4]) + "\n", encoding="utf-8")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the line counts were compared")
+
+    monkeypatch.setattr(Translator, "from_checkpoint", no_model)
+    assert main(["--ckpt", str(checkpoint), "--input", str(src), "--ref", str(ref)]) == 1
+    assert "in.en has 3 lines but" in capsys.readouterr().err
+
+
+def test_a_truncated_gzip_input_is_one_error_line(checkpoint, tmp_path, capsys):
+    src = tmp_path / "in.en.gz"
+    src.write_bytes(gzip.compress(("\n".join(SENTENCES) + "\n").encode())[:-12])
+    assert main(["--ckpt", str(checkpoint), "--device", "cpu", "--input", str(src)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("nmt.translate: error: could not read") and "in.en.gz" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_a_byte_order_mark_is_not_translated_and_bad_utf8_is_summarised(checkpoint, tmp_path, caplog):
+    translator = Translator.from_checkpoint(checkpoint, device="cpu")
+    src, out = tmp_path / "in.en", tmp_path / "out.de"
+    latin1 = [f"{s} café".encode("latin-1") for s in SENTENCES[:5]]
+    src.write_bytes(b"\xef\xbb\xbf" + b"\n".join([SENTENCES[0].encode(), *latin1]) + b"\n")
+    args = ["--ckpt", str(checkpoint), "--device", "cpu", "--input", str(src), "--output", str(out)]
+    with caplog.at_level(logging.WARNING, logger="nmt.translate"):
+        assert main(args) == 0
+    lines = out.read_text(encoding="utf-8").split("\n")
+    assert len(lines) == 7 and lines[0] == translator.translate(SENTENCES[:1])[0]
+    per_line = [r for r in caplog.records if "is not valid UTF-8" in r.getMessage()]
+    assert [r.getMessage().split()[2] for r in per_line] == ["2", "3", "4"]
+    assert any("5 input lines in all were not valid UTF-8" in r.getMessage() for r in caplog.records)
