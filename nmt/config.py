@@ -9,6 +9,7 @@ Every check a config value needs happens in ``__post_init__``, before any expens
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,10 +152,14 @@ class TrainConfig:
         _one_of("train.schedule", self.schedule, ("inverse_sqrt", "cosine"))
         _one_of("train.best_metric", self.best_metric, ("bleu", "chrf", "loss"))
         _check(
-            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device) is not None,
             f"train.device={self.device!r} is not valid; use auto, cpu, cuda or cuda:N.",
         )
+        _check(0 <= self.seed < 2**32, f"train.seed={self.seed} must be in [0, 2**32).")
         _check(0 < self.lr < 1.0, f"train.lr={self.lr} must be in (0, 1).")
+        _check(0 <= self.min_lr <= self.lr, f"train.min_lr={self.min_lr} must be in [0, train.lr={self.lr}].")
+        _check(0 < self.adam_eps < 1.0, f"train.adam_eps={self.adam_eps} must be in (0, 1).")
+        _check(0 <= self.weight_decay < 1.0, f"train.weight_decay={self.weight_decay} must be in [0, 1).")
         _check(
             len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
             f"train.betas={list(self.betas)} must be two numbers in [0, 1).",
@@ -171,6 +176,7 @@ class TrainConfig:
         )
         _check(self.keep_last >= 0 and self.patience >= 0, "train.keep_last and train.patience must be >= 0.")
         _check(self.max_bad_steps >= 1, "train.max_bad_steps must be >= 1.")
+        _check(self.num_samples >= 0, f"train.num_samples={self.num_samples} must be >= 0.")
 
     @property
     def resume_requested(self) -> bool:
@@ -218,6 +224,15 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
+    def __post_init__(self) -> None:
+        # Training pairs have up to data.max_len pieces plus EOS (source) or BOS (target input).
+        _check(
+            self.model.max_positions >= self.data.max_len + 1,
+            f"model.max_positions={self.model.max_positions} is too small for data.max_len={self.data.max_len}: "
+            f"a training sentence takes up to {self.data.max_len + 1} positions. Raise model.max_positions "
+            "or lower data.max_len.",
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (str/int/float/bool/list only): safe inside a weights_only checkpoint."""
         return dataclasses.asdict(self)
@@ -256,5 +271,23 @@ def to_config(cfg: Any) -> Config:
 
     obj = OmegaConf.to_object(cfg)
     if not isinstance(obj, Config):  # composed without the schema: validate by rebuilding
-        obj = Config.from_dict(obj)
+        return Config.from_dict(obj)
+    # A key added with Hydra's "+key=value" is kept by the composed config but dropped by to_object.
+    unknown = _unknown_keys(cfg, obj, "")
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s): {', '.join(unknown)}. Check the spelling against configs/ "
+            "(python -m nmt.train --cfg job prints every key)."
+        )
     return obj
+
+
+def _unknown_keys(node: Any, obj: Any, prefix: str) -> list[str]:
+    names = {f.name for f in dataclasses.fields(obj)}
+    unknown = []
+    for key in node:
+        if key not in names:
+            unknown.append(f"{prefix}{key}")
+        elif dataclasses.is_dataclass(getattr(obj, key)):
+            unknown += _unknown_keys(node[key], getattr(obj, key), f"{prefix}{key}.")
+    return unknown

@@ -7,6 +7,8 @@ import platform
 
 import torch
 
+from nmt.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -17,9 +19,12 @@ def resolve_device(name: str | torch.device, setting: str = "device") -> torch.d
     option in error messages (``train.device``, ``--device``)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"{setting}={name!r} is not a device ({e}); use auto, cpu, cuda or cuda:N.") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{setting}={name} but CUDA is not available; use {setting}=cpu.")
+        raise ConfigError(f"{setting}={name} but CUDA is not available; use {setting}=cpu.")
     return device
 
 

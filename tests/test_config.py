@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -41,6 +42,16 @@ def test_misspelled_key_is_an_error():
 
 
 @pytest.mark.parametrize(
+    "override, key",
+    [("+train.max_step=5", "train.max_step"), ("+foo=1", "foo"), ("+model.extra.depth=2", "model.extra")],
+)
+def test_a_key_forced_in_with_plus_is_still_checked(override, key):
+    """Hydra suggests "+key=value" for a key it does not know; the dataclasses would drop it silently."""
+    with pytest.raises(ConfigError, match=rf"unknown config key\(s\): {re.escape(key)}\."):
+        composed("+experiment=smoke", override)
+
+
+@pytest.mark.parametrize(
     "override, message",
     [
         ("model.n_heads=5", "divisible"),
@@ -49,6 +60,15 @@ def test_misspelled_key_is_an_error():
         ("decode.beam=0", "decode.beam"),
         ("train.precision=fp8", "train.precision"),
         ("data.src_lang=de", "must differ"),
+        ("train.min_lr=-0.01", r"train.min_lr=-0.01 must be in \[0, train.lr"),
+        ("train.weight_decay=-1", "train.weight_decay=-1"),
+        ("train.adam_eps=-1", "train.adam_eps=-1"),
+        ("train.seed=-1", r"train.seed=-1 must be in \[0, 2\*\*32\)"),
+        ("train.seed=5000000000", "train.seed=5000000000"),
+        ("train.num_samples=-1", "train.num_samples=-1"),
+        ("train.device=cuda:x", "train.device='cuda:x' is not valid"),
+        ("decode.max_len_a=1e30", "decode.max_len_a=1e\\+30 must be in"),
+        ("model.max_positions=16", "model.max_positions=16 is too small for data.max_len"),
     ],
 )
 def test_absurd_values_fail_with_a_sentence_naming_the_key(override, message):
