@@ -47,7 +47,6 @@ def run(cfg: Config) -> int:
         log.info("run directory: %s", run_dir.resolve())
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         # Rank 0 trains the tokenizer and fills the encoding cache; the others then read the cache.
         if not dist.is_main:
             barrier(dist)
@@ -70,6 +69,8 @@ def run(cfg: Config) -> int:
         )
         if resume_from is not None:
             trainer.resume(resume_from)
+        if dist.is_main:  # only now: a resume that is refused leaves the run's config.yaml as it was
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         start_step = trainer.state.step
         result = trainer.train()
         if dist.enabled:

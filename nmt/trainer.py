@@ -33,7 +33,7 @@ from nmt.device import avoid_per_shape_attention_kernels, resolve_device, resolv
 from nmt.distributed import DistInfo, all_gather_state, all_reduce_sum, any_flag, barrier, broadcast_flag
 from nmt.loss import label_smoothed_nll
 from nmt.model import Transformer
-from nmt.optim import build_optimizer, build_scheduler
+from nmt.optim import build_optimizer, build_scheduler, lr_multiplier
 from nmt.runtime import (
     Progress,
     compile_loss,
@@ -70,6 +70,24 @@ class TrainResult:
     stop_reason: str
     best_checkpoint: Path | None
     last_valid: dict[str, float]
+
+
+def check_resume_config(cfg: Config, saved: dict[str, Any], path: str | os.PathLike) -> None:
+    """Refuse, in one sentence, to resume a checkpoint into a different model or language pair."""
+    now = cfg.to_dict()
+    keys = [f"model.{k}" for k in now["model"] if saved.get("model", {}).get(k) != now["model"][k]]
+    keys += [f"data.{k}" for k in ("src_lang", "tgt_lang") if saved.get("data", {}).get(k) != now["data"][k]]
+    if keys:
+        was = ", ".join(f"{k}={_lookup(saved, k)!r}" for k in keys)
+        raise TrainingError(
+            f"{path} was trained with {was} and this run asks for "
+            f"{', '.join(f'{k}={_lookup(now, k)!r}' for k in keys)}; resume with the run's own settings."
+        )
+
+
+def _lookup(config: dict[str, Any], dotted: str) -> Any:
+    section, key = dotted.split(".")
+    return config.get(section, {}).get(key)
 
 
 def loss_in_model(device: torch.device, dtype: torch.dtype) -> bool:
@@ -227,7 +245,7 @@ class Trainer:
         self.scaler.step(self.optimizer)  # skips the update itself if fp16 gradients overflowed
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this update used
         self.scheduler.step()
         self._bad_steps = 0
         return {
@@ -314,20 +332,44 @@ class Trainer:
                 f"{path} was written by a run with {state.get('world_size', 1)} processes; resume it with the "
                 f"same number (this run has {self.dist.world_size}) so the data order stays exact."
             )
+        check_resume_config(self.cfg, state["config"], path)
         try:
             self.raw_model.load_state_dict(state["model"])
         except RuntimeError as e:
+            first_line = str(e).strip().splitlines()[0]
             raise TrainingError(
-                f"{path} does not fit this model config ({e}); resume with the run's own config."
-            )
+                f"{path} does not fit this model config ({first_line}); resume with the run's own config."
+            ) from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_optimizer_settings(state["config"].get("train", {}))
         self.scaler.load_state_dict(state["scaler"])
         self.state = TrainState(**state["train_state"])
         self.loader.load_state_dict(state["sampler"])
         per_rank = state.get("rng_per_rank")
         set_rng_state(per_rank[self.dist.rank] if per_rank else state["rng"])
         log.info("resumed from %s at step %d (epoch %d)", path, self.state.step, self.state.epoch)
+
+    def _apply_optimizer_settings(self, saved: dict[str, Any]) -> None:
+        """Give the restored optimizer and schedule this config's lr, betas, eps and weight decay.
+
+        Loading their state brings back the values the checkpoint was trained with; a run resumed with
+        train.lr=... would otherwise go on with the old ones while its config.yaml says otherwise.
+        With an unchanged config this sets the values the state already holds.
+        """
+        t = self.cfg.train
+        for key in ("lr", "betas", "adam_eps", "weight_decay"):
+            if key in saved and saved[key] != getattr(t, key):
+                log.warning(
+                    "train.%s changed from %s to %s since the checkpoint", key, saved[key], getattr(t, key)
+                )
+        decay, no_decay = self.optimizer.param_groups  # as build_optimizer makes them
+        # What LambdaLR would have set, had it been built with this config.
+        lr = t.lr * lr_multiplier(self.scheduler.last_epoch, t)
+        for group in (decay, no_decay):
+            group.update(initial_lr=t.lr, lr=lr, betas=tuple(t.betas), eps=t.adam_eps)
+        decay["weight_decay"] = t.weight_decay
+        self.scheduler.base_lrs = [t.lr] * len(self.optimizer.param_groups)
 
     # ------------------------------------------------------------------ loop
     def _handle_signal(self, signum: int, frame: Any) -> None:
@@ -343,7 +385,7 @@ class Trainer:
         reason = None
         if self.state.step >= t.max_steps:
             reason = f"reached train.max_steps={t.max_steps}"
-        elif t.max_epochs and self.state.epoch >= t.max_epochs:
+        elif t.max_epochs and self._epochs_done() >= t.max_epochs:
             reason = f"reached train.max_epochs={t.max_epochs}"
         elif t.max_time_min and elapsed >= t.max_time_min * 60:
             reason = f"reached train.max_time_min={t.max_time_min}"
@@ -351,20 +393,38 @@ class Trainer:
             reason = "interrupted by a signal"
         return reason
 
+    def _epochs_done(self) -> int:
+        """Epochs whose every batch has been taken (the stream moves to the next epoch only when asked)."""
+        return self.state.epoch + int(self.loader.state_dict()["position"] >= len(self.loader))
+
     def _validate_and_save(self) -> tuple[dict[str, float], bool]:
-        """Validate on rank 0, save, and tell every rank whether patience ran out."""
+        """Validate on rank 0, save, and tell every rank whether patience ran out.
+
+        Only validations every ``valid_every`` steps count toward ``train.patience``: the one at the end
+        of a run that stops elsewhere (time limit, max_steps) may update best.pt, but a run continued
+        from there keeps the patience count an uninterrupted run would have. If validation fails, the
+        training state is saved before the error propagates.
+        """
+        t = self.cfg.train
+        on_schedule = self.state.step % t.valid_every == 0
         metrics: dict[str, float] = {}
         stop = best = False
         if self.dist.is_main:
-            metrics = self.validate()
+            try:
+                metrics = self.validate()
+            except Exception:
+                log.error(
+                    "validation failed at step %d; saving the training state before stopping", self.state.step
+                )
+                self.save(best=False)
+                raise
             best = self._improved(metrics)
             if best:
-                self.state.best_score = metrics[self.cfg.train.best_metric]
+                self.state.best_score = metrics[t.best_metric]
                 self.state.best_step = self.state.step
-                self.state.bad_validations = 0
-            else:
-                self.state.bad_validations += 1
-            stop = bool(self.cfg.train.patience) and self.state.bad_validations >= self.cfg.train.patience
+            if on_schedule:
+                self.state.bad_validations = 0 if best else self.state.bad_validations + 1
+            stop = bool(t.patience) and self.state.bad_validations >= t.patience
         self.save(best=best)  # on every rank: each contributes its RNG state
         barrier(self.dist)
         return metrics, broadcast_flag(stop, self.dist, self.device)

@@ -13,6 +13,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+import pyarrow.compute as pc
 import torch
 from torch import nn
 
@@ -47,7 +49,7 @@ class Validator:
         """Label-smoothed loss and NLL per target token on the validation set (teacher forcing)."""
         if self._loader is None:
             self._loader = make_loader(
-                self.data.valid,
+                self._pairs_that_fit(),
                 self.cfg.data.max_tokens,
                 shuffle=False,
                 pin_memory=self.device.type == "cuda",
@@ -62,6 +64,25 @@ class Validator:
         loss = sum(pair[0] for pair in pairs)
         nll = sum(pair[1] for pair in pairs)
         return loss / max(tokens, 1), nll / max(tokens, 1)
+
+    def _pairs_that_fit(self) -> Any:
+        """The validation pairs the model can read whole. Validation data is not length-filtered, and a
+        pair longer than ``model.max_positions`` cannot be scored teacher-forced; it is left out of the
+        loss (with a warning), while BLEU still covers it (its source truncated, as nmt.translate does)."""
+        valid, limit = self.data.valid, self.cfg.model.max_positions
+        table = valid.with_format("arrow")[:]
+        src = pc.list_value_length(table["src_ids"]).to_numpy()  # pieces + EOS
+        tgt = pc.list_value_length(table["tgt_ids"]).to_numpy() + 1  # BOS + pieces, pieces + EOS
+        fits = np.flatnonzero((src <= limit) & (tgt <= limit))
+        if len(fits) == len(valid):
+            return valid
+        log.warning(
+            "validation loss leaves out %d of %d pairs longer than model.max_positions=%d",
+            len(valid) - len(fits),
+            len(valid),
+            limit,
+        )
+        return valid.select(fits)
 
     def run(self, model: nn.Module, step: int) -> dict[str, float]:
         """Loss, perplexity, BLEU and chrF of ``model`` (which ``batch_loss`` runs), reported at ``step``."""

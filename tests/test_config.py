@@ -132,7 +132,7 @@ def test_cli_overrides_compose_the_tiny_config(toy_dir, tmp_path):
     assert composed(*cli_overrides(cfg)) == cfg
 
 
-def test_cli_startup_reports_the_run_directory_and_parameter_count(toy_dir, tmp_path):
+def test_cli_startup_reports_the_run_directory_and_parameter_count_and_guards_its_config(toy_dir, tmp_path):
     from nmt.checkpoint import config_from_checkpoint, load_checkpoint
     from nmt.data.tokenizer import Tokenizer
     from nmt.model import Transformer
@@ -148,6 +148,14 @@ def test_cli_startup_reports_the_run_directory_and_parameter_count(toy_dir, tmp_
     model.load_state_dict(state["model"])
     assert f"model: {model.num_parameters():,} parameters" in proc.stdout
     assert "done: reached train.max_steps=2 | step 2" in proc.stdout
+
+    # Resuming into another model is refused in one line, and the run's config.yaml stays its own.
+    config_yaml = (tmp_path / "run" / "config.yaml").read_text()
+    proc = run_train(*cli_overrides(cfg), "train.resume='true'", "model.d_model=64")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "model.d_model=32" in errors[0] and "model.d_model=64" in errors[0]
+    assert (tmp_path / "run" / "config.yaml").read_text() == config_yaml
 
 
 @pytest.mark.parametrize(

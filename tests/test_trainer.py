@@ -322,3 +322,94 @@ def test_resume_reads_the_checkpoint_onto_the_cpu_whatever_the_training_device(t
     trainer.resume(find_resume_checkpoint(resumed_cfg, Path(cut.run_dir)))
     assert trainer.state.step == 2
     assert all(p.device.type == "cpu" for p in trainer.raw_model.parameters())
+
+
+def test_a_changed_optimizer_setting_applies_after_resume(toy_dir, tmp_path, caplog):
+    cfg = tiny_config(toy_dir, tmp_path / "run", max_steps=4)
+    make_trainer(cfg).train()
+    changed = with_train(cfg, max_steps=6, resume="true", lr=1e-4, betas=[0.5, 0.6], weight_decay=0.1)
+    trainer = make_trainer(changed)
+    with caplog.at_level("WARNING", logger="nmt.trainer"):
+        trainer.resume(find_resume_checkpoint(changed, Path(cfg.run_dir)))
+    assert "train.lr changed from 0.003 to 0.0001" in caplog.text
+    decay, no_decay = trainer.optimizer.param_groups
+    expected_lr = 1e-4 * lr_multiplier(4, changed.train)
+    for group in (decay, no_decay):
+        assert group["lr"] == expected_lr and group["betas"] == (0.5, 0.6)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    trainer.train()
+    # The schedule goes on from the new base rate: step 5's update used 1e-4 * multiplier(5).
+    assert trainer.optimizer.param_groups[0]["lr"] == 1e-4 * lr_multiplier(6, changed.train)
+
+
+def test_resuming_into_another_model_is_one_sentence_naming_the_settings(toy_dir, tmp_path):
+    cfg = tiny_config(toy_dir, tmp_path / "run", max_steps=2)
+    make_trainer(cfg).train()
+    other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, d_model=64, ffn_dim=128))
+    other = with_train(other, resume="true")
+    with pytest.raises(TrainingError) as error:
+        make_trainer(other).resume(find_resume_checkpoint(other, Path(cfg.run_dir)))
+    message = str(error.value)
+    assert "model.d_model=32, model.ffn_dim=" in message and "model.d_model=64, model.ffn_dim=128" in message
+    assert len(message) < 400 and "\n" not in message
+
+
+def test_max_epochs_stops_when_the_epoch_ends(toy_dir, tmp_path):
+    cfg = tiny_config(toy_dir, tmp_path / "run", max_steps=1000, max_epochs=1)
+    trainer = make_trainer(cfg)
+    result = trainer.train()
+    assert result.stop_reason == "reached train.max_epochs=1"
+    assert result.state.step == len(trainer.loader)  # not one batch into the second epoch
+
+
+def test_patience_counts_only_scheduled_validations_so_a_resumed_run_stops_where_one_would(
+    toy_dir, tmp_path, monkeypatch
+):
+    """A run cut at step 15 validates there (off the valid_every=10 grid); continued, it must stop
+    at step 30 like the uninterrupted run (best at 10, no improvement at 20 and 30, patience 2)."""
+    monkeypatch.setattr(
+        Trainer, "validate", lambda self: {"loss": 1.0, "ppl": 2.7, "bleu": 5.0, "chrf": 20.0}
+    )
+    settings = dict(valid_every=10, patience=2, keep_last=0)
+    full = make_trainer(tiny_config(toy_dir, tmp_path / "full", max_steps=40, **settings)).train()
+    assert full.state.step == 30 and full.stop_reason.startswith("no improvement in 2 validations")
+
+    cut = tiny_config(toy_dir, tmp_path / "cut", max_steps=15, **settings)
+    assert make_trainer(cut).train().state.step == 15
+    resumed_cfg = with_train(cut, max_steps=40, resume="true")
+    trainer = make_trainer(resumed_cfg)
+    trainer.resume(find_resume_checkpoint(resumed_cfg, Path(cut.run_dir)))
+    resumed = trainer.train()
+    assert (resumed.state.step, resumed.stop_reason) == (full.state.step, full.stop_reason)
+    assert resumed.state.best_step == full.state.best_step == 10
+
+
+def test_a_failing_validation_saves_the_training_state_first(toy_dir, tmp_path, monkeypatch):
+    def broken(self):
+        raise RuntimeError("validation broke")
+
+    monkeypatch.setattr(Trainer, "validate", broken)
+    cfg = tiny_config(toy_dir, tmp_path / "run", max_steps=20, valid_every=6)
+    with pytest.raises(RuntimeError, match="validation broke"):
+        make_trainer(cfg).train()
+    state = load_checkpoint(Path(cfg.run_dir) / "checkpoints" / "latest.pt")
+    assert state["train_state"]["step"] == 6  # the six steps are not lost
+
+
+def test_validation_loss_leaves_out_pairs_the_model_cannot_read(toy_dir, tmp_path, caplog):
+    """Validation data is not length-filtered; a pair past model.max_positions would crash the loss."""
+    cfg = tiny_config(toy_dir, tmp_path / "run")
+    trainer = make_trainer(cfg)
+    lengths = [len(ids) for ids in trainer.data.valid["src_ids"]]
+    limit = sorted(lengths)[len(lengths) // 2]  # half the pairs are too long for this limit
+    short = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, max_positions=limit),
+        data=dataclasses.replace(cfg.data, max_len=limit - 1),
+    )
+    trainer = make_trainer(short)
+    with caplog.at_level("WARNING", logger="nmt.trainer"):
+        loss, nll = trainer.validator.loss()
+    assert math.isfinite(loss) and math.isfinite(nll)
+    assert "validation loss leaves out" in caplog.text
+    assert set(trainer.validate()) == {"loss", "ppl", "bleu", "chrf"}  # BLEU covers every pair
