@@ -137,7 +137,7 @@ class TrainConfig:
     max_steps: int = 10_000
     max_epochs: int = 0  # 0 = no limit
     max_time_min: float = 0.0  # wall-clock limit in minutes, 0 = none
-    patience: int = 0  # validations without improvement before stopping, 0 = never
+    patience: int = 0  # validations (every valid_every steps) without improvement before stopping; 0 = never
     max_bad_steps: int = 5  # NaN/Inf losses in a row before aborting
     # validation, logging, checkpoints
     valid_every: int = 1000
