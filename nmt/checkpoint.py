@@ -18,8 +18,10 @@ as ``best.pt`` (:func:`save_run_checkpoint`); :func:`find_resume_checkpoint` fin
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -42,18 +44,50 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write ``state`` to ``path`` atomically: a crash mid-write leaves the old file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"format_version": FORMAT_VERSION, **state}
+    tmp = _write_temp(state, path)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write_temp(state: dict[str, Any], path: Path) -> Path:
+    """Write ``state`` and the format version to a new temporary file beside ``path``, synced to disk."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            # mkstemp creates the file 0600 whatever the umask; give it the mode open() would, so
+            # checkpoints are as readable to the run's group as the rest of the run directory.
+            os.chmod(tmp, 0o666 & ~_umask())
+            torch.save({"format_version": FORMAT_VERSION, **state}, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+    return Path(tmp)
+
+
+def _umask() -> int:
+    """The process umask. Linux shows it in /proc; os.umask can only read it by changing it, which
+    races with threads creating files meanwhile, so elsewhere it is read that way once."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _umask_read_once()
+
+
+@functools.cache
+def _umask_read_once() -> int:
+    mask = os.umask(0o077)  # strict while it is changed: a file created meanwhile is not exposed
+    os.umask(mask)
+    return mask
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -85,41 +119,91 @@ def config_from_checkpoint(state: dict[str, Any]) -> Config:
 def average_checkpoints(paths: list[str | os.PathLike]) -> dict[str, Any]:
     """Average model weights of several checkpoints of one run into a translate-ready checkpoint.
 
+    The checkpoints must share model config, language pair, tokenizer and parameter shapes and dtypes.
     Floating-point tensors are averaged in float64 and cast back; integer buffers must agree.
-    The result keeps config and tokenizer of the last checkpoint and drops the training state.
+    The result keeps the config of the last checkpoint and drops the training state.
     """
     if not paths:
         raise CheckpointError("no checkpoints to average.")
     total: dict[str, torch.Tensor] = {}
-    last: dict[str, Any] = {}
+    first: dict[str, Any] = {}  # what every other checkpoint must match: config, tokenizer, parameters
+    last_config: dict[str, Any] = {}
     for path in paths:
-        last = load_checkpoint(path)
-        weights = last["model"]
-        if total and set(weights) != set(total):
-            raise CheckpointError(
-                f"{path} has different parameters from {paths[0]}; average one run's checkpoints."
-            )
+        state = load_checkpoint(path)
+        weights = state["model"]
+        if not first:
+            first = {
+                "config": state["config"],
+                "tokenizer": state["tokenizer"],
+                "params": {name: (tuple(t.shape), t.dtype) for name, t in weights.items()},
+            }
+        _check_same_model(first, paths[0], state, path)
         for name, tensor in weights.items():
             if not tensor.is_floating_point():
                 if name in total and not torch.equal(total[name], tensor):
-                    raise CheckpointError(f"integer buffer {name} differs between checkpoints.")
+                    raise CheckpointError(
+                        f"integer buffer {name} differs between {paths[0]} and {path}; "
+                        "average checkpoints of one run."
+                    )
                 total[name] = tensor
             else:
                 total[name] = total.get(name, 0) + tensor.double()
+        last_config = state["config"]
     averaged = {
-        name: (t / len(paths)).to(last["model"][name].dtype) if t.is_floating_point() else t
+        name: (t / len(paths)).to(first["params"][name][1]) if t.is_floating_point() else t
         for name, t in total.items()
     }
     return {
-        "config": last["config"],
-        "tokenizer": last["tokenizer"],
+        "config": last_config,
+        "tokenizer": first["tokenizer"],
         "model": averaged,
         "averaged_from": [str(p) for p in paths],
     }
 
 
+def _check_same_model(
+    first: dict[str, Any], first_path: str | os.PathLike, state: dict[str, Any], path: str | os.PathLike
+) -> None:
+    """Refuse to average ``state`` (read from ``path``) with checkpoints unlike the first one."""
+    was, now = first["config"].get("model", {}), state["config"].get("model", {})
+    keys = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
+    if keys:
+        differ = ", ".join(f"model.{k}={now.get(k)!r} vs {was.get(k)!r}" for k in keys)
+        raise CheckpointError(
+            f"{path} and {first_path} have different model configs ({differ}); average checkpoints of one run."
+        )
+    was, now = first["config"].get("data", {}), state["config"].get("data", {})
+    if any(was.get(k) != now.get(k) for k in ("src_lang", "tgt_lang")):
+        raise CheckpointError(
+            f"{path} translates {now.get('src_lang')}->{now.get('tgt_lang')} and {first_path} "
+            f"{was.get('src_lang')}->{was.get('tgt_lang')}; average checkpoints of one run."
+        )
+    if state["tokenizer"] != first["tokenizer"]:
+        raise CheckpointError(
+            f"{path} and {first_path} have different tokenizers; average checkpoints of one run."
+        )
+    params = first["params"]
+    if set(state["model"]) != set(params):
+        raise CheckpointError(
+            f"{path} has different parameters from {first_path}; average one run's checkpoints."
+        )
+    for name, tensor in state["model"].items():
+        shape, dtype = params[name]
+        if (tuple(tensor.shape), tensor.dtype) != (shape, dtype):
+            raise CheckpointError(
+                f"parameter {name} is {_describe(tuple(tensor.shape), tensor.dtype)} in {path} but "
+                f"{_describe(shape, dtype)} in {first_path}; average checkpoints of one model."
+            )
+
+
+def _describe(shape: tuple[int, ...], dtype: torch.dtype) -> str:
+    return f"{str(dtype).removeprefix('torch.')} {list(shape)}"
+
+
 def last_checkpoints(run_dir: str | os.PathLike, n: int) -> list[Path]:
     """The ``n`` most recent numbered checkpoints (step_*.pt) of a run directory."""
+    if n < 1:
+        raise CheckpointError(f"asked for the last {n} checkpoints of {run_dir}; ask for at least 1.")
     ckpt_dir = Path(run_dir) / "checkpoints"
     found = sorted(ckpt_dir.glob("step_*.pt"))
     if not found:
@@ -130,17 +214,48 @@ def last_checkpoints(run_dir: str | os.PathLike, n: int) -> list[Path]:
 
 
 def save_run_checkpoint(state: dict[str, Any], ckpt_dir: Path, step: int, keep_last: int, best: bool) -> Path:
-    """Write a training run's ``ckpt_dir/latest.pt`` atomically and link it under its other names:
+    """Write a training run's checkpoint as ``ckpt_dir/latest.pt`` and under its other names:
     ``step_N.pt`` (only the ``keep_last`` newest are kept; none when it is 0) and, if ``best``,
-    ``best.pt``. A link is a hard link where the file system allows, else a copy."""
-    latest = save_checkpoint(state, ckpt_dir / "latest.pt")
-    if keep_last > 0:
-        _link(latest, ckpt_dir / f"step_{step:08d}.pt")
-        for old in sorted(ckpt_dir.glob("step_*.pt"))[:-keep_last]:
-            old.unlink(missing_ok=True)
-    if best:
-        _link(latest, ckpt_dir / "best.pt")
+    ``best.pt``. A link is a hard link where the file system allows, else a copy.
+
+    latest.pt is what a run resumes from, so it is replaced last: the state is written once to a
+    temporary file, linked under the other names, and only then renamed onto latest.pt. A crash at
+    any point leaves latest.pt the old or the new checkpoint, and best.pt never older than the best
+    step latest.pt records (the temporary file of the crash is removed by the next save).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_files(ckpt_dir)
+    latest = ckpt_dir / "latest.pt"
+    tmp = _write_temp(state, latest)
+    try:
+        if keep_last > 0:
+            _link(tmp, ckpt_dir / f"step_{step:08d}.pt")
+            for old in sorted(ckpt_dir.glob("step_*.pt"))[:-keep_last]:
+                old.unlink(missing_ok=True)
+        if best:
+            _link(tmp, ckpt_dir / "best.pt")
+        os.replace(tmp, latest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return latest
+
+
+# The temporary files save_run_checkpoint creates: ``.latest.pt.XXXXXXXX.tmp`` (_write_temp, mkstemp)
+# and ``.step_N.pt.tmp`` / ``.best.pt.tmp`` (_link).
+_RUN_TEMP_FILE = re.compile(r"\.(latest|best|step_\d+)\.pt(\.[A-Za-z0-9_]+)?\.tmp")
+
+
+def _remove_stale_temp_files(ckpt_dir: Path) -> None:
+    """Delete the temporary files of saves that were killed, each as large as a checkpoint.
+
+    Only one process writes a run's checkpoints, so when it starts a save, any such file is an orphan.
+    """
+    for path in ckpt_dir.iterdir():
+        if _RUN_TEMP_FILE.fullmatch(path.name) and path.is_file():
+            log.info("removing %s, left by an interrupted save", path)
+            path.unlink(missing_ok=True)
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -155,7 +270,12 @@ def _link(src: Path, dst: Path) -> None:
 
 
 def find_resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
-    """Which checkpoint ``train.resume`` names, or None for a fresh run (refusing to overwrite one)."""
+    """Which checkpoint ``train.resume`` names, or None for a fresh run (refusing to overwrite one).
+
+    A checkpoint named by path resumes into ``run_dir`` only if that holds no run yet or the path is
+    its latest.pt: otherwise the run there (another one, or newer steps of the same one) would be
+    overwritten, or its step_N.pt files mixed with those of the new branch.
+    """
     latest = run_dir / "checkpoints" / "latest.pt"
     if not cfg.train.resume_requested:
         if latest.exists():
@@ -173,4 +293,12 @@ def find_resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
         path = path / "checkpoints" / "latest.pt"
     if not path.is_file():
         raise CheckpointError(f"train.resume={cfg.train.resume}: no checkpoint at {path}.")
+    # Step files are hard links of latest.pt, so the latest step's step_N.pt is the same file.
+    if latest.exists() and not os.path.samefile(path, latest):
+        raise CheckpointError(
+            f"train.resume={cfg.train.resume} is not the latest checkpoint of the run in {run_dir}: resuming "
+            "it there would overwrite that run's checkpoints or mix them with a new branch. Resume into a "
+            f"new directory with run_dir=NEW train.resume={cfg.train.resume}, or continue the run in "
+            f"{run_dir} with train.resume=true."
+        )
     return path

@@ -1,21 +1,30 @@
-"""Checkpoint files: atomic writes, safe loading, averaging."""
+"""Checkpoint files: atomic writes, safe loading, a run's latest/step/best files, resume, averaging."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from script_loader import load_script
 
 from nmt.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
     average_checkpoints,
+    find_resume_checkpoint,
+    last_checkpoints,
     load_checkpoint,
     save_checkpoint,
+    save_run_checkpoint,
 )
 from nmt.config import Config
+
+average_script = load_script("average_checkpoints")
 
 
 def minimal_state(weight: float) -> dict:
@@ -24,6 +33,17 @@ def minimal_state(weight: float) -> dict:
         "tokenizer": {"kind": "test", "model": b"\x00\x01"},
         "model": {"w": torch.full((2, 3), weight), "steps": torch.tensor(7)},
     }
+
+
+def run_state(step: int, best_step: int) -> dict:
+    """A training checkpoint at ``step`` whose train state records ``best_step`` as the best so far."""
+    state = minimal_state(float(step))
+    state["train_state"] = {"step": step, "best_step": best_step}
+    return state
+
+
+def saved_step(path: Path) -> int:
+    return load_checkpoint(path)["train_state"]["step"]
 
 
 def test_round_trip_with_weights_only(tmp_path):
@@ -100,3 +120,180 @@ def test_average_refuses_checkpoints_of_different_models(tmp_path):
     b = save_checkpoint(other, tmp_path / "b.pt")
     with pytest.raises(CheckpointError, match="different parameters"):
         average_checkpoints([a, b])
+
+
+# ---------------------------------------------------------------- a run's latest / step_N / best files
+
+
+def crash_when_replacing(monkeypatch, name: str) -> None:
+    """Make the rename onto ``name`` fail, as if the process were killed just before it."""
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(dst).name == name:
+            raise OSError(f"killed before {name} was replaced (simulated)")
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize("crash_at", ["step_00000020.pt", "best.pt", "latest.pt"])
+def test_a_save_killed_midway_leaves_latest_complete_and_best_no_older_than_it_records(
+    tmp_path, monkeypatch, crash_at
+):
+    ckpt_dir = tmp_path / "checkpoints"
+    save_run_checkpoint(run_state(10, best_step=10), ckpt_dir, 10, keep_last=1, best=True)
+    crash_when_replacing(monkeypatch, crash_at)
+    with pytest.raises(OSError, match="simulated"):
+        save_run_checkpoint(run_state(20, best_step=20), ckpt_dir, 20, keep_last=1, best=True)
+    monkeypatch.undo()
+
+    # latest.pt, the resume point, is still the previous checkpoint, and best.pt holds at least the
+    # step it records as the best (with keep_last=1 no step file would keep those weights).
+    latest = load_checkpoint(ckpt_dir / "latest.pt")
+    assert latest["train_state"]["step"] == 10
+    assert saved_step(ckpt_dir / "best.pt") >= latest["train_state"]["best_step"]
+
+    # The resumed run saves the same step again: everything is in place, nothing is left over.
+    save_run_checkpoint(run_state(20, best_step=20), ckpt_dir, 20, keep_last=1, best=True)
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["best.pt", "latest.pt", "step_00000020.pt"]
+    assert all(saved_step(ckpt_dir / name) == 20 for name in ("best.pt", "latest.pt", "step_00000020.pt"))
+
+
+def test_a_saved_run_checkpoint_is_linked_under_all_its_names(tmp_path):
+    ckpt_dir = tmp_path / "checkpoints"
+    for step in (10, 20, 30):
+        save_run_checkpoint(run_state(step, best_step=20), ckpt_dir, step, keep_last=2, best=step == 20)
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == [
+        "best.pt",
+        "latest.pt",
+        "step_00000020.pt",
+        "step_00000030.pt",
+    ]
+    assert os.path.samefile(ckpt_dir / "latest.pt", ckpt_dir / "step_00000030.pt")
+    assert saved_step(ckpt_dir / "best.pt") == 20
+
+
+def test_temp_files_of_a_killed_save_are_removed_by_the_next_save(tmp_path):
+    ckpt_dir = tmp_path / "checkpoints"
+    save_run_checkpoint(run_state(10, best_step=10), ckpt_dir, 10, keep_last=1, best=True)
+    # What SIGKILL leaves during the write (mkstemp's name) and during the links.
+    stale = [".latest.pt.k2x_9abc.tmp", ".best.pt.tmp", ".step_00000020.pt.tmp"]
+    # Not written by save_run_checkpoint (an average being written into the folder, a user's file).
+    others = [".avg10.pt.q1w2e3r4.tmp", "notes.tmp", "latest.pt.bak"]
+    for name in stale + others:
+        (ckpt_dir / name).write_bytes(b"partial")
+    save_run_checkpoint(run_state(20, best_step=10), ckpt_dir, 20, keep_last=1, best=False)
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == sorted(
+        ["best.pt", "latest.pt", "step_00000020.pt", *others]
+    )
+
+
+@pytest.mark.parametrize("umask, mode", [(0o027, 0o640), (0o002, 0o664)], ids=["027", "002"])
+def test_checkpoint_files_get_the_mode_open_gives_under_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        save_run_checkpoint(run_state(10, best_step=10), tmp_path / "checkpoints", 10, keep_last=1, best=True)
+        save_checkpoint(minimal_state(1.0), tmp_path / "avg.pt")
+    finally:
+        os.umask(old)
+    for path in [*(tmp_path / "checkpoints").iterdir(), tmp_path / "avg.pt"]:
+        assert path.stat().st_mode & 0o777 == mode, path.name
+
+
+# ---------------------------------------------------------------- train.resume=PATH
+
+
+def resume_config(resume: str | Path) -> Config:
+    cfg = Config()
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=str(resume)))
+
+
+def make_run(run_dir: Path, steps: list[int]) -> Path:
+    for step in steps:
+        save_run_checkpoint(run_state(step, step), run_dir / "checkpoints", step, keep_last=5, best=True)
+    return run_dir / "checkpoints"
+
+
+def test_resume_from_a_path_refuses_a_run_directory_holding_another_run(tmp_path):
+    make_run(tmp_path / "mine", [10, 20])
+    other = make_run(tmp_path / "other", [10])
+    with pytest.raises(CheckpointError, match="run_dir=NEW train.resume="):
+        find_resume_checkpoint(resume_config(other / "latest.pt"), tmp_path / "mine")
+    # Into a new directory it is fine.
+    assert find_resume_checkpoint(resume_config(other / "latest.pt"), tmp_path / "new") == other / "latest.pt"
+
+
+def test_resume_from_an_older_step_refuses_the_run_directory_it_came_from(tmp_path):
+    ckpt_dir = make_run(tmp_path / "run", [10, 20])
+    with pytest.raises(CheckpointError, match="not the latest checkpoint") as refused:
+        find_resume_checkpoint(resume_config(ckpt_dir / "step_00000010.pt"), tmp_path / "run")
+    assert f"run_dir=NEW train.resume={ckpt_dir / 'step_00000010.pt'}" in str(refused.value)
+    new_dir = tmp_path / "branch"
+    assert find_resume_checkpoint(resume_config(ckpt_dir / "step_00000010.pt"), new_dir) == (
+        ckpt_dir / "step_00000010.pt"
+    )
+
+
+@pytest.mark.parametrize("resume", ["checkpoints/latest.pt", "checkpoints/step_00000020.pt", "."])
+def test_resume_from_a_path_to_the_runs_own_latest_checkpoint_continues_it(tmp_path, resume):
+    make_run(tmp_path / "run", [10, 20])
+    path = find_resume_checkpoint(resume_config(tmp_path / "run" / resume), tmp_path / "run")
+    assert saved_step(path) == 20
+
+
+# ---------------------------------------------------------------- averaging
+
+
+def save_variant(tmp_path: Path, name: str, change) -> Path:
+    state = minimal_state(2.0)
+    change(state)
+    return save_checkpoint(state, tmp_path / name)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda s: s["model"].update(w=torch.zeros(3, 3)),
+            r"parameter w is float32 \[3, 3\] in .*b\.pt but float32 \[2, 3\] in .*a\.pt",
+        ),
+        # A shape that broadcasts would otherwise be averaged without a word.
+        (lambda s: s["model"].update(w=torch.zeros(1, 3)), r"parameter w is float32 \[1, 3\] in .*b\.pt"),
+        (lambda s: s["model"].update(w=torch.zeros(2, 3, dtype=torch.bfloat16)), r"parameter w is bfloat16"),
+        (
+            lambda s: s["config"]["model"].update(d_model=512, n_heads=8),
+            r"model\.d_model=512 vs 256, model\.n_heads=8 vs 4",
+        ),
+        (lambda s: s["config"]["data"].update(tgt_lang="fr"), r"b\.pt translates en->fr and .*a\.pt en->de"),
+        (lambda s: s["tokenizer"].update(model=b"\x02"), r"different tokenizers"),
+    ],
+    ids=["shape", "broadcastable-shape", "dtype", "model-config", "languages", "tokenizer"],
+)
+def test_average_refuses_checkpoints_that_are_not_of_one_run(tmp_path, change, message):
+    a = save_checkpoint(minimal_state(1.0), tmp_path / "a.pt")
+    b = save_variant(tmp_path, "b.pt", change)
+    with pytest.raises(CheckpointError, match=message):
+        average_checkpoints([a, b])
+
+
+@pytest.mark.parametrize("n", [0, -1])
+def test_last_checkpoints_needs_at_least_one(tmp_path, n):
+    make_run(tmp_path / "run", [10, 20, 30])
+    with pytest.raises(CheckpointError, match="at least 1"):
+        last_checkpoints(tmp_path / "run", n)
+    assert [p.name for p in last_checkpoints(tmp_path / "run", 1)] == ["step_00000030.pt"]
+
+
+def test_average_script_reports_a_bad_request_in_one_line(tmp_path, capsys):
+    make_run(tmp_path / "run", [10, 20])
+    out = tmp_path / "avg.pt"
+    assert average_script.main(["--run-dir", str(tmp_path / "run"), "--last", "0", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: asked for the last 0 checkpoints") and err.count("\n") == 1
+    b = save_variant(tmp_path, "b.pt", lambda s: s["config"]["data"].update(tgt_lang="fr"))
+    a = tmp_path / "run" / "checkpoints" / "latest.pt"
+    assert average_script.main(["--inputs", str(a), str(b), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "translates en->fr" in err and err.count("\n") == 1
+    assert not out.exists()
