@@ -8,6 +8,7 @@ a validation BLEU is what translating the file and scoring it would give.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from torch import nn
 
 from nmt.config import Config
 from nmt.data.batching import Batch, BatchLoader, make_loader
+from nmt.device import resolve_dtype
 from nmt.evaluate import score
 from nmt.translator import Translator
 
@@ -84,12 +86,23 @@ class Validator:
         )
         return valid.select(fits)
 
+    def _decoding_copy(self, model: nn.Module) -> nn.Module:
+        """The model as ``nmt.translate`` would decode a checkpoint of it: in the precision its
+        ``--dtype auto`` picks for this device (bf16 weights on a GPU that has them, the model itself
+        on the CPU), so that validation BLEU is what translating the file would give."""
+        dtype = resolve_dtype("auto", self.device)
+        if dtype == next(model.parameters()).dtype:
+            return model
+        return copy.deepcopy(model).to(dtype)
+
     def run(self, model: nn.Module, step: int) -> dict[str, float]:
         """Loss, perplexity, BLEU and chrF of ``model`` (which ``batch_loss`` runs), reported at ``step``."""
         model.eval()
         try:
             loss, nll = self.loss()
-            translator = Translator(model, self.data.tokenizer, self.cfg.decode, self.device)
+            translator = Translator(
+                self._decoding_copy(model), self.data.tokenizer, self.cfg.decode, self.device
+            )
             hyps = translator.translate(self.data.valid_src)
             scores = score(hyps, self.data.valid_ref)
         finally:

@@ -413,3 +413,26 @@ def test_validation_loss_leaves_out_pairs_the_model_cannot_read(toy_dir, tmp_pat
     assert math.isfinite(loss) and math.isfinite(nll)
     assert "validation loss leaves out" in caplog.text
     assert set(trainer.validate()) == {"loss", "ppl", "bleu", "chrf"}  # BLEU covers every pair
+
+
+def test_validation_decodes_in_the_precision_translate_would_use(toy_dir, tmp_path, monkeypatch):
+    """On a GPU ``nmt.translate`` decodes a checkpoint in bf16 (``--dtype auto``); validation BLEU must
+    be what that gives, not what the fp32 training weights give. Here "auto" is made to mean bf16."""
+    from nmt import validation
+    from nmt.evaluate import score
+    from nmt.translator import Translator
+
+    monkeypatch.setattr(validation, "resolve_dtype", lambda precision, device: torch.bfloat16)
+    scored: list[list[str]] = []
+    monkeypatch.setattr(validation, "score", lambda hyps, refs: scored.append(hyps) or score(hyps, refs))
+    cfg = tiny_config(toy_dir, tmp_path / "run", max_steps=30, valid_every=30)
+    trainer = make_trainer(cfg)
+    trainer.train()
+    scored.clear()
+    metrics = trainer.validate()
+    assert next(trainer.raw_model.parameters()).dtype == torch.float32  # a copy was cast, not the model
+    latest = Path(cfg.run_dir) / "checkpoints" / "latest.pt"
+    hyps = Translator.from_checkpoint(latest, "cpu", "bf16").translate(trainer.data.valid_src)
+    assert scored == [hyps] and metrics["bleu"] == score(hyps, trainer.data.valid_ref).bleu
+    fp32 = Translator.from_checkpoint(latest, "cpu", "fp32").translate(trainer.data.valid_src)
+    assert fp32 != hyps, "bf16 and fp32 decoding must differ for this test to mean anything"
