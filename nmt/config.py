@@ -224,12 +224,13 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
-    def __post_init__(self) -> None:
+    def check_for_training(self) -> None:
+        """Checks across sections that only training needs (a checkpoint that fails them still decodes)."""
         # Training pairs have up to data.max_len pieces plus EOS (source) or BOS (target input).
         _check(
             self.model.max_positions >= self.data.max_len + 1,
-            f"model.max_positions={self.model.max_positions} is too small for data.max_len={self.data.max_len}: "
-            f"a training sentence takes up to {self.data.max_len + 1} positions. Raise model.max_positions "
+            f"model.max_positions={self.model.max_positions} is too small for data.max_len={self.data.max_len} "
+            f"(a training sentence takes up to {self.data.max_len + 1} positions); raise model.max_positions "
             "or lower data.max_len.",
         )
 

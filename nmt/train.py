@@ -35,6 +35,7 @@ def run(cfg: Config) -> int:
     from nmt.runtime import keep_freed_memory_in_heap
     from nmt.trainer import Trainer, resolve_device
 
+    cfg.check_for_training()
     device = resolve_device(cfg.train.device, "train.device")
     if device.type == "cpu" and keep_freed_memory_in_heap():
         log.debug("glibc malloc: freed memory is kept in the heap for reuse")

@@ -107,6 +107,7 @@ class Trainer:
     def __init__(
         self, cfg: Config, data: Any, run_dir: Path, dist: DistInfo | None = None, writer: Any = None
     ):
+        cfg.check_for_training()
         self.cfg, self.data, self.run_dir = cfg, data, Path(run_dir)
         self.dist = dist or DistInfo()
         self.writer = writer if self.dist.is_main else None

@@ -68,7 +68,6 @@ def test_a_key_forced_in_with_plus_is_still_checked(override, key):
         ("train.num_samples=-1", "train.num_samples=-1"),
         ("train.device=cuda:x", "train.device='cuda:x' is not valid"),
         ("decode.max_len_a=1e30", "decode.max_len_a=1e\\+30 must be in"),
-        ("model.max_positions=16", "model.max_positions=16 is too small for data.max_len"),
     ],
 )
 def test_absurd_values_fail_with_a_sentence_naming_the_key(override, message):
@@ -163,6 +162,7 @@ def test_cli_startup_reports_the_run_directory_and_parameter_count_and_guards_it
     [
         ("train.lr=5", "train.lr=5.0 must be in (0, 1)."),
         ("data.dir=/nonexistent/corpus", "/nonexistent/corpus"),
+        ("model.max_positions=16", "model.max_positions=16 is too small for data.max_len=64"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_sentence_and_no_traceback(tmp_path, override, message):
