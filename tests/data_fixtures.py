@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 from pathlib import Path
 
@@ -21,9 +22,13 @@ LEXICON = {lang: words.split() for lang, words in _WORDS.items()}
 
 
 def multi30k_dir() -> Path | None:
-    """The shared Multi30k copy (next to the repository or inside it), or None when absent."""
+    """The Multi30k copy: ``$NMT_MULTI30K``, else the shared one next to the repository or inside it;
+    None when absent."""
     root = Path(__file__).resolve().parents[1]
-    for folder in (root.parent / "shared" / "data" / "multi30k", root / "shared" / "data" / "multi30k"):
+    candidates = [root.parent / "shared" / "data" / "multi30k", root / "shared" / "data" / "multi30k"]
+    if "NMT_MULTI30K" in os.environ:
+        candidates = [Path(os.environ["NMT_MULTI30K"])]
+    for folder in candidates:
         if (folder / "train.en.gz").is_file():
             return folder
     return None

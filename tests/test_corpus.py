@@ -251,7 +251,7 @@ def test_bad_validation_file_fails_before_tokenizer_training(tmp_path, count_wor
 def test_multi30k_subset(tmp_path):
     folder = multi30k_dir()
     if folder is None:
-        pytest.skip("the shared Multi30k copy (shared/data/multi30k) is not available")
+        pytest.skip("Multi30k (gzipped) not found in shared/data/multi30k; set NMT_MULTI30K to its folder")
     cfg = DataConfig(
         dir=str(folder), cache_dir=str(tmp_path), train_limit=2000, vocab_size=1000, download="", max_len=64
     )

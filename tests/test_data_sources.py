@@ -298,6 +298,6 @@ def test_download_only_for_known_multi30k_files(tmp_path, monkeypatch):
 
 def test_expected_checksums_match_the_shared_copy():
     if MULTI30K is None:
-        pytest.skip("the shared Multi30k copy (shared/data/multi30k) is not available")
+        pytest.skip("Multi30k (gzipped) not found in shared/data/multi30k; set NMT_MULTI30K to its folder")
     for name, expected in download.MULTI30K_SHA256.items():
         assert hashlib.sha256((MULTI30K / name).read_bytes()).hexdigest() == expected, name
