@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Data pipeline benchmark on Multi30k: tokenizer training, encoding, caches, loader speed, padding.
 
-    python scripts/benchmark_data.py                      # ../shared/data/multi30k, en-de
+    python scripts/benchmark_data.py                      # data/multi30k (data.dir), en-de
     python scripts/benchmark_data.py --src de --tgt en --max-tokens 8192 --json bench-data.json
 
 What is measured (wall-clock seconds, one process, every CPU core the machine has):
@@ -30,12 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from nmt.config import DataConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "multi30k"))
+    p.add_argument("--data-dir", default=DataConfig.dir, help="Multi30k folder (default: data.dir's)")
     p.add_argument("--src", default="en")
     p.add_argument("--tgt", default="de")
     p.add_argument("--vocab-size", type=int, default=8000)
@@ -147,8 +147,6 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
     )
     import datasets
-
-    from nmt.config import DataConfig
 
     datasets.disable_progress_bars()
     data_dir = Path(args.data_dir)

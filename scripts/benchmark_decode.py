@@ -57,13 +57,12 @@ from pathlib import Path
 
 import torch
 
+from nmt.config import DataConfig
 from nmt.data.tokenizer import EOS_ID
 from nmt.runtime import keep_freed_memory_in_heap
 from nmt.search import beam_search, greedy_search
 from nmt.translator import Translator
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "multi30k"
 log = logging.getLogger("benchmark_decode")
 
 
@@ -94,7 +93,9 @@ Runner = Callable[[list[Batch]], None]  # decodes all the batches it is given
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="trained nmt checkpoint")
-    p.add_argument("--data-dir", default=str(DEFAULT_DATA), help="folder with SPLIT.LANG[.gz]")
+    p.add_argument(
+        "--data-dir", default=DataConfig.dir, help="folder with SPLIT.LANG[.gz] (default: data.dir's)"
+    )
     p.add_argument("--split", default="test_2016_flickr")
     p.add_argument("--src-lang", help="default: the checkpoint's data.src_lang")
     p.add_argument("--limit", type=int, default=0, help="use only the first N sentences (0 = all)")
