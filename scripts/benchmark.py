@@ -816,7 +816,7 @@ def describe_run(meta: dict) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--model", default="small", help="preset of configs/model (tiny, small, base, big) or YAML"
+        "--model", default="small", help="preset of configs/model (tiny, compact, small, base, big) or YAML"
     )
     p.add_argument("--d-model", type=int)
     p.add_argument("--heads", type=int)

@@ -35,8 +35,9 @@ with a trained model, and that difference is part of what is measured.
 Model differences (nmt vs Marian). Same vocabulary, d_model, heads, feed-forward size, layers,
 activation, sinusoidal positions, sqrt(d) embedding scale, tied/shared embeddings as the
 checkpoint says. Marian is post-norm and adds a final-logits bias; nmt's default is pre-norm
-with a final LayerNorm in each stack (one LayerNorm more per stack). Attention uses PyTorch SDPA
-in both.
+with a final LayerNorm in each stack (one LayerNorm more per stack). Marian's attention is SDPA; nmt's
+is SDPA too, except on CPU with several queries over at most 64 keys (encoder self-attention, beam
+search's grouped cross-attention), where plain matmuls are faster (``nmt.model.attention``).
 """
 
 from __future__ import annotations

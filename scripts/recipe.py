@@ -3,7 +3,7 @@
 
     python scripts/recipe.py base data.dir=data/multi30k            # train, average, evaluate
     python scripts/recipe.py base --skip-train --average 5          # evaluate a finished run again
-    python scripts/recipe.py base_de_en train.max_time_min=60 --json results/de-en.json
+    python scripts/recipe.py de_en train.max_time_min=60 --json results/de_en-cpu.json
 
 The first argument names ``configs/experiment/NAME.yaml``; ``key=value`` arguments are passed to
 ``python -m nmt.train`` as they are. Two candidates are decoded on the validation set: the run's
@@ -67,6 +67,7 @@ def candidates(run_dir: Path, average: int) -> dict[str, Path]:
 
 
 def hardware(device: torch.device) -> str:
+    """What this process runs on: with --skip-train, the decoding, not the training that came before."""
     from nmt.device import device_name
 
     if device.type == "cuda":
@@ -133,9 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": chosen,
         "valid_bleu": valid_bleu,
         "test": cfg.data.test,
-        "bleu": round(cased.bleu, 2),
-        "bleu_lc": round(lower.bleu, 2),
-        "chrf": round(cased.chrf, 2),
+        # Four decimals: the table row rounds them to one, which two decimals would round twice.
+        "bleu": round(cased.bleu, 4),
+        "bleu_lc": round(lower.bleu, 4),
+        "chrf": round(cased.chrf, 4),
         "bleu_signature": cased.bleu_signature,
         "bleu_lc_signature": lower.bleu_signature,
         "chrf_signature": cased.chrf_signature,
