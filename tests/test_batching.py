@@ -184,7 +184,18 @@ def test_fewer_examples_than_ranks_still_gives_every_rank_a_batch(caplog):
     ranks = [list(TokenBatchSampler([3, 4], [3, 4], 100, rank=r, world_size=3)) for r in range(3)]
     assert [len(batches) for batches in ranks] == [1, 1, 1]
     assert set(itertools.chain.from_iterable(itertools.chain.from_iterable(ranks))) == {0, 1}
-    assert "fewer examples than ranks" in caplog.text
+    assert "1 examples are seen twice" in caplog.text
+
+
+def test_single_example_batches_that_do_not_divide_among_ranks_repeat_and_say_so(caplog):
+    """Three pairs that fit one per batch, two ranks: one pair is trained twice, and the warning says
+    why (it is not that there are fewer examples than ranks)."""
+    samplers = [TokenBatchSampler([40] * 3, [40] * 3, 66, rank=r, world_size=2) for r in range(2)]
+    ranks = [list(sampler) for sampler in samplers]
+    assert [len(batches) for batches in ranks] == [2, 2]
+    seen = [int(i) for batches in ranks for batch in batches for i in batch]
+    assert sorted(set(seen)) == [0, 1, 2] and len(seen) == 4
+    assert "every batch holds one example and 3 batches do not divide among 2 ranks" in caplog.text
 
 
 def test_invalid_rank():

@@ -164,7 +164,8 @@ class TokenBatchSampler:
     lengths are in random order, cut the sorted list greedily into batches within the token budget, and
     shuffle the batch order. For world size W > 1 the global batch count is brought to a multiple of W by
     splitting the largest batches in two (ranks stay disjoint and together cover every example; only
-    when there are fewer examples than ranks are batches repeated), then rank r takes batches r, r + W, ...
+    when every batch already holds a single example, which a tiny data set or a budget that fits one
+    sentence at a time gives, are a few batches repeated), then rank r takes batches r, r + W, ...
     Every rank thus sees the same number of batches. The batches depend only on the lengths, max_tokens,
     seed, epoch and world size, so all ranks agree without communicating.
     """
@@ -267,8 +268,12 @@ def _even_out(batches: list[np.ndarray], world_size: int) -> list[np.ndarray]:
     while len(batches) % world_size:
         largest = max(range(len(batches)), key=lambda i: len(batches[i]))
         if len(batches[largest]) < 2:
-            log.warning("fewer examples than ranks: repeating batches so every rank has one")
             shortfall = world_size - len(batches) % world_size
+            log.warning(
+                "every batch holds one example and %d batches do not divide among %d ranks: %d examples are "
+                "seen twice this epoch (raise data.max_tokens to avoid it)",
+                len(batches), world_size, shortfall,
+            )  # fmt: skip
             return batches + [batches[i % len(batches)] for i in range(shortfall)]
         half = len(batches[largest]) // 2
         batches[largest : largest + 1] = [batches[largest][:half], batches[largest][half:]]
