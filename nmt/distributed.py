@@ -62,13 +62,14 @@ def broadcast_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def any_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
-    """True on every rank if it is true on any rank (e.g. one rank received SIGTERM)."""
+def any_flags(flags: list[bool], info: DistInfo, device: torch.device) -> list[bool]:
+    """Each flag true on every rank if it is true on any rank (one rank received SIGTERM, one rank's
+    clock passed the time limit): decisions every rank must take together. One all-reduce."""
     if not info.enabled:
-        return flag
-    t = torch.tensor([1 if flag else 0], device=device)
+        return flags
+    t = torch.tensor([1 if flag else 0 for flag in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 def barrier(info: DistInfo) -> None:

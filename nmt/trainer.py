@@ -30,7 +30,7 @@ from nmt.config import Config
 from nmt.data.batching import Batch, make_loader
 from nmt.data.tokenizer import PAD_ID
 from nmt.device import avoid_per_shape_attention_kernels, resolve_device, resolve_dtype
-from nmt.distributed import DistInfo, all_gather_state, all_reduce_sum, any_flag, barrier, broadcast_flag
+from nmt.distributed import DistInfo, all_gather_state, all_reduce_sum, any_flags, barrier, broadcast_flag
 from nmt.loss import label_smoothed_nll
 from nmt.model import Transformer
 from nmt.optim import build_optimizer, build_scheduler, lr_multiplier
@@ -163,6 +163,10 @@ class Trainer:
         self._stop_signal: int | None = None
         self._bad_steps = 0
 
+    def log_to(self, writer: Any) -> None:
+        """Send TensorBoard scalars and validation reports to ``writer`` (rank 0 only) from now on."""
+        self.writer = self.validator.writer = writer if self.dist.is_main else None
+
     # ------------------------------------------------------------------ data
     def _batch_stream(self) -> Iterator[Batch]:
         """Training batches forever, epoch after epoch; the sampler tracks the position for resume.
@@ -233,15 +237,19 @@ class Trainer:
         for i, batch in enumerate(batches):
             loss_i, nll_i = self._micro_step(batch, scale, sync=i == len(batches) - 1)
             loss, nll = loss + loss_i, nll + nll_i
+        if self.dist.enabled:
+            # Ranks whose loss is not finite: all ranks skip the step together, or their step counts part.
+            readings.append(all_reduce_sum((~torch.isfinite(loss)).to(loss.dtype), self.dist))
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.train.clip_norm if self.cfg.train.clip_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
-        # The one host sync of the step: loss, NLL, gradient norm (and the global token count).
+        # The one host sync of the step: loss, NLL, gradient norm (DDP: global token count, bad ranks).
         values = torch.stack([loss, nll, grad_norm.to(loss.dtype), *readings]).tolist()
         loss_sum, nll_sum, norm = values[:3]
-        global_tokens = values[3] if readings else local_tokens
+        global_tokens, bad_ranks = values[3:5] if readings else (local_tokens, 0.0)
         loss_value = loss_sum / max(local_tokens, 1.0)
-        if not math.isfinite(loss_value) or (not self.scaler.is_enabled() and not math.isfinite(norm)):
+        finite = math.isfinite(loss_value) and bad_ranks == 0
+        if not finite or (not self.scaler.is_enabled() and not math.isfinite(norm)):
             return self._skip_step(loss_value)
         self.scaler.step(self.optimizer)  # skips the update itself if fp16 gradients overflowed
         self.scaler.update()
@@ -381,18 +389,22 @@ class Trainer:
         self._stop_signal = signum
 
     def _should_stop(self, start_time: float, start_elapsed: float) -> str | None:
+        """Why training stops now, or None. Every rank gets the same answer: steps and epochs are the
+        same on all of them, and a signal or the time limit on any one rank stops them all (each rank
+        reads its own clock; deciding alone, one would wait in a collective the others never reach)."""
         t = self.cfg.train
         elapsed = start_elapsed + time.monotonic() - start_time
-        reason = None
+        time_up = bool(t.max_time_min) and elapsed >= t.max_time_min * 60
+        signalled, time_up = any_flags([self._stop_signal is not None, time_up], self.dist, self.device)
+        if signalled:
+            return "interrupted by a signal"
         if self.state.step >= t.max_steps:
-            reason = f"reached train.max_steps={t.max_steps}"
-        elif t.max_epochs and self._epochs_done() >= t.max_epochs:
-            reason = f"reached train.max_epochs={t.max_epochs}"
-        elif t.max_time_min and elapsed >= t.max_time_min * 60:
-            reason = f"reached train.max_time_min={t.max_time_min}"
-        if any_flag(self._stop_signal is not None, self.dist, self.device):
-            reason = "interrupted by a signal"
-        return reason
+            return f"reached train.max_steps={t.max_steps}"
+        if t.max_epochs and self._epochs_done() >= t.max_epochs:
+            return f"reached train.max_epochs={t.max_epochs}"
+        if time_up:
+            return f"reached train.max_time_min={t.max_time_min}"
+        return None
 
     def _epochs_done(self) -> int:
         """Epochs whose every batch has been taken (the stream moves to the next epoch only when asked)."""

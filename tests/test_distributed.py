@@ -186,3 +186,69 @@ def test_each_rank_draws_its_own_dropout_masks(runs):
     state = torch.load(first.run_dir / "checkpoints" / "latest.pt", weights_only=True)
     seeds = [int(rank["torch"][:8].view(torch.int64)) for rank in state["rng_per_rank"]]
     assert len(seeds) == 2 and seeds[0] != seeds[1], seeds
+
+
+def _disagreeing_rank(rank: int, port: int, cfg, results: str, scenario: str) -> None:
+    """One gloo rank of a two-rank Trainer that disagrees with the other (see the test below)."""
+    import faulthandler
+    import json
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from nmt.data import prepare_data
+    from nmt.distributed import DistInfo
+    from nmt.trainer import Trainer
+
+    faulthandler.dump_traceback_later(90, exit=True)  # a deadlock fails the test instead of hanging it
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    trainer = Trainer(cfg, prepare_data(cfg.data), Path(cfg.run_dir), dist=DistInfo(rank, 0, 2))
+    if scenario == "nan_on_one_rank":
+        # fp16 on CUDA turns the gradient scaler on; the scaler skips an update with inf gradients itself.
+        trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1.0, enabled=True)
+        loss_of, calls = trainer._loss, [0]
+
+        def loss(model, batch, *args):
+            loss_sum, nll_sum = loss_of(model, batch, *args)
+            if model is trainer.model:
+                calls[0] += 1
+                if rank == 1 and calls[0] == 2:
+                    loss_sum = loss_sum * float("nan")  # this rank's batch overflowed
+            return loss_sum, nll_sum
+
+        trainer._loss = loss
+    else:  # "clocks_apart": rank 0 starts with most of the time limit used up
+        trainer.state.elapsed_sec = 0.9 * cfg.train.max_time_min * 60 if rank == 0 else 0.0
+    result = trainer.train()
+    Path(results, f"rank{rank}.json").write_text(json.dumps([result.state.step, result.stop_reason]))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("scenario", ["nan_on_one_rank", "clocks_apart"])
+def test_ranks_that_disagree_still_stop_together(tmp_path, scenario):
+    """A non-finite loss on one rank only, or one rank's clock passing train.max_time_min first: every
+    rank must skip or stop at the same step, or they wait forever in collectives that never match."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from nmt.data import prepare_data
+
+    toy = write_toy_corpus(tmp_path / "toy")
+    limits = dict(max_steps=8) if scenario == "nan_on_one_rank" else dict(max_steps=10_000, max_time_min=0.05)
+    cfg = tiny_config(toy, tmp_path / "run", valid_every=10_000, keep_last=0, **limits)
+    prepare_data(cfg.data)  # fill the cache once, before the ranks read it
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_disagreeing_rank, args=(port, cfg, str(tmp_path), scenario), nprocs=2, join=True)
+    steps = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert steps[0] == steps[1], steps
+    if scenario == "nan_on_one_rank":
+        assert steps[0] == [8, "reached train.max_steps=8"]
+    else:
+        assert steps[0][1] == "reached train.max_time_min=0.05"
