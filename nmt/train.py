@@ -55,10 +55,7 @@ def run(cfg: Config) -> int:
         data = prepare_data(cfg.data, run_dir=run_dir if dist.is_main else None, resume_from=resume_from)
         if dist.is_main:
             barrier(dist)
-        writer = SummaryWriter(str(run_dir / "tb")) if dist.is_main else None
-        if writer is not None:
-            writer.add_text("config", "```\n" + OmegaConf.to_yaml(OmegaConf.structured(cfg)) + "\n```", 0)
-        trainer = Trainer(cfg, data, run_dir, dist=dist, writer=writer)
+        trainer = Trainer(cfg, data, run_dir, dist=dist)
         log.info(
             "model: %s parameters | vocab src %d tgt %d | device %s | precision %s | world size %d",
             f"{trainer.raw_model.num_parameters():,}",
@@ -70,8 +67,13 @@ def run(cfg: Config) -> int:
         )
         if resume_from is not None:
             trainer.resume(resume_from)
-        if dist.is_main:  # only now: a resume that is refused leaves the run's config.yaml as it was
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        # Only now: a resume that is refused leaves the run's config.yaml and TensorBoard log as they were.
+        writer = SummaryWriter(str(run_dir / "tb")) if dist.is_main else None
+        if writer is not None:
+            config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+            (run_dir / "config.yaml").write_text(config_yaml)
+            writer.add_text("config", "```\n" + config_yaml + "\n```", 0)
+            trainer.log_to(writer)
         start_step = trainer.state.step
         result = trainer.train()
         if dist.enabled:

@@ -148,13 +148,16 @@ def test_cli_startup_reports_the_run_directory_and_parameter_count_and_guards_it
     assert f"model: {model.num_parameters():,} parameters" in proc.stdout
     assert "done: reached train.max_steps=2 | step 2" in proc.stdout
 
-    # Resuming into another model is refused in one line, and the run's config.yaml stays its own.
+    # Resuming into another model is refused in one line; the run's config.yaml and TensorBoard log
+    # are left as they were.
     config_yaml = (tmp_path / "run" / "config.yaml").read_text()
+    event_files = sorted((tmp_path / "run" / "tb").iterdir())
     proc = run_train(*cli_overrides(cfg), "train.resume='true'", "model.d_model=64")
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "model.d_model=32" in errors[0] and "model.d_model=64" in errors[0]
     assert (tmp_path / "run" / "config.yaml").read_text() == config_yaml
+    assert sorted((tmp_path / "run" / "tb").iterdir()) == event_files
 
 
 @pytest.mark.parametrize(
