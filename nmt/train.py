@@ -131,6 +131,9 @@ def main(dcfg: DictConfig) -> None:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # a second Ctrl-C (the trainer logged where the last checkpoint is)
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     if code == 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         exit_finished_worker()
     sys.exit(code)

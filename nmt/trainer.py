@@ -382,9 +382,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _handle_signal(self, signum: int, frame: Any) -> None:
+        """Stop after the current step (or validation) and save. A second Ctrl-C stops at once, without
+        saving: the last checkpoint is kept. A repeated SIGTERM changes nothing (schedulers send
+        SIGKILL when they stop waiting)."""
+        if self._stop_signal is not None and signum == signal.SIGINT:
+            log.warning(
+                "second SIGINT: stopping now without saving; earlier checkpoints, if any, are in %s",
+                self.ckpt_dir,
+            )
+            raise KeyboardInterrupt
         log.warning(
-            "received %s: finishing the current step, saving a checkpoint, then exiting",
+            "received %s: finishing the current step, saving a checkpoint, then exiting%s",
             signal.Signals(signum).name,
+            " (Ctrl-C again: stop at once, without saving)" if signum == signal.SIGINT else "",
         )
         self._stop_signal = signum
 

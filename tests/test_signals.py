@@ -81,3 +81,19 @@ def test_signal_saves_the_step_reached_exits_0_and_resume_continues(toy_dir, tmp
     after = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=True)
     assert after["train_state"]["step"] == step + 3
     assert after["train_state"]["losses"][:step] == ckpt["train_state"]["losses"], "history kept"
+
+
+def test_a_second_ctrl_c_stops_at_once_and_a_second_sigterm_does_not(toy_dir, tmp_path):
+    from nmt.data import prepare_data
+    from nmt.trainer import Trainer
+
+    cfg = tiny_config(toy_dir, tmp_path / "run")
+    trainer = Trainer(cfg, prepare_data(cfg.data), Path(cfg.run_dir))
+    trainer._handle_signal(signal.SIGTERM, None)
+    trainer._handle_signal(signal.SIGTERM, None)  # still the graceful stop
+    assert trainer._stop_signal == signal.SIGTERM
+    trainer._stop_signal = None
+    trainer._handle_signal(signal.SIGINT, None)
+    assert trainer._stop_signal == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+        trainer._handle_signal(signal.SIGINT, None)
