@@ -116,6 +116,19 @@ def config_from_checkpoint(state: dict[str, Any]) -> Config:
     return Config.from_dict(state["config"])
 
 
+def model_differences(was: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(setting, value in ``was``, value in ``now``) for each setting in which two configs (as
+    :meth:`Config.to_dict` makes them) describe different models: every ``model.*`` key, and the
+    language pair. Weights of one cannot be resumed or averaged as the other's."""
+    differences = []
+    for section, keys in (("model", None), ("data", ("src_lang", "tgt_lang"))):
+        a, b = was.get(section, {}), now.get(section, {})
+        for key in sorted(a.keys() | b.keys()) if keys is None else keys:
+            if a.get(key) != b.get(key):
+                differences.append((f"{section}.{key}", a.get(key), b.get(key)))
+    return differences
+
+
 def average_checkpoints(paths: list[str | os.PathLike]) -> dict[str, Any]:
     """Average model weights of several checkpoints of one run into a translate-ready checkpoint.
 
@@ -165,15 +178,15 @@ def _check_same_model(
     first: dict[str, Any], first_path: str | os.PathLike, state: dict[str, Any], path: str | os.PathLike
 ) -> None:
     """Refuse to average ``state`` (read from ``path``) with checkpoints unlike the first one."""
-    was, now = first["config"].get("model", {}), state["config"].get("model", {})
-    keys = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
-    if keys:
-        differ = ", ".join(f"model.{k}={now.get(k)!r} vs {was.get(k)!r}" for k in keys)
+    differences = model_differences(first["config"], state["config"])
+    model = [(key, a, b) for key, a, b in differences if key.startswith("model.")]
+    if model:
+        differ = ", ".join(f"{key}={b!r} vs {a!r}" for key, a, b in model)
         raise CheckpointError(
             f"{path} and {first_path} have different model configs ({differ}); average checkpoints of one run."
         )
-    was, now = first["config"].get("data", {}), state["config"].get("data", {})
-    if any(was.get(k) != now.get(k) for k in ("src_lang", "tgt_lang")):
+    if differences:  # the language pair
+        was, now = first["config"]["data"], state["config"]["data"]
         raise CheckpointError(
             f"{path} translates {now.get('src_lang')}->{now.get('tgt_lang')} and {first_path} "
             f"{was.get('src_lang')}->{was.get('tgt_lang')}; average checkpoints of one run."

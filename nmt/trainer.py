@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nmt.checkpoint import load_checkpoint, save_run_checkpoint
+from nmt.checkpoint import load_checkpoint, model_differences, save_run_checkpoint
 from nmt.config import Config
 from nmt.data.batching import Batch, make_loader
 from nmt.data.tokenizer import PAD_ID
@@ -74,20 +74,13 @@ class TrainResult:
 
 def check_resume_config(cfg: Config, saved: dict[str, Any], path: str | os.PathLike) -> None:
     """Refuse, in one sentence, to resume a checkpoint into a different model or language pair."""
-    now = cfg.to_dict()
-    keys = [f"model.{k}" for k in now["model"] if saved.get("model", {}).get(k) != now["model"][k]]
-    keys += [f"data.{k}" for k in ("src_lang", "tgt_lang") if saved.get("data", {}).get(k) != now["data"][k]]
-    if keys:
-        was = ", ".join(f"{k}={_lookup(saved, k)!r}" for k in keys)
+    differences = model_differences(saved, cfg.to_dict())
+    if differences:
+        was = ", ".join(f"{key}={a!r}" for key, a, _ in differences)
+        now = ", ".join(f"{key}={b!r}" for key, _, b in differences)
         raise TrainingError(
-            f"{path} was trained with {was} and this run asks for "
-            f"{', '.join(f'{k}={_lookup(now, k)!r}' for k in keys)}; resume with the run's own settings."
+            f"{path} was trained with {was} and this run asks for {now}; resume with the run's own settings."
         )
-
-
-def _lookup(config: dict[str, Any], dotted: str) -> Any:
-    section, key = dotted.split(".")
-    return config.get(section, {}).get(key)
 
 
 def loss_in_model(device: torch.device, dtype: torch.dtype) -> bool:
