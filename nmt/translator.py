@@ -168,13 +168,13 @@ class Translator:
     ) -> list[list[Translation]]:
         if isinstance(sentences, str):
             raise TypeError("pass a list of sentences, not one string (it would be read letter by letter).")
-        replace(self.cfg, beam=beam, nbest=nbest)  # one clear error for a bad combination, before any work
+        cfg = replace(self.cfg, beam=beam, nbest=nbest)  # a bad combination fails here, before any work
         results = [[Translation("", 0.0)] for _ in sentences]
         source = self.encode(sentences, first_line)
         batches = self.batches({i: len(ids) for i, ids in source.items()})
 
         def search(batch: list[int]) -> list[list[Hypothesis]]:
-            return self._search(*self.collate([source[i] for i in batch]), beam, nbest, greedy_ok)
+            return self._search(*self.collate([source[i] for i in batch]), cfg, greedy_ok)
 
         with _eval_mode(self.model), self.batch_map(len(batches)) as map_batches:
             for batch, hyps in zip(batches, map_batches(search, batches), strict=True):
@@ -274,22 +274,21 @@ class Translator:
         return src, src != PAD_ID
 
     def _search(
-        self, src: torch.Tensor, src_mask: torch.Tensor, beam: int, nbest: int, greedy_ok: bool
+        self, src: torch.Tensor, src_mask: torch.Tensor, cfg: DecodeConfig, greedy_ok: bool
     ) -> list[list[Hypothesis]]:
-        cfg = replace(self.cfg, beam=beam, nbest=nbest)  # validates the combination
         lengths = dict(
             max_len_a=cfg.max_len_a,
             max_len_b=cfg.max_len_b,
             min_len=cfg.min_len,
             max_len_cap=self.max_len_cap,
         )
-        if beam == 1 and greedy_ok:  # beam search's result with less bookkeeping, but without scores
+        if cfg.beam == 1 and greedy_ok:  # beam search's result with less bookkeeping, but without scores
             return [
                 [Hypothesis(tokens, 0.0, 0.0)]
                 for tokens in greedy_search(self.model, src, src_mask, **lengths)
             ]
         return beam_search(
-            self.model, src, src_mask, beam=beam, len_penalty=cfg.len_penalty, nbest=nbest, **lengths
+            self.model, src, src_mask, beam=cfg.beam, len_penalty=cfg.len_penalty, nbest=cfg.nbest, **lengths
         )
 
     def _detokenize(self, hyps: list[list[Hypothesis]]) -> list[list[Translation]]:
