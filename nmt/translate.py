@@ -34,7 +34,6 @@ import queue
 import stat
 import sys
 import threading
-import zlib
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -44,7 +43,7 @@ from tqdm import tqdm
 
 from nmt.checkpoint import CheckpointError
 from nmt.config import ConfigError
-from nmt.data.sources import read_text_lines
+from nmt.data.sources import read_errors_named, read_text_lines
 from nmt.evaluate import score
 from nmt.runtime import keep_freed_memory_in_heap
 from nmt.translator import Translation, Translator
@@ -95,13 +94,11 @@ class LineDecoder:
 def read_lines_from(stream: BinaryIO, name: str = "standard input") -> Iterator[str]:
     """Lines of a byte stream, decoded; a last line without a newline still counts."""
     decode = LineDecoder()
-    try:
+    with read_errors_named(name):
         for number, raw in enumerate(stream, start=1):
             if raw.endswith(b"\n"):
                 raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
             yield decode(raw, number)
-    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise ValueError(f"could not read {name}: {e}") from e
     decode.summarise()
 
 
@@ -236,11 +233,8 @@ def open_input(path: str | None) -> tuple[BinaryIO, int | None]:
     opener = gzip.open if path.endswith(".gz") else open
     if not stat.S_ISREG(os.stat(path).st_mode):
         return opener(path, "rb"), None
-    with opener(path, "rb") as f:
-        try:
-            total = sum(1 for _ in f)
-        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-            raise ValueError(f"could not read {path}: {e}") from e
+    with read_errors_named(path), opener(path, "rb") as f:
+        total = sum(1 for _ in f)
     return opener(path, "rb"), total
 
 

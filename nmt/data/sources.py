@@ -18,12 +18,13 @@ Anything malformed raises :class:`DataError` naming the file and, where it appli
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
 import logging
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -98,6 +99,16 @@ def _missing(path: Path, cfg: DataConfig, what: str) -> DataError:
     )
 
 
+@contextlib.contextmanager
+def read_errors_named(name: str | Path) -> Iterator[None]:
+    """Turn a failure to read ``name`` (gzipped or not) into a :class:`DataError` naming it: an
+    ``OSError``, or the ``EOFError`` / ``zlib.error`` of a truncated or corrupt gzip stream."""
+    try:
+        yield
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"could not read {name}: {e}") from e
+
+
 def read_text_lines(path: str | Path) -> list[str]:
     """Lines of a UTF-8 text file (gzipped if it ends in .gz) without BOM and line ends (LF or CRLF).
 
@@ -107,11 +118,8 @@ def read_text_lines(path: str | Path) -> list[str]:
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError, zlib.error) as e:  # also a corrupt or truncated gzip stream
-        raise DataError(f"could not read {path}: {e}") from e
+    with read_errors_named(path), opener(path, "rb") as f:
+        raw = f.read()
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
