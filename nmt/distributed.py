@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -100,3 +101,26 @@ def all_gather_state(state: Any, info: DistInfo) -> list[Any]:
     gathered: list[Any] = [None] * info.world_size
     dist.all_gather_object(gathered, buffer.getvalue())
     return [torch.load(io.BytesIO(data), weights_only=True) for data in gathered]
+
+
+def disagreements(facts: dict[str, Any], info: DistInfo) -> list[str]:
+    """How each rank's ``facts`` (name -> number or string) differ from rank 0's, one line per rank that
+    differs, naming its host; the same list on every rank, so all of them can stop together."""
+    if not info.enabled:
+        return []
+    ranks = all_gather_state({"host": socket.gethostname(), "facts": facts}, info)
+    main = ranks[0]["facts"]
+    lines = []
+    for rank, theirs in enumerate(ranks[1:], start=1):
+        differ = [
+            f"{name} {_shown(value)} (rank 0: {_shown(main.get(name))})"
+            for name, value in theirs["facts"].items()
+            if value != main.get(name)
+        ]
+        if differ:
+            lines.append(f"rank {rank} on {theirs['host']}: " + ", ".join(differ))
+    return lines
+
+
+def _shown(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else repr(value)

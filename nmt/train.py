@@ -6,11 +6,14 @@ module everything takes the typed :class:`nmt.config.Config`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -18,6 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from nmt.config import Config, ConfigError, register_schema, to_config
 
 if TYPE_CHECKING:
+    from nmt.data import PreparedData
+    from nmt.distributed import DistInfo
     from nmt.trainer import Trainer
 
 log = logging.getLogger("nmt.train")
@@ -55,6 +60,8 @@ def run(cfg: Config) -> int:
         data = prepare_data(cfg.data, run_dir=run_dir if dist.is_main else None, resume_from=resume_from)
         if dist.is_main:
             barrier(dist)
+        if dist.enabled:
+            check_ranks_agree(data_facts(cfg, data), dist)
         trainer = Trainer(cfg, data, run_dir, dist=dist)
         log.info(
             "model: %s parameters | vocab src %d tgt %d | device %s | precision %s | world size %d",
@@ -67,6 +74,10 @@ def run(cfg: Config) -> int:
         )
         if resume_from is not None:
             trainer.resume(resume_from)
+        if dist.enabled:
+            check_ranks_agree(
+                {"step": trainer.state.step, "weights": f"{trainer.weight_checksum():.12g}"}, dist
+            )
         # Only now: a resume that is refused leaves the run's config.yaml and TensorBoard log as they were.
         writer = SummaryWriter(str(run_dir / "tb")) if dist.is_main else None
         if writer is not None:
@@ -99,6 +110,40 @@ def run(cfg: Config) -> int:
     return 0
 
 
+def data_facts(cfg: Config, data: PreparedData) -> dict[str, str]:
+    """What every rank must share before it builds the model: data, tokenizer and settings."""
+    settings = cfg.to_dict()
+    for section, key in (("data", "dir"), ("data", "cache_dir"), ("train", "resume")):
+        del settings[section][key]  # paths: they may differ from node to node
+    del settings["run_dir"]
+    return {
+        "data": data.fingerprint,
+        "tokenizer": data.tokenizer.fingerprint()[:16],
+        "settings": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16],
+    }
+
+
+def check_ranks_agree(facts: dict[str, Any], dist: DistInfo) -> None:
+    """Under DDP, stop every rank at once unless each holds what rank 0 holds.
+
+    Each rank reads its own copy of the data, of the encoding cache and of the checkpoint it resumes
+    from. A node whose copies differ (another version of the corpus, an older latest.pt in a run
+    directory that is not shared) would otherwise fail in DDP's set-up with a shape error, train on
+    other data or from other weights without a word (DDP averages gradients, it does not compare
+    weights), or wait forever in collectives the other ranks never reach.
+    """
+    from nmt.distributed import disagreements
+    from nmt.trainer import TrainingError
+
+    problems = disagreements(facts, dist)
+    if problems:
+        raise TrainingError(
+            "the ranks would not train the same model: " + "; ".join(problems) + ". Every node must read "
+            "the same files: put data.dir (or data.cache_dir) and run_dir on a filesystem all nodes share, "
+            "or give each node the same copies as rank 0's."
+        )
+
+
 def report_ranks(trainer: Trainer, start_step: int) -> None:
     """Log, on rank 0, each rank's own account of the run: steps, last loss, a checksum of its weights.
 
@@ -109,8 +154,7 @@ def report_ranks(trainer: Trainer, start_step: int) -> None:
 
     state = trainer.state
     last_loss = state.losses[-1] if state.losses else float("nan")
-    # A float64 sum in a fixed order: equal weights give equal sums, and drift between ranks shows.
-    checksum = float(sum(p.detach().double().sum() for p in trainer.raw_model.parameters()))
+    checksum = trainer.weight_checksum()  # drift between ranks would show here
     rows = all_gather_floats([start_step, state.step, last_loss, checksum], trainer.dist, trainer.device)
     for rank, (first, last, loss, weights) in enumerate(rows):
         log.info(
@@ -128,6 +172,8 @@ def main(dcfg: DictConfig) -> None:
         cfg = to_config(dcfg)
         code = run(cfg)
     except (ConfigError, DataError, TrainingError, CheckpointError) as e:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: which process, on which machine
+            e = f"rank {os.environ.get('RANK', '?')} on {socket.gethostname()}: {e}"
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -352,6 +352,10 @@ class Trainer:
         set_rng_state(per_rank[self.dist.rank] if per_rank else state["rng"])
         log.info("resumed from %s at step %d (epoch %d)", path, self.state.step, self.state.epoch)
 
+    def weight_checksum(self) -> float:
+        """A float64 sum of every weight, in a fixed order: equal weights give equal sums."""
+        return float(sum(p.detach().double().sum() for p in self.raw_model.parameters()))
+
     def _apply_optimizer_settings(self, saved: dict[str, Any]) -> None:
         """Give the restored optimizer and schedule this config's lr, betas, eps and weight decay.
 

@@ -252,3 +252,88 @@ def test_ranks_that_disagree_still_stop_together(tmp_path, scenario):
         assert steps[0] == [8, "reached train.max_steps=8"]
     else:
         assert steps[0][1] == "reached train.max_time_min=0.05"
+
+
+def _rank_of_train_run(rank: int, port: int, cfgs: list, results: str) -> None:
+    """Rank ``rank`` of a two-rank ``nmt.train.run`` on ``cfgs[rank]``, as torchrun would start it."""
+    import faulthandler
+    import os
+
+    import torch
+
+    from nmt.train import run
+    from nmt.trainer import TrainingError
+
+    faulthandler.dump_traceback_later(90, exit=True)  # a deadlock fails the test instead of hanging it
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    try:
+        run(cfgs[rank])
+        outcome = "trained"
+    except TrainingError as e:
+        outcome = f"error: {e}"
+    Path(results, f"rank{rank}.txt").write_text(outcome)
+
+
+def _spawn_two_ranks(cfgs: list, results: Path) -> list[str]:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_of_train_run, args=(port, cfgs, str(results)), nprocs=2, join=True)
+    return [(results / f"rank{r}.txt").read_text() for r in (0, 1)]
+
+
+def test_a_rank_with_another_copy_of_the_corpus_stops_every_rank(tmp_path):
+    """Nodes without a shared filesystem read their own copies; one that differs must not train."""
+    import shutil
+
+    toy = write_toy_corpus(tmp_path / "toy")
+    other = shutil.copytree(toy, tmp_path / "other-node" / "toy")
+    lines = (other / "train.de").read_text(encoding="utf-8").splitlines(keepends=True)
+    lines[7] = "ein anderer Satz\n"  # one line of 400 differs on the second node
+    (other / "train.de").write_text("".join(lines), encoding="utf-8")
+    cfg = tiny_config(toy, tmp_path / "run", max_steps=2)
+    cfgs = [
+        cfg,
+        dataclasses.replace(
+            cfg, data=dataclasses.replace(cfg.data, dir=str(other), cache_dir=str(other / ".cache"))
+        ),
+    ]
+    outcomes = _spawn_two_ranks(cfgs, tmp_path)
+    assert outcomes[0] == outcomes[1], outcomes  # the same error on both ranks, at the same point
+    message = outcomes[0]
+    assert message.startswith("error: the ranks would not train the same model: rank 1 on "), message
+    assert "data '" in message and "step" not in message and "weights" not in message, message
+    assert not (tmp_path / "run" / "checkpoints").exists(), "no step was trained"
+
+    # The same copies on both nodes (separate folders, separate caches) train: nothing needs sharing.
+    same = tmp_path / "same-node" / "toy"
+    shutil.copytree(toy, same)
+    cfgs[1] = dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, dir=str(same), cache_dir=str(same / ".c"))
+    )
+    shutil.rmtree(tmp_path / "run", ignore_errors=True)
+    assert _spawn_two_ranks(cfgs, tmp_path) == ["trained", "trained"]
+
+
+def test_a_rank_resuming_an_older_checkpoint_stops_every_rank(runs, tmp_path):
+    """A node whose run directory holds an older latest.pt would resume other weights at another step."""
+    import shutil
+
+    first, _, _ = runs  # its run directory now holds the resumed run: latest.pt at TOTAL, step STOP kept
+    stale = shutil.copytree(first.run_dir, tmp_path / "node1-run")
+    ckpts = stale / "checkpoints"
+    (ckpts / "latest.pt").unlink()
+    shutil.copy(ckpts / f"step_{STOP:08d}.pt", ckpts / "latest.pt")
+    cfg = train_changes(tiny_config(Path(first.run_dir).parent / "toy", first.run_dir), max_steps=TOTAL + 2)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume="true", log_every=1))
+    outcomes = _spawn_two_ranks([cfg, dataclasses.replace(cfg, run_dir=str(stale))], tmp_path)
+    assert outcomes[0] == outcomes[1], outcomes
+    assert f"step {STOP} (rank 0: {TOTAL})" in outcomes[0] and "weights" in outcomes[0], outcomes[0]
+    assert "data" not in outcomes[0].split("rank 1 on")[1].split(". Every node")[0], outcomes[0]

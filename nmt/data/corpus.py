@@ -92,6 +92,8 @@ class PreparedData:
     valid_ref: list[str]
     train_stats: FilterStats
     cache_dir: Path
+    # Equal on two machines when they encoded the same text with the same tokenizer and filter.
+    fingerprint: str = ""
 
 
 def filter_mask(
@@ -149,8 +151,10 @@ def cached_encode_split(
     cache_dir: Path,
     name: str,
     cfg: DataConfig | None = None,
-) -> tuple[datasets.Dataset, FilterStats]:
-    """:func:`encode_split` through the Arrow cache: reused when text, tokenizer and filter are unchanged."""
+) -> tuple[datasets.Dataset, FilterStats, str]:
+    """:func:`encode_split` through the Arrow cache: reused when text, tokenizer and filter are unchanged.
+
+    Also returns the cache key, a hash of those three: equal keys mean equal encoded splits."""
     filter_settings = None if cfg is None else {"max_len": cfg.max_len, "max_len_ratio": cfg.max_len_ratio}
     key_parts = [
         ENCODING_VERSION,
@@ -164,10 +168,10 @@ def cached_encode_split(
     if (folder / "stats.json").is_file():
         log.info("%s: reusing encoded split %s", name, folder)
         stats = FilterStats(**json.loads((folder / "stats.json").read_text()))
-        return datasets.load_from_disk(str(folder)), stats
+        return datasets.load_from_disk(str(folder)), stats, key
     dataset, stats = encode_split(tokenizer, src, tgt, cfg)
     _save_atomic(dataset, stats, folder)
-    return datasets.load_from_disk(str(folder)), stats  # memory-mapped, like a cached run
+    return datasets.load_from_disk(str(folder)), stats, key  # memory-mapped, like a cached run
 
 
 def _save_atomic(dataset: datasets.Dataset, stats: FilterStats, folder: Path) -> None:
@@ -242,11 +246,13 @@ def prepare_data(
         tokenizer.save(tokenizer_dir)
     if run_dir is not None:
         tokenizer.save(Path(run_dir) / "tokenizer")
-    train, stats = cached_encode_split(tokenizer, train_src, train_tgt, cache_dir, "train", cfg)
+    train, stats, train_key = cached_encode_split(tokenizer, train_src, train_tgt, cache_dir, "train", cfg)
     log.info("train: %s", stats.format())
-    valid, _ = cached_encode_split(tokenizer, valid_src, valid_ref, cache_dir, "valid")
+    valid, _, valid_key = cached_encode_split(tokenizer, valid_src, valid_ref, cache_dir, "valid")
     log.info("valid: %s pairs (not filtered); %s", f"{len(valid):,}", tokenizer.describe())
-    return PreparedData(tokenizer, train, valid, valid_src, valid_ref, stats, cache_dir)
+    return PreparedData(
+        tokenizer, train, valid, valid_src, valid_ref, stats, cache_dir, f"{train_key}-{valid_key}"
+    )
 
 
 def _given_tokenizer(
