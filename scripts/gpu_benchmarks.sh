@@ -3,24 +3,29 @@
 #
 #   bash scripts/gpu_benchmarks.sh [--out DIR] [--data DIR] [--dry-run] [PART ...]
 #
-# PARTs, in this order by default (their time limits add up to 57 minutes):
-#   tests     tests/test_cuda.py: training and decoding on the GPU (autocast dtype, checkpoints, search)
-#   loss      scripts/benchmark_loss.py: the loss over bf16 logits, eager against compiled (minutes)
-#   train     scripts/benchmark.py, base and big against MarianMTModel, eager, bf16 (WMT-like batches)
-#   compiled  the same with --compile (torch.compile, both sides; warm-up time and graphs reported)
-#   batch     base with 32,768-token batches, eager
-#   recipe    the base recipe for 3 minutes, averaged, scored on Multi30k test (scripts/recipe.py)
-#   decode    scripts/benchmark_decode.py on the recipe's checkpoint, greedy and beam 5 against generate()
+# PARTs, in this order by default (their time limits add up to 55 minutes; each fits in 10 minutes):
+#   tests          tests/test_cuda.py: training and decoding on the GPU (autocast dtype, checkpoints, search)
+#   loss           scripts/benchmark_loss.py: the loss over bf16 logits, eager against compiled (minutes)
+#   train-base     scripts/benchmark.py, base against MarianMTModel, eager, bf16 (WMT-like batches)
+#   train-big      the same for big
+#   compiled-base  base with --compile (torch.compile, both sides; warm-up time and graphs reported)
+#   compiled-big   the same for big
+#   batch-base     base with 32,768-token batches, eager
+#   recipe         the base recipe for 3 minutes, averaged, scored on Multi30k test (scripts/recipe.py)
+#   decode         scripts/benchmark_decode.py on the recipe's checkpoint, greedy and beam 5 against generate()
+# `train` and `compiled` name both of their parts.
 #
-# Needs `pip install -e ".[dev,bench]"`; runs $PYTHON (default python3). recipe and decode read
-# Multi30k from --data (default data/multi30k; the recipe downloads it there when the files are
-# missing, so on a machine without internet copy the files there first). Each part runs under its own
-# time limit and writes its log (and JSON) into --out (default results/gpu-DATE); a part that fails is
-# reported and the next one runs. --dry-run prints each part's command and runs nothing (no GPU
-# needed; tests/test_gpu_benchmarks.py checks every printed command against its script's arguments
-# and the config schema).
+# Needs `pip install -e ".[dev,bench]"` (or the packages on PYTHONPATH: the repository itself is put
+# there); runs $PYTHON (default python3). recipe and decode read Multi30k from --data (default
+# data/multi30k; the recipe downloads it there when the files are missing, so on a machine without
+# internet copy the files there first). Each part runs under its own time limit and writes its log (and
+# JSON) into --out (default results/gpu-DATE); a part that fails is reported, the next one runs, and the
+# script exits with 1. --dry-run prints each part's command and runs nothing (no GPU needed;
+# tests/test_gpu_benchmarks.py checks every printed command against its script's arguments and the
+# config schema).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 PY=${PYTHON:-python3}
 OUT="results/gpu-$(date -u +%F)"
@@ -32,11 +37,12 @@ while (($#)); do
         --out) OUT=$2; shift 2 ;;
         --data) DATA=$2; shift 2 ;;
         --dry-run) DRY_RUN=1; shift ;;
-        -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
+        train | compiled) PARTS+=("$1-base" "$1-big"); shift ;;
         *) PARTS+=("$1"); shift ;;
     esac
 done
-ALL=(tests loss train compiled batch recipe decode)
+ALL=(tests loss train-base train-big compiled-base compiled-big batch-base recipe decode)
 ((${#PARTS[@]})) || PARTS=("${ALL[@]}")
 for part in "${PARTS[@]}"; do
     [[ " ${ALL[*]} " == *" $part "* ]] || { echo "unknown part: $part (one of: ${ALL[*]})"; exit 2; }
@@ -46,6 +52,7 @@ if ((!DRY_RUN)); then
     mkdir -p "$OUT"
 fi
 export PYTHONUNBUFFERED=1
+FAILED=0
 
 run() {  # run NAME SECONDS COMMAND...: log to $OUT/NAME.log, print its tail
     local name=$1 limit=$2 start=$SECONDS rc
@@ -59,6 +66,7 @@ run() {  # run NAME SECONDS COMMAND...: log to $OUT/NAME.log, print its tail
     echo "=== $name (limit ${limit} s): $*"
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
     rc=$?
+    ((rc == 0)) || FAILED=1
     echo "--- $name: exit $rc after $((SECONDS - start)) s"
     grep -v -i "warning" "$OUT/$name.log" | tail -n 24
 }
@@ -76,19 +84,15 @@ for part in "${PARTS[@]}"; do
             run loss 240 "$PY" scripts/benchmark_loss.py --device cuda --dtype bf16 --vocab 32000 \
                 --tokens 16384 --warmup 3 --steps 20 --json "$OUT/loss.json"
             ;;
-        train)
-            for model in base big; do
-                run "train-$model" 300 "${BENCH[@]}" --model "$model" --max-tokens 16384 --compare-hf \
-                    --breakdown --json "$OUT/train-$model.json"
-            done
+        train-base | train-big)
+            run "$part" 300 "${BENCH[@]}" --model "${part#train-}" --max-tokens 16384 --compare-hf \
+                --breakdown --json "$OUT/$part.json"
             ;;
-        compiled)
-            for model in base big; do  # the log names the cause of any recompilation
-                TORCH_LOGS=recompiles run "compiled-$model" 600 "${BENCH[@]}" --model "$model" \
-                    --max-tokens 16384 --compare-hf --compile --json "$OUT/compiled-$model.json"
-            done
+        compiled-base | compiled-big)  # the log names the cause of any recompilation
+            TORCH_LOGS=recompiles run "$part" 540 "${BENCH[@]}" --model "${part#compiled-}" \
+                --max-tokens 16384 --compare-hf --compile --json "$OUT/$part.json"
             ;;
-        batch)
+        batch-base)
             run batch-base 300 "${BENCH[@]}" --model base --max-tokens 32768 --compare-hf \
                 --json "$OUT/batch-base.json"
             ;;
@@ -103,3 +107,4 @@ for part in "${PARTS[@]}"; do
     esac
 done
 ((DRY_RUN)) || echo "logs and JSON in $OUT"
+exit $FAILED

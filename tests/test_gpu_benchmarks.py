@@ -51,6 +51,9 @@ def test_dry_run_lists_every_part_within_the_stated_time(tmp_path):
     header = (SCRIPTS / "gpu_benchmarks.sh").read_text()
     assert f"add up to {sum(limit for _, limit, _ in rows) // 60} minutes" in header
     assert [name for name, _, _ in dry_run(tmp_path, "recipe", "decode")] == ["recipe", "decode"]
+    assert [name for name, _, _ in dry_run(tmp_path, "compiled")] == ["compiled-base", "compiled-big"]
+    # One part is one call of at most 10 minutes on a lent GPU machine, set-up included.
+    assert max(limit for _, limit, _ in rows) <= 540
 
 
 def test_every_command_parses_with_its_script(tmp_path):
@@ -89,3 +92,19 @@ def test_unknown_part_is_refused(tmp_path):
         ["bash", str(SCRIPTS / "gpu_benchmarks.sh"), "--dry-run", "nonsense"], capture_output=True, text=True
     )
     assert done.returncode == 2 and "unknown part: nonsense" in done.stdout
+
+
+@pytest.mark.parametrize("part_exit", [0, 3])
+def test_a_failing_part_fails_the_script_after_the_others_ran(tmp_path, part_exit):
+    # A stand-in interpreter: its CUDA check and device report pass; every part exits with part_exit.
+    fake = tmp_path / "python3"
+    fake.write_text(f'#!/bin/sh\nif [ "$1" = -c ]; then echo fake GPU; exit 0; fi\nexit {part_exit}\n')
+    fake.chmod(0o755)
+    done = subprocess.run(
+        ["bash", str(SCRIPTS / "gpu_benchmarks.sh"), "--out", str(tmp_path / "out"), "loss", "tests"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHON": str(fake)},
+    )
+    assert f"--- loss: exit {part_exit}" in done.stdout and f"--- tests: exit {part_exit}" in done.stdout
+    assert done.returncode == (1 if part_exit else 0), done.stdout + done.stderr
