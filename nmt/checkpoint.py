@@ -18,7 +18,6 @@ as ``best.pt`` (:func:`save_run_checkpoint`); :func:`find_resume_checkpoint` fin
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import re
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 
 from nmt.config import Config
+from nmt.files import FILE_MODE, umask
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def _write_temp(state: dict[str, Any], path: Path) -> Path:
         with os.fdopen(fd, "wb") as f:
             # mkstemp creates the file 0600 whatever the umask; give it the mode open() would, so
             # checkpoints are as readable to the run's group as the rest of the run directory.
-            os.chmod(tmp, 0o666 & ~_umask())
+            os.chmod(tmp, FILE_MODE & ~umask())
             torch.save({"format_version": FORMAT_VERSION, **state}, f)
             f.flush()
             os.fsync(f.fileno())
@@ -68,26 +68,6 @@ def _write_temp(state: dict[str, Any], path: Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return Path(tmp)
-
-
-def _umask() -> int:
-    """The process umask. Linux shows it in /proc; os.umask can only read it by changing it, which
-    races with threads creating files meanwhile, so elsewhere it is read that way once."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return _umask_read_once()
-
-
-@functools.cache
-def _umask_read_once() -> int:
-    mask = os.umask(0o077)  # strict while it is changed: a file created meanwhile is not exposed
-    os.umask(mask)
-    return mask
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

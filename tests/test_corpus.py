@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import urllib.error
 import urllib.request
 
@@ -260,3 +261,18 @@ def test_multi30k_subset(tmp_path):
     assert data.valid_src[0] == "A group of men are loading cotton onto a truck"
     decoded = data.tokenizer.decode_tgt(data.valid["tgt_ids"][:])
     assert sum(d == r for d, r in zip(decoded, data.valid_ref, strict=True)) > 1000
+
+
+def test_tokenizer_and_cache_get_the_modes_open_and_mkdir_give_under_the_umask(tmp_path):
+    """A shared data folder's cache, and a run's tokenizer, must be readable by the group (umask 027)."""
+    write_corpus(tmp_path / "corpus")
+    cfg = data_cfg(tmp_path / "corpus")
+    old = os.umask(0o027)
+    try:
+        prepare_data(cfg, run_dir=tmp_path / "run")
+    finally:
+        os.umask(old)
+    written = [*(tmp_path / "corpus" / "cache").rglob("*"), *(tmp_path / "run").rglob("*")]
+    assert any(p.name == "spm.model" for p in written) and any(p.name == "stats.json" for p in written)
+    for path in written:
+        assert path.stat().st_mode & 0o777 == (0o750 if path.is_dir() else 0o640), path

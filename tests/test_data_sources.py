@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import urllib.error
 import urllib.request
 
@@ -258,6 +259,28 @@ def test_download_checks_sha256_and_writes_atomically(tmp_path, monkeypatch):
     assert download.ensure_multi30k(cfg) == [tmp_path / "m30k" / name]
     assert (tmp_path / "m30k" / name).read_bytes() == payload
     assert download.missing_multi30k_files(cfg) == [] and download.ensure_multi30k(cfg) == []
+
+
+def test_downloaded_files_get_the_mode_open_gives_under_the_umask(tmp_path, monkeypatch):
+    payload = gzip.compress(b"A dog.\n")
+    monkeypatch.setattr(download, "MULTI30K_SHA256", {"val.en.gz": hashlib.sha256(payload).hexdigest()})
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: FakeResponse(payload))
+    old = os.umask(0o022)
+    try:
+        (path,) = download.ensure_multi30k(_multi30k_cfg(tmp_path))
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by the other users of a shared data folder
+
+
+def test_download_into_a_folder_it_cannot_write_is_one_clear_error(tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(urllib.request, "urlopen", pytest.fail)
+    monkeypatch.setattr(download.tempfile, "mkstemp", read_only)  # as in a folder of another user
+    with pytest.raises(download.DownloadError, match=r"could not write into .*m30k to download Multi30k"):
+        download.ensure_multi30k(_multi30k_cfg(tmp_path))
 
 
 def test_download_checksum_mismatch_leaves_nothing(tmp_path, monkeypatch):

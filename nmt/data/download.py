@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from nmt.config import DataConfig
 from nmt.data.sources import DataError, split_prefix
+from nmt.files import FILE_MODE, umask
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +74,13 @@ def ensure_multi30k(cfg: DataConfig) -> list[Path]:
 
 def download_file(url: str, dest: Path, sha256: str) -> Path:
     """Fetch ``url`` into ``dest`` (temp file, checksum, then atomic rename) with a progress bar."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    except OSError as e:
+        raise DownloadError(f"could not write into {dest.parent} to download Multi30k ({e}).") from e
     tmp = Path(tmp_name)
     try:
+        os.chmod(tmp, FILE_MODE & ~umask())  # mkstemp makes it 0600: give it open()'s mode
         with os.fdopen(fd, "wb") as out:
             digest = _fetch(url, out, dest.name)
         if digest != sha256:

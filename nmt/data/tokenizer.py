@@ -25,6 +25,7 @@ import sentencepiece as spm
 
 from nmt.config import DataConfig
 from nmt.data.sources import DataError, content_hash
+from nmt.files import DIR_MODE, FILE_MODE, umask
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +266,7 @@ def _write_if_changed(path: Path, data: bytes) -> None:
         return
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.chmod(tmp, FILE_MODE & ~umask())  # mkstemp makes it 0600: give it open()'s mode
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -277,6 +279,7 @@ def _save_atomic(tok: Tokenizer, folder: Path) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
+        os.chmod(tmp, DIR_MODE & ~umask())  # mkdtemp makes it 0700: give it mkdir()'s mode
         tok.save(tmp)
         os.replace(tmp, folder)
     except OSError:
