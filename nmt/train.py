@@ -79,7 +79,9 @@ def run(cfg: Config) -> int:
                 {"step": trainer.state.step, "weights": f"{trainer.weight_checksum():.12g}"}, dist
             )
         # Only now: a resume that is refused leaves the run's config.yaml and TensorBoard log as they were.
-        writer = SummaryWriter(str(run_dir / "tb")) if dist.is_main else None
+        # purge_step: points a killed run logged after its last checkpoint are dropped, not drawn twice.
+        purge = trainer.state.step + 1 if resume_from is not None else None
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=purge) if dist.is_main else None
         if writer is not None:
             config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
             (run_dir / "config.yaml").write_text(config_yaml)

@@ -436,3 +436,25 @@ def test_validation_decodes_in_the_precision_translate_would_use(toy_dir, tmp_pa
     assert scored == [hyps] and metrics["bleu"] == score(hyps, trainer.data.valid_ref).bleu
     fp32 = Translator.from_checkpoint(latest, "cpu", "fp32").translate(trainer.data.valid_src)
     assert fp32 != hyps, "bf16 and fp32 decoding must differ for this test to mean anything"
+
+
+def test_tensorboard_after_a_killed_run_resumes_draws_each_step_once(toy_dir, tmp_path):
+    """A run killed after its last checkpoint logged steps it will train again; the curves must not
+    double back when the resumed run logs them anew."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from nmt.train import run
+
+    cfg = tiny_config(toy_dir, tmp_path / "run", max_steps=8, log_every=1, valid_every=4, keep_last=3)
+    assert run(cfg) == 0
+    ckpts = tmp_path / "run" / "checkpoints"
+    (ckpts / "latest.pt").unlink()  # as if killed at step 8 before it saved: latest is step 4
+    shutil.copy(ckpts / "step_00000004.pt", ckpts / "latest.pt")
+    (ckpts / "step_00000008.pt").unlink()
+    resumed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=10, resume="true"))
+    assert run(resumed) == 0
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 11))
