@@ -31,7 +31,8 @@ register_schema()
 
 
 def run(cfg: Config) -> int:
-    """Train one run described by ``cfg``. Returns the process exit code."""
+    """Train one run described by ``cfg``. Returns the process exit code: 0 when a stopping rule ended
+    it, 128 + the signal's number (130 Ctrl-C, 143 SIGTERM) when a signal did, after saving."""
     from torch.utils.tensorboard import SummaryWriter
 
     from nmt.checkpoint import find_resume_checkpoint
@@ -109,7 +110,8 @@ def run(cfg: Config) -> int:
             f"at step {result.state.best_step} | checkpoint {result.best_checkpoint or run_dir / 'checkpoints'}",
             flush=True,
         )
-    return 0
+    # Saved, but not finished: a script or scheduler running this must not take it for done.
+    return 0 if result.signal is None else 128 + int(result.signal)
 
 
 def data_facts(cfg: Config, data: PreparedData) -> dict[str, str]:

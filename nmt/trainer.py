@@ -70,6 +70,8 @@ class TrainResult:
     stop_reason: str
     best_checkpoint: Path | None
     last_valid: dict[str, float]
+    # The signal that stopped the run (SIGTERM where another rank received it), else None.
+    signal: int | None = None
 
 
 def check_resume_config(cfg: Config, saved: dict[str, Any], path: str | os.PathLike) -> None:
@@ -493,7 +495,8 @@ class Trainer:
             barrier(self.dist)
         log.info("training stopped at step %d: %s", self.state.step, reason)
         best = self.ckpt_dir / "best.pt"
-        return TrainResult(self.state, reason, best if best.exists() else None, metrics)
+        stopped_by = (self._stop_signal or signal.SIGTERM) if reason == "interrupted by a signal" else None
+        return TrainResult(self.state, reason, best if best.exists() else None, metrics, stopped_by)
 
     def _log_train(self, stats: dict[str, float]) -> None:
         if self.writer is None:

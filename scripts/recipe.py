@@ -46,7 +46,18 @@ def train(experiment: str, overrides: list[str]) -> float:
     command = [sys.executable, "-m", "nmt.train", f"+experiment={experiment}", *overrides]
     log.info("training: %s", " ".join(command))
     start = time.monotonic()
-    subprocess.run(command, check=True)
+    trainer = subprocess.Popen(command)
+    try:
+        code = trainer.wait()
+    except KeyboardInterrupt:
+        # Ctrl-C reached the trainer too: it is saving a checkpoint. Wait for it rather than kill it
+        # (subprocess.run would, 0.25 s later); a second Ctrl-C stops both at once.
+        log.warning("interrupted: waiting for the trainer to save its checkpoint")
+        code = trainer.wait()
+    if code in (130, 143):  # stopped by a signal, after saving: not a finished run to score
+        raise SystemExit(f"training was interrupted (exit {code}); add train.resume=true to continue it.")
+    if code != 0:
+        raise SystemExit(f"error: training failed (exit {code}).")
     return time.monotonic() - start
 
 
