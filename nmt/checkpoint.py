@@ -22,14 +22,13 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from nmt.config import Config
-from nmt.files import FILE_MODE, umask
+from nmt.files import temp_file_beside
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +54,16 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
 
 def _write_temp(state: dict[str, Any], path: Path) -> Path:
     """Write ``state`` and the format version to a new temporary file beside ``path``, synced to disk."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_beside(path, ".tmp")  # as readable to the run's group as the rest of the run
     try:
         with os.fdopen(fd, "wb") as f:
-            # mkstemp creates the file 0600 whatever the umask; give it the mode open() would, so
-            # checkpoints are as readable to the run's group as the rest of the run directory.
-            os.chmod(tmp, FILE_MODE & ~umask())
             torch.save({"format_version": FORMAT_VERSION, **state}, f)
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    return Path(tmp)
+    return tmp
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

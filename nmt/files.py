@@ -1,11 +1,41 @@
-"""File modes: files written through ``tempfile`` get the mode ``open()`` would have given them."""
+"""Temporary files and folders for atomic writes, with the modes ``open()`` and ``mkdir()`` give.
+
+``tempfile`` creates files 0600 and folders 0700 whatever the umask; renamed into place, they would
+keep the corpus, the cache, the tokenizer and the checkpoints from the other users of a shared folder.
+"""
 
 from __future__ import annotations
 
 import functools
 import os
+import tempfile
+from pathlib import Path
 
 FILE_MODE, DIR_MODE = 0o666, 0o777  # before the umask, as open() and mkdir() create them
+
+
+def temp_file_beside(path: Path, suffix: str = "") -> tuple[int, Path]:
+    """A new file ``.NAME.XXXXXXXX{suffix}`` in ``path``'s folder, to be renamed onto ``path``: its open
+    descriptor and its path."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        os.chmod(name, FILE_MODE & ~umask())
+    except BaseException:
+        os.close(fd)
+        os.unlink(name)
+        raise
+    return fd, Path(name)
+
+
+def temp_dir_beside(path: Path) -> Path:
+    """A new folder ``.NAME.XXXXXXXX`` in ``path``'s folder, to be renamed onto ``path``."""
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        os.chmod(folder, DIR_MODE & ~umask())
+    except BaseException:
+        folder.rmdir()
+        raise
+    return folder
 
 
 def umask() -> int:

@@ -176,10 +176,11 @@ def main(dcfg: DictConfig) -> None:
         cfg = to_config(dcfg)
         code = run(cfg)
     except (ConfigError, DataError, TrainingError, CheckpointError) as e:
+        message = str(e)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: which process, on which machine
-            e = f"rank {os.environ.get('RANK', '?')} on {socket.gethostname()}: {e}"
-        log.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
+            message = f"rank {os.environ.get('RANK', '?')} on {socket.gethostname()}: {message}"
+        log.error("%s", message)
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # a second Ctrl-C (the trainer logged where the last checkpoint is)
         print("interrupted", file=sys.stderr)

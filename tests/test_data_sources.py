@@ -14,6 +14,7 @@ import datasets
 import pytest
 from data_fixtures import data_cfg, multi30k_dir, toy_pairs, write_corpus, write_lines
 
+from nmt import files
 from nmt.data import download
 from nmt.data.sources import DataError, load_split, read_split
 
@@ -278,7 +279,7 @@ def test_download_into_a_folder_it_cannot_write_is_one_clear_error(tmp_path, mon
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(urllib.request, "urlopen", pytest.fail)
-    monkeypatch.setattr(download.tempfile, "mkstemp", read_only)  # as in a folder of another user
+    monkeypatch.setattr(files.tempfile, "mkstemp", read_only)  # as in a folder of another user
     with pytest.raises(download.DownloadError, match=r"could not write into .*m30k to download Multi30k"):
         download.ensure_multi30k(_multi30k_cfg(tmp_path))
 

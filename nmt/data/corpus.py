@@ -38,7 +38,7 @@ from nmt.config import DataConfig
 from nmt.data.download import ensure_multi30k
 from nmt.data.sources import DataError, content_hash, read_split, split_prefix, text_paths
 from nmt.data.tokenizer import Tokenizer
-from nmt.files import DIR_MODE, umask
+from nmt.files import temp_dir_beside
 
 __all__ = [
     "RATIO_FLOOR",
@@ -176,11 +176,10 @@ def cached_encode_split(
 
 
 def _save_atomic(dataset: datasets.Dataset, stats: FilterStats, folder: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = temp_dir_beside(folder)
     bars_were_on = not datasets.utils.are_progress_bars_disabled()
     datasets.disable_progress_bars()  # a bar per save is noise next to the one-line log
     try:
-        os.chmod(tmp, DIR_MODE & ~umask())  # mkdtemp makes it 0700: give it mkdir()'s mode
         dataset.save_to_disk(str(tmp))
         (tmp / "stats.json").write_text(json.dumps(asdict(stats)))  # written last: marks the folder complete
         os.replace(tmp, folder)

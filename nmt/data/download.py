@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,7 +17,7 @@ from tqdm import tqdm
 
 from nmt.config import DataConfig
 from nmt.data.sources import DataError, split_prefix
-from nmt.files import FILE_MODE, umask
+from nmt.files import temp_file_beside
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +74,10 @@ def ensure_multi30k(cfg: DataConfig) -> list[Path]:
 def download_file(url: str, dest: Path, sha256: str) -> Path:
     """Fetch ``url`` into ``dest`` (temp file, checksum, then atomic rename) with a progress bar."""
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+        fd, tmp = temp_file_beside(dest, ".part")
     except OSError as e:
         raise DownloadError(f"could not write into {dest.parent} to download Multi30k ({e}).") from e
-    tmp = Path(tmp_name)
     try:
-        os.chmod(tmp, FILE_MODE & ~umask())  # mkstemp makes it 0600: give it open()'s mode
         with os.fdopen(fd, "wb") as out:
             digest = _fetch(url, out, dest.name)
         if digest != sha256:

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import sentencepiece as spm
 
 from nmt.config import DataConfig
 from nmt.data.sources import DataError, content_hash
-from nmt.files import DIR_MODE, FILE_MODE, umask
+from nmt.files import temp_dir_beside, temp_file_beside
 
 log = logging.getLogger(__name__)
 
@@ -264,22 +263,20 @@ def _run_trainer(sentences: list[str], cfg: DataConfig, hard_vocab_limit: bool) 
 def _write_if_changed(path: Path, data: bytes) -> None:
     if path.is_file() and path.read_bytes() == data:
         return
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = temp_file_beside(path)
     try:
-        os.chmod(tmp, FILE_MODE & ~umask())  # mkstemp makes it 0600: give it open()'s mode
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
 
 def _save_atomic(tok: Tokenizer, folder: Path) -> None:
     """Write into a temporary sibling folder and rename it, so a reader never sees a half-written cache."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = temp_dir_beside(folder)
     try:
-        os.chmod(tmp, DIR_MODE & ~umask())  # mkdtemp makes it 0700: give it mkdir()'s mode
         tok.save(tmp)
         os.replace(tmp, folder)
     except OSError:
