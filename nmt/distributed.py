@@ -78,6 +78,19 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def main_rank_outcome(error: str | None, info: DistInfo) -> str | None:
+    """Rank 0's outcome of work the other ranks wait for: its error message, or None if it succeeded.
+
+    Rank 0 passes its own; the others pass None and wait here, as at a barrier. A barrier alone would
+    leave them a "connection closed" error when rank 0 stops, instead of its reason.
+    """
+    if not info.enabled:
+        return error
+    box = [error if info.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_gather_floats(values: list[float], info: DistInfo, device: torch.device) -> list[list[float]]:
     """Every rank's ``values`` (the same length on each), in rank order, on every rank."""
     mine = torch.tensor(values, dtype=torch.float64, device=device)

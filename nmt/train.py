@@ -36,7 +36,6 @@ def run(cfg: Config) -> int:
     from torch.utils.tensorboard import SummaryWriter
 
     from nmt.checkpoint import find_resume_checkpoint
-    from nmt.data import prepare_data
     from nmt.distributed import barrier, init_distributed, shutdown_distributed
     from nmt.runtime import keep_freed_memory_in_heap
     from nmt.trainer import Trainer, resolve_device
@@ -54,13 +53,7 @@ def run(cfg: Config) -> int:
         log.info("run directory: %s", run_dir.resolve())
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-        # Rank 0 trains the tokenizer and fills the encoding cache; the others then read the cache.
-        if not dist.is_main:
-            barrier(dist)
-        # Only rank 0 writes into the run directory (tokenizer copy, config, checkpoints, TensorBoard).
-        data = prepare_data(cfg.data, run_dir=run_dir if dist.is_main else None, resume_from=resume_from)
-        if dist.is_main:
-            barrier(dist)
+        data = prepare_data_main_first(cfg, dist, run_dir, resume_from)
         if dist.enabled:
             check_ranks_agree(data_facts(cfg, data), dist)
         trainer = Trainer(cfg, data, run_dir, dist=dist)
@@ -112,6 +105,30 @@ def run(cfg: Config) -> int:
         )
     # Saved, but not finished: a script or scheduler running this must not take it for done.
     return 0 if result.signal is None else 128 + int(result.signal)
+
+
+def prepare_data_main_first(
+    cfg: Config, dist: DistInfo, run_dir: Path, resume_from: Path | None
+) -> PreparedData:
+    """Prepare the data on rank 0 first (download, tokenizer, encoding cache), then on the others,
+    which read what it wrote. Only rank 0 writes into the run directory (tokenizer copy, config,
+    checkpoints, TensorBoard). If rank 0 fails (a missing or malformed file, no network), every rank
+    stops with its reason."""
+    from nmt.data import DataError, prepare_data
+    from nmt.distributed import main_rank_outcome
+
+    if dist.is_main:
+        try:
+            data = prepare_data(cfg.data, run_dir=run_dir, resume_from=resume_from)
+        except BaseException as e:
+            main_rank_outcome(str(e) or type(e).__name__, dist)
+            raise
+        main_rank_outcome(None, dist)
+        return data
+    failure = main_rank_outcome(None, dist)
+    if failure is not None:
+        raise DataError(f"rank 0 could not prepare the data: {failure}")
+    return prepare_data(cfg.data, run_dir=None, resume_from=resume_from)
 
 
 def data_facts(cfg: Config, data: PreparedData) -> dict[str, str]:

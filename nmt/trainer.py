@@ -30,7 +30,15 @@ from nmt.config import Config
 from nmt.data.batching import Batch, make_loader
 from nmt.data.tokenizer import PAD_ID
 from nmt.device import avoid_per_shape_attention_kernels, resolve_device, resolve_dtype
-from nmt.distributed import DistInfo, all_gather_state, all_reduce_sum, any_flags, barrier, broadcast_flag
+from nmt.distributed import (
+    DistInfo,
+    all_gather_state,
+    all_reduce_sum,
+    any_flags,
+    barrier,
+    broadcast_flag,
+    main_rank_outcome,
+)
 from nmt.loss import label_smoothed_nll
 from nmt.model import Transformer
 from nmt.optim import build_optimizer, build_scheduler, lr_multiplier
@@ -431,24 +439,30 @@ class Trainer:
         on_schedule = self.state.step % t.valid_every == 0
         metrics: dict[str, float] = {}
         stop = best = False
+        error: Exception | None = None
         if self.dist.is_main:
             try:
                 metrics = self.validate()
-            except Exception:
+            except Exception as e:
                 log.error(
                     "validation failed at step %d; saving the training state before stopping", self.state.step
                 )
-                self.save(best=False)
-                raise
-            best = self._improved(metrics)
-            if best:
-                self.state.best_score = metrics[t.best_metric]
-                self.state.best_step = self.state.step
-            if on_schedule:
-                self.state.bad_validations = 0 if best else self.state.bad_validations + 1
-            stop = bool(t.patience) and self.state.bad_validations >= t.patience
+                error = e
+            else:
+                best = self._improved(metrics)
+                if best:
+                    self.state.best_score = metrics[t.best_metric]
+                    self.state.best_step = self.state.step
+                if on_schedule:
+                    self.state.bad_validations = 0 if best else self.state.bad_validations + 1
+                stop = bool(t.patience) and self.state.bad_validations >= t.patience
         self.save(best=best)  # on every rank: each contributes its RNG state
-        barrier(self.dist)
+        # Also the barrier after saving: the other ranks learn whether rank 0's validation failed.
+        failure = main_rank_outcome(None if error is None else str(error) or type(error).__name__, self.dist)
+        if error is not None:
+            raise error
+        if failure is not None:
+            raise TrainingError(f"rank 0 could not validate: {failure}")
         return metrics, broadcast_flag(stop, self.dist, self.device)
 
     def train(self) -> TrainResult:

@@ -220,9 +220,21 @@ def _disagreeing_rank(rank: int, port: int, cfg, results: str, scenario: str) ->
             return loss_sum, nll_sum
 
         trainer._loss = loss
+    elif scenario == "validation_fails":  # on rank 0, the only one that validates
+
+        def fail(*args):
+            raise RuntimeError("decoding ran out of memory")
+
+        trainer.validator.run = fail
     else:  # "clocks_apart": rank 0 starts with most of the time limit used up
         trainer.state.elapsed_sec = 0.9 * cfg.train.max_time_min * 60 if rank == 0 else 0.0
-    result = trainer.train()
+    try:
+        result = trainer.train()
+    except Exception as e:
+        Path(results, f"rank{rank}.json").write_text(
+            json.dumps([trainer.state.step, f"{type(e).__name__}: {e}"])
+        )
+        return
     Path(results, f"rank{rank}.json").write_text(json.dumps([result.state.step, result.stop_reason]))
     dist.destroy_process_group()
 
@@ -254,6 +266,31 @@ def test_ranks_that_disagree_still_stop_together(tmp_path, scenario):
         assert steps[0][1] == "reached train.max_time_min=0.05"
 
 
+def test_a_failed_validation_stops_every_rank_with_its_reason(tmp_path):
+    """Only rank 0 validates: when that fails, it saves and stops, and the other ranks, which waited for
+    it, stop with its reason instead of a broken connection."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from nmt.data import prepare_data
+
+    toy = write_toy_corpus(tmp_path / "toy")
+    cfg = tiny_config(toy, tmp_path / "run", valid_every=3, max_steps=8)
+    prepare_data(cfg.data)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_disagreeing_rank, args=(port, cfg, str(tmp_path), "validation_fails"), nprocs=2, join=True)
+    outcomes = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert outcomes[0] == [3, "RuntimeError: decoding ran out of memory"], outcomes
+    assert outcomes[1] == [3, "TrainingError: rank 0 could not validate: decoding ran out of memory"], (
+        outcomes
+    )
+    assert (tmp_path / "run" / "checkpoints" / "step_00000003.pt").exists(), "the state was saved first"
+
+
 def _rank_of_train_run(rank: int, port: int, cfgs: list, results: str) -> None:
     """Rank ``rank`` of a two-rank ``nmt.train.run`` on ``cfgs[rank]``, as torchrun would start it."""
     import faulthandler
@@ -261,6 +298,7 @@ def _rank_of_train_run(rank: int, port: int, cfgs: list, results: str) -> None:
 
     import torch
 
+    from nmt.data import DataError
     from nmt.train import run
     from nmt.trainer import TrainingError
 
@@ -272,7 +310,7 @@ def _rank_of_train_run(rank: int, port: int, cfgs: list, results: str) -> None:
     try:
         run(cfgs[rank])
         outcome = "trained"
-    except TrainingError as e:
+    except (TrainingError, DataError) as e:  # what nmt.train.main prints as one line, exit code 2
         outcome = f"error: {e}"
     Path(results, f"rank{rank}.txt").write_text(outcome)
 
@@ -320,6 +358,18 @@ def test_a_rank_with_another_copy_of_the_corpus_stops_every_rank(tmp_path):
     )
     shutil.rmtree(tmp_path / "run", ignore_errors=True)
     assert _spawn_two_ranks(cfgs, tmp_path) == ["trained", "trained"]
+
+
+def test_bad_data_stops_every_rank_with_rank_0s_message(tmp_path):
+    """Rank 0 reads the corpus first (tokenizer, encoding cache) while the others wait: when it cannot,
+    they stop with its reason, not with a broken connection."""
+    toy = write_toy_corpus(tmp_path / "toy")
+    lines = (toy / "train.de").read_text(encoding="utf-8").splitlines(keepends=True)
+    (toy / "train.de").write_text("".join(lines[:-1]), encoding="utf-8")  # 399 lines against 400
+    cfg = tiny_config(toy, tmp_path / "run", max_steps=2)
+    outcomes = _spawn_two_ranks([cfg, cfg], tmp_path)
+    assert outcomes[0].startswith("error: ") and "train.de" in outcomes[0] and "399" in outcomes[0], outcomes
+    assert outcomes[1] == "error: rank 0 could not prepare the data: " + outcomes[0].removeprefix("error: ")
 
 
 def test_a_rank_resuming_an_older_checkpoint_stops_every_rank(runs, tmp_path):
