@@ -24,7 +24,8 @@ def _check(condition: bool, message: str) -> None:
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    _check(value in allowed, f"{name}={value!r} is not valid; choose one of {', '.join(allowed)}.")
+    choices = ", ".join(repr(a) if a else "'' (off)" for a in allowed)
+    _check(value in allowed, f"{name}={value!r} is not valid; choose one of {choices}.")
 
 
 @dataclass

@@ -68,11 +68,17 @@ def test_a_key_forced_in_with_plus_is_still_checked(override, key):
         ("train.num_samples=-1", "train.num_samples=-1"),
         ("train.device=cuda:x", "train.device='cuda:x' is not valid"),
         ("decode.max_len_a=1e30", "decode.max_len_a=1e\\+30 must be in"),
+        ("data.download=none", r"data.download='none' is not valid; choose one of '' \(off\), 'multi30k'\."),
+        ("train.schedule=linear", r"choose one of 'inverse_sqrt', 'cosine'\.$"),
     ],
 )
 def test_absurd_values_fail_with_a_sentence_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         composed("+experiment=smoke", override)
+
+
+def test_download_can_be_turned_off_from_the_command_line():
+    assert composed("+experiment=smoke", "data.download=").data.download == ""
 
 
 def test_config_round_trips_through_a_plain_dict():
