@@ -53,17 +53,61 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
 
 
 def _write_temp(state: dict[str, Any], path: Path) -> Path:
-    """Write ``state`` and the format version to a new temporary file beside ``path``, synced to disk."""
-    fd, tmp = temp_file_beside(path, ".tmp")  # as readable to the run's group as the rest of the run
+    """Write ``state`` and the format version to a new temporary file beside ``path``, synced to disk.
+
+    A write that fails (a full disk, a quota, a file size limit) raises :class:`CheckpointError` saying
+    how much space the checkpoint needs and how much is free, and leaves no partial file behind.
+    """
+    try:
+        fd, tmp = temp_file_beside(path, ".tmp")  # as readable to the run's group as the rest of the run
+    except OSError as e:
+        raise _write_error(path, e, state) from e
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save({"format_version": FORMAT_VERSION, **state}, f)
             f.flush()
             os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise _write_error(path, e, state) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return tmp
+
+
+def _write_error(path: Path, error: Exception, state: dict[str, Any]) -> CheckpointError:
+    """The sentence for a checkpoint that could not be written: what failed, space needed and free."""
+    # torch.save reports "[enforce fail at inline_container.cc:672] . unexpected pos ...", raised while
+    # handling the OSError of the write itself ("No space left on device"): name that one.
+    cause: BaseException | None = error
+    while cause is not None and not (isinstance(cause, OSError) and cause.strerror):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError):
+        reason = cause.strerror
+    else:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:,.1f} MiB"
+    except OSError:
+        free = "unknown space"
+    return CheckpointError(
+        f"could not write {path}: the checkpoint needs about {_tensor_bytes(state) / 2**20:,.1f} MiB and "
+        f"{free} is free there ({reason})"
+    )
+
+
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in a nested dict / list / tuple (a checkpoint's size, near enough)."""
+    if isinstance(value, torch.Tensor):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    if isinstance(value, bytes):
+        return len(value)
+    return 0
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -225,6 +269,9 @@ def save_run_checkpoint(state: dict[str, Any], ckpt_dir: Path, step: int, keep_l
         if best:
             _link(tmp, ckpt_dir / "best.pt")
         os.replace(tmp, latest)
+    except OSError as e:  # a link that had to be a copy, on a full disk
+        tmp.unlink(missing_ok=True)
+        raise _write_error(latest, e, state) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -254,7 +301,11 @@ def _link(src: Path, dst: Path) -> None:
     try:
         os.link(src, tmp)
     except OSError:
-        shutil.copyfile(src, tmp)
+        try:
+            shutil.copyfile(src, tmp)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     os.replace(tmp, dst)
 
 

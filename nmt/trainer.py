@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nmt.checkpoint import load_checkpoint, model_differences, save_run_checkpoint
+from nmt.checkpoint import CheckpointError, load_checkpoint, model_differences, save_run_checkpoint
 from nmt.config import Config
 from nmt.data.batching import Batch, make_loader
 from nmt.data.tokenizer import PAD_ID
@@ -35,7 +35,6 @@ from nmt.distributed import (
     all_gather_state,
     all_reduce_sum,
     any_flags,
-    barrier,
     broadcast_flag,
     main_rank_outcome,
 )
@@ -165,6 +164,7 @@ class Trainer:
         )
         self._stop_signal: int | None = None
         self._bad_steps = 0
+        self._saved_step: int | None = None  # the step latest.pt holds, once this run wrote or resumed it
 
     def log_to(self, writer: Any) -> None:
         """Send TensorBoard scalars and validation reports to ``writer`` (rank 0 only) from now on."""
@@ -328,7 +328,20 @@ class Trainer:
         if not self.dist.is_main:
             return None
         state = self.checkpoint_state(rng_states)
-        latest = save_run_checkpoint(state, self.ckpt_dir, self.state.step, self.cfg.train.keep_last, best)
+        try:
+            latest = save_run_checkpoint(
+                state, self.ckpt_dir, self.state.step, self.cfg.train.keep_last, best
+            )
+        except CheckpointError as e:
+            if self._saved_step is None:
+                kept = "No checkpoint of this run was written; make room and start it again"
+            else:
+                kept = (
+                    f"{self.ckpt_dir / 'latest.pt'} still holds step {self._saved_step}; make room and "
+                    "continue from there with train.resume=true"
+                )
+            raise TrainingError(f"step {self.state.step} was not saved: {e}. {kept}.") from e
+        self._saved_step = self.state.step
         log.info("saved checkpoint %s%s", latest, " (best)" if best else "")
         return latest
 
@@ -360,6 +373,8 @@ class Trainer:
         self.loader.load_state_dict(state["sampler"])
         per_rank = state.get("rng_per_rank")
         set_rng_state(per_rank[self.dist.rank] if per_rank else state["rng"])
+        if Path(path).resolve() == (self.ckpt_dir / "latest.pt").resolve():
+            self._saved_step = self.state.step
         log.info("resumed from %s at step %d (epoch %d)", path, self.state.step, self.state.epoch)
 
     def weight_checksum(self) -> float:
@@ -456,14 +471,24 @@ class Trainer:
                 if on_schedule:
                     self.state.bad_validations = 0 if best else self.state.bad_validations + 1
                 stop = bool(t.patience) and self.state.bad_validations >= t.patience
-        self.save(best=best)  # on every rank: each contributes its RNG state
-        # Also the barrier after saving: the other ranks learn whether rank 0's validation failed.
+        self._save_on_every_rank(best, error)
+        return metrics, broadcast_flag(stop, self.dist, self.device)
+
+    def _save_on_every_rank(self, best: bool, error: Exception | None = None) -> None:
+        """:meth:`save` on every rank (each contributes its RNG state), then a barrier at which the other
+        ranks learn whether rank 0 failed: ``error`` (its validation's) or its save's. If so, every rank
+        stops with rank 0's reason, instead of the others meeting a closed connection later."""
+        try:
+            self.save(best=best)
+        except TrainingError as e:  # rank 0 only: the checkpoint could not be written
+            if error is not None:
+                log.error("%s", e)
+            error = error or e
         failure = main_rank_outcome(None if error is None else str(error) or type(error).__name__, self.dist)
         if error is not None:
             raise error
         if failure is not None:
-            raise TrainingError(f"rank 0 could not validate: {failure}")
-        return metrics, broadcast_flag(stop, self.dist, self.device)
+            raise TrainingError(f"rank 0 stopped: {failure}")
 
     def train(self) -> TrainResult:
         handlers = install_signal_handlers(self._handle_signal)
@@ -505,8 +530,7 @@ class Trainer:
         if self.state.step % t.valid_every != 0 and reason != "interrupted by a signal":
             metrics, _ = self._validate_and_save()
         elif self.state.step % t.valid_every != 0:
-            self.save(best=False)  # interrupted: keep the exact position, validate later
-            barrier(self.dist)
+            self._save_on_every_rank(best=False)  # interrupted: keep the exact position, validate later
         log.info("training stopped at step %d: %s", self.state.step, reason)
         best = self.ckpt_dir / "best.pt"
         stopped_by = (self._stop_signal or signal.SIGTERM) if reason == "interrupted by a signal" else None

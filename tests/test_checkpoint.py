@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ from nmt.checkpoint import (
     save_run_checkpoint,
 )
 from nmt.config import Config
+from tests.conftest import REPO
 
 average_script = load_script("average_checkpoints")
 
@@ -64,7 +66,7 @@ def test_crash_while_writing_leaves_the_previous_checkpoint_loadable(tmp_path, m
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(CheckpointError, match=r"could not write .*latest.pt: .* \(disk full \(simulated\)\)"):
         save_checkpoint(minimal_state(2.0), path)
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.full((2, 3), 1.0))
@@ -137,6 +139,47 @@ def crash_when_replacing(monkeypatch, name: str) -> None:
     monkeypatch.setattr(os, "replace", replace)
 
 
+FULL_DISK = """
+import resource, signal, sys, torch
+from nmt.checkpoint import CheckpointError, save_run_checkpoint
+from nmt.config import Config
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # bytes per file, as a full disk would
+state = {
+    "config": Config().to_dict(),
+    "tokenizer": {"kind": "test", "model": b"\\x00"},
+    "model": {"w": torch.zeros(100_000)},  # 400 kB
+    "train_state": {"step": 20, "best_step": 20},
+}
+try:
+    save_run_checkpoint(state, sys.argv[1], 20, keep_last=2, best=True)
+except CheckpointError as e:
+    print(e)
+"""
+
+
+def test_a_checkpoint_that_does_not_fit_on_disk_fails_clearly_and_keeps_the_previous_one(tmp_path):
+    """A real failed write (the process's file size limit stands in for a full disk): one sentence with
+    the space needed and free, no partial file, and latest.pt and best.pt still the previous step."""
+    ckpt_dir = tmp_path / "checkpoints"
+    save_run_checkpoint(run_state(10, best_step=10), ckpt_dir, 10, keep_last=2, best=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(ckpt_dir)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert re.fullmatch(
+        rf"could not write {re.escape(str(ckpt_dir / 'latest.pt'))}: the checkpoint needs about 0\.4 MiB and "
+        r"[\d,.]+ MiB is free there \(File too large\)\n",  # the write's own error, not torch's
+        proc.stdout,
+    ), proc.stdout
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["best.pt", "latest.pt", "step_00000010.pt"]
+    assert saved_step(ckpt_dir / "latest.pt") == saved_step(ckpt_dir / "best.pt") == 10
+
+
 @pytest.mark.parametrize("crash_at", ["step_00000020.pt", "best.pt", "latest.pt"])
 def test_a_save_killed_midway_leaves_latest_complete_and_best_no_older_than_it_records(
     tmp_path, monkeypatch, crash_at
@@ -144,7 +187,7 @@ def test_a_save_killed_midway_leaves_latest_complete_and_best_no_older_than_it_r
     ckpt_dir = tmp_path / "checkpoints"
     save_run_checkpoint(run_state(10, best_step=10), ckpt_dir, 10, keep_last=1, best=True)
     crash_when_replacing(monkeypatch, crash_at)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(CheckpointError, match="simulated"):
         save_run_checkpoint(run_state(20, best_step=20), ckpt_dir, 20, keep_last=1, best=True)
     monkeypatch.undo()
 

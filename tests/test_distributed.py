@@ -226,6 +226,14 @@ def _disagreeing_rank(rank: int, port: int, cfg, results: str, scenario: str) ->
             raise RuntimeError("decoding ran out of memory")
 
         trainer.validator.run = fail
+    elif scenario == "save_fails":  # rank 0 writes the checkpoints: its disk is full
+        import nmt.trainer
+        from nmt.checkpoint import CheckpointError
+
+        def full(*args):
+            raise CheckpointError("could not write latest.pt (No space left on device)")
+
+        nmt.trainer.save_run_checkpoint = full
     else:  # "clocks_apart": rank 0 starts with most of the time limit used up
         trainer.state.elapsed_sec = 0.9 * cfg.train.max_time_min * 60 if rank == 0 else 0.0
     try:
@@ -266,9 +274,11 @@ def test_ranks_that_disagree_still_stop_together(tmp_path, scenario):
         assert steps[0][1] == "reached train.max_time_min=0.05"
 
 
-def test_a_failed_validation_stops_every_rank_with_its_reason(tmp_path):
-    """Only rank 0 validates: when that fails, it saves and stops, and the other ranks, which waited for
-    it, stop with its reason instead of a broken connection."""
+@pytest.mark.parametrize("scenario", ["validation_fails", "save_fails"])
+def test_rank_0_failing_to_validate_or_save_stops_every_rank_with_its_reason(tmp_path, scenario):
+    """Only rank 0 validates and writes checkpoints: when either fails, it stops (having saved, if it
+    could), and the other ranks, which waited for it, stop with its reason instead of a broken
+    connection."""
     import json
     import socket
 
@@ -282,13 +292,19 @@ def test_a_failed_validation_stops_every_rank_with_its_reason(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_disagreeing_rank, args=(port, cfg, str(tmp_path), "validation_fails"), nprocs=2, join=True)
+    mp.spawn(_disagreeing_rank, args=(port, cfg, str(tmp_path), scenario), nprocs=2, join=True)
     outcomes = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert outcomes[0] == [3, "RuntimeError: decoding ran out of memory"], outcomes
-    assert outcomes[1] == [3, "TrainingError: rank 0 could not validate: decoding ran out of memory"], (
-        outcomes
-    )
-    assert (tmp_path / "run" / "checkpoints" / "step_00000003.pt").exists(), "the state was saved first"
+    if scenario == "validation_fails":
+        reason = "decoding ran out of memory"
+        assert outcomes[0] == [3, f"RuntimeError: {reason}"], outcomes
+        assert (tmp_path / "run" / "checkpoints" / "step_00000003.pt").exists(), "the state was saved first"
+    else:
+        reason = (
+            "step 3 was not saved: could not write latest.pt (No space left on device). No checkpoint of "
+            "this run was written; make room and start it again."
+        )
+        assert outcomes[0] == [3, f"TrainingError: {reason}"], outcomes
+    assert outcomes[1] == [3, f"TrainingError: rank 0 stopped: {reason}"], outcomes
 
 
 def _rank_of_train_run(rank: int, port: int, cfgs: list, results: str) -> None:

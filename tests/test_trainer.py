@@ -201,6 +201,53 @@ def test_checkpoints_are_self_contained_and_load_with_weights_only(toy_dir, tmp_
     assert not list(ckpt_dir.glob("*.tmp")), "no temp files are left behind"
 
 
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_naming_what_is_kept(
+    toy_dir, tmp_path, monkeypatch
+):
+    """A full disk at the second save: the run stops with one sentence saying which step latest.pt still
+    holds, and resuming from it continues as a run that never stopped would."""
+    import nmt.trainer
+
+    cfg = tiny_config(toy_dir, tmp_path / "run", max_steps=6, valid_every=2)
+    real_save, saves = nmt.trainer.save_run_checkpoint, []
+
+    def save(state, ckpt_dir, step, *args):
+        saves.append(step)
+        if len(saves) == 2:
+            raise CheckpointError(f"could not write {ckpt_dir}/latest.pt: ... (No space left on device)")
+        return real_save(state, ckpt_dir, step, *args)
+
+    monkeypatch.setattr(nmt.trainer, "save_run_checkpoint", save)
+    latest = tmp_path / "run" / "checkpoints" / "latest.pt"
+    with pytest.raises(TrainingError) as failed:
+        make_trainer(cfg).train()
+    assert str(failed.value) == (
+        f"step 4 was not saved: could not write {latest.parent}/latest.pt: ... (No space left on device). "
+        f"{latest} still holds step 2; make room and continue from there with train.resume=true."
+    )
+    assert load_checkpoint(latest)["train_state"]["step"] == 2
+    monkeypatch.undo()
+
+    resumed = make_trainer(with_train(cfg, resume="true"))
+    resumed.resume(latest)
+    assert resumed.train().state.step == 6
+    straight = make_trainer(dataclasses.replace(cfg, run_dir=str(tmp_path / "straight"))).train()
+    assert resumed.state.losses == straight.state.losses
+
+
+def test_the_first_checkpoint_failing_says_nothing_was_saved(toy_dir, tmp_path, monkeypatch):
+    import nmt.trainer
+
+    def save(*args):
+        raise CheckpointError("could not write latest.pt: ... (No space left on device)")
+
+    monkeypatch.setattr(nmt.trainer, "save_run_checkpoint", save)
+    with pytest.raises(
+        TrainingError, match=r"^step 2 was not saved: .*\. No checkpoint of this run was written; "
+    ):
+        make_trainer(tiny_config(toy_dir, tmp_path / "run", max_steps=6, valid_every=2)).train()
+
+
 def test_nan_loss_skips_the_step_then_aborts(toy_dir, tmp_path, monkeypatch, caplog):
     cfg = tiny_config(toy_dir, tmp_path / "run", max_bad_steps=3)
     trainer = make_trainer(cfg)
