@@ -214,6 +214,54 @@ def test_run_dir_gets_the_tokenizer_and_resume_takes_the_checkpoints(tmp_path, c
     assert resumed.tokenizer.fingerprint() == first.tokenizer.fingerprint() and count_work["train"] == 0
 
 
+FILE_SIZE_LIMIT = """
+import resource, signal, sys
+from nmt.data import prepare_data
+from nmt.data.sources import DataError
+from tests.data_fixtures import data_cfg
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (1, 1))  # no file can grow: as a full disk would
+try:
+    prepare_data(data_cfg(Path(sys.argv[1])), run_dir=sys.argv[2] or None)
+except DataError as e:
+    print(e)
+"""
+
+
+@pytest.mark.parametrize("what", ["tokenizer cache", "encoded data cache", "run's tokenizer"])
+def test_a_full_disk_while_preparing_data_names_what_and_where_and_leaves_no_partial_files(tmp_path, what):
+    """Real failed writes: the process may not grow any file, as on a full disk."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    write_corpus(tmp_path)
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    if what != "tokenizer cache":
+        prepare_data(data_cfg(tmp_path))  # tokenizer and encodings cached
+    if what == "encoded data cache":
+        for folder in cache.glob("encoded-*"):
+            shutil.rmtree(folder)
+    before = sorted(p.name for p in cache.iterdir()) if cache.exists() else []
+    script = "from pathlib import Path\n" + FILE_SIZE_LIMIT
+    args = [sys.executable, "-c", script, str(tmp_path), str(run_dir) if what == "run's tokenizer" else ""]
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    expected = {
+        "tokenizer cache": f"the tokenizer cache in {cache} (File too large); make room there or set data.cache_dir=PATH.",
+        "encoded data cache": f"the encoded data cache in {cache} (File too large); make room there or set "
+        "data.cache_dir=PATH.",
+        "run's tokenizer": f"the tokenizer into {run_dir / 'tokenizer'} (File too large); make room there or set "
+        "run_dir=PATH.",
+    }[what]
+    assert proc.stdout == f"could not write {expected}\n", proc.stdout
+    assert sorted(p.name for p in cache.iterdir()) == before, "no partial cache folder is left"
+    if what == "run's tokenizer":
+        assert list((run_dir / "tokenizer").iterdir()) == []
+
+
 def test_read_only_data_dir_caches_in_user_cache(tmp_path, monkeypatch):
     write_corpus(tmp_path / "data")
     real = corpus._writable

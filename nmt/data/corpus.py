@@ -26,7 +26,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -241,19 +242,39 @@ def prepare_data(
     _warn_if_test_missing(cfg)
     cache_dir = resolve_cache_dir(cfg)
     tokenizer = tokenizer or _given_tokenizer(tokenizer_dir, resume_from)
+    cache_hint = "make room there or set data.cache_dir=PATH"
     if tokenizer is None:
-        tokenizer = Tokenizer.load_or_train(train_src, train_tgt, cfg, cache_dir)
+        with _writing(f"the tokenizer cache in {cache_dir}", cache_hint):
+            tokenizer = Tokenizer.load_or_train(train_src, train_tgt, cfg, cache_dir)
     if tokenizer_dir is not None and not Tokenizer.exists(tokenizer_dir):
-        tokenizer.save(tokenizer_dir)
+        with _writing(f"the tokenizer into {tokenizer_dir}", "make room there"):
+            tokenizer.save(tokenizer_dir)
     if run_dir is not None:
-        tokenizer.save(Path(run_dir) / "tokenizer")
-    train, stats, train_key = cached_encode_split(tokenizer, train_src, train_tgt, cache_dir, "train", cfg)
-    log.info("train: %s", stats.format())
-    valid, _, valid_key = cached_encode_split(tokenizer, valid_src, valid_ref, cache_dir, "valid")
+        with _writing(
+            f"the tokenizer into {Path(run_dir) / 'tokenizer'}", "make room there or set run_dir=PATH"
+        ):
+            tokenizer.save(Path(run_dir) / "tokenizer")
+    with _writing(f"the encoded data cache in {cache_dir}", cache_hint):
+        train, stats, train_key = cached_encode_split(
+            tokenizer, train_src, train_tgt, cache_dir, "train", cfg
+        )
+        log.info("train: %s", stats.format())
+        valid, _, valid_key = cached_encode_split(tokenizer, valid_src, valid_ref, cache_dir, "valid")
     log.info("valid: %s pairs (not filtered); %s", f"{len(valid):,}", tokenizer.describe())
     return PreparedData(
         tokenizer, train, valid, valid_src, valid_ref, stats, cache_dir, f"{train_key}-{valid_key}"
     )
+
+
+@contextmanager
+def _writing(what: str, hint: str) -> Iterator[None]:
+    """Turn a failed write (a full disk, a quota, a read-only folder) into a :class:`DataError` naming
+    ``what`` was being written and the setting to change; the atomic writes leave no partial files."""
+    try:
+        yield
+    except OSError as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        raise DataError(f"could not write {what} ({reason}); {hint}.") from e
 
 
 def _given_tokenizer(
