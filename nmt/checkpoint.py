@@ -110,11 +110,17 @@ def _tensor_bytes(value: Any) -> int:
     return 0
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint safely (``weights_only=True``) and check its format version."""
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """The file a checkpoint argument names: itself, or a run folder's ``checkpoints/latest.pt``."""
     path = Path(path)
     if path.is_dir():
-        path = path / "checkpoints" / "latest.pt" if (path / "checkpoints").is_dir() else path / "latest.pt"
+        return path / "checkpoints" / "latest.pt" if (path / "checkpoints").is_dir() else path / "latest.pt"
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``) and check its format version."""
+    path = checkpoint_file(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist.")
     try:

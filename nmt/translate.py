@@ -4,10 +4,11 @@
     python -m nmt.translate --ckpt best.pt --input test.en --output test.de --ref test.de.ref
 
 Output: exactly one line per input line, in order; an empty input line gives an empty output
-line. Input is read as bytes and decoded as UTF-8 (a byte-order mark is dropped); invalid bytes become
-U+FFFD, with a warning for each of the first few such lines and a count at the end. Everything that
-can be checked first is: the flags, an ``--output`` that is the ``--input`` or ``--ref`` file (refused),
-and the line counts of ``--input`` and ``--ref``; an existing output file is replaced only after that.
+line. Input is read as bytes and decoded as UTF-8 (a byte-order mark is dropped); a line that is not
+valid UTF-8 is an error naming it. Everything that can be checked first is: the flags, an ``--output``
+that is the ``--input``, ``--ref`` or ``--ckpt`` file (refused), and the encoding and line counts of
+``--input`` and ``--ref``. An ``--output`` file appears, or replaces the one
+there, only once it holds every line: a run that fails or is interrupted leaves it as it was.
 Standard input is translated as it arrives: lines are gathered into chunks of up to 1000 and a
 chunk is translated as soon as no more input is waiting, so interactive use answers line by line
 while piped files are batched efficiently. On CPU the batches of a chunk are decoded side by side,
@@ -31,6 +32,7 @@ import io
 import logging
 import os
 import queue
+import signal
 import stat
 import sys
 import threading
@@ -41,10 +43,11 @@ from typing import BinaryIO, TextIO
 
 from tqdm import tqdm
 
-from nmt.checkpoint import CheckpointError
+from nmt.checkpoint import CheckpointError, checkpoint_file
 from nmt.config import ConfigError
 from nmt.data.sources import read_errors_named, read_text_lines
 from nmt.evaluate import score
+from nmt.files import temp_file_beside
 from nmt.runtime import keep_freed_memory_in_heap
 from nmt.translator import Translation, Translator
 
@@ -58,13 +61,11 @@ LINE_BREAKS = str.maketrans({c: " " for c in "\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028
 
 
 class LineDecoder:
-    """Input lines (bytes, without their line ending) as text. Invalid UTF-8 is replaced by U+FFFD:
-    the first few such lines get a warning each, the rest one summary (:meth:`summarise`)."""
+    """Input lines (bytes, without their line ending) as text; a line that is not valid UTF-8 is an
+    error naming it, before anything of it is translated."""
 
-    WARN_LINES = 3
-
-    def __init__(self) -> None:
-        self.invalid_lines = 0
+    def __init__(self, name: str) -> None:
+        self.name = name
 
     def __call__(self, raw: bytes, number: int) -> str:
         if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
@@ -72,34 +73,24 @@ class LineDecoder:
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            self.invalid_lines += 1
-            if self.invalid_lines <= self.WARN_LINES:
-                log.warning(
-                    "input line %d is not valid UTF-8 (%s); invalid bytes replaced by U+FFFD",
-                    number,
-                    e.reason,
-                )
-            return raw.decode("utf-8", errors="replace")
-
-    def summarise(self) -> None:
-        if self.invalid_lines > self.WARN_LINES:
-            log.warning(
-                "%d input lines in all were not valid UTF-8 (warnings for the first %d above); is the "
-                "input in another encoding? Convert it with iconv -f ENCODING -t UTF-8.",
-                self.invalid_lines,
-                self.WARN_LINES,
-            )
+            utf16 = raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw
+            raise ValueError(
+                f"{self.name} line {number} is not valid UTF-8 ({e.reason} at byte {e.start + 1}"
+                f"{'; it looks like UTF-16' if utf16 else ''}); convert it with iconv -f ENCODING -t UTF-8."
+            ) from None
 
 
 def read_lines_from(stream: BinaryIO, name: str = "standard input") -> Iterator[str]:
-    """Lines of a byte stream, decoded; a last line without a newline still counts."""
-    decode = LineDecoder()
+    """Lines of a byte stream, decoded; a last line without a newline still counts, unless it is
+    empty (a file holding only a byte-order mark has no lines, as for ``read_text_lines``)."""
+    decode = LineDecoder(name)
     with read_errors_named(name):
         for number, raw in enumerate(stream, start=1):
             if raw.endswith(b"\n"):
                 raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+            elif number == 1 and raw == b"\xef\xbb\xbf":
+                return
             yield decode(raw, number)
-    decode.summarise()
 
 
 def read_chunks(
@@ -126,7 +117,9 @@ def read_chunks(
         chunk: list[str] = []
         item = lines.get()  # block for the first line of a chunk
         while item is not end:
-            if isinstance(item, BaseException):
+            if isinstance(item, BaseException):  # the lines before it are translated first
+                if chunk:
+                    yield chunk
                 raise item
             chunk.append(item)
             if len(chunk) >= chunk_lines:
@@ -157,8 +150,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--ckpt", required=True, help="checkpoint file (or a run folder: its checkpoints/latest.pt)"
     )
-    p.add_argument("--input", help="source text file (.gz allowed); default standard input")
-    p.add_argument("--output", help="file for the translations; default standard output")
+    p.add_argument("--input", help="source text file (.gz allowed); default (or -) standard input")
+    p.add_argument(
+        "--output", help="file for the translations, written when complete; default (or -) standard output"
+    )
     p.add_argument("--ref", help="reference translations: score the output with BLEU and chrF (stderr)")
     p.add_argument("--lowercase", action="store_true", help="with --ref: lowercased BLEU (chrF stays cased)")
     p.add_argument("--beam", type=int, help="beam size (1 = greedy); default from the checkpoint")
@@ -194,9 +189,17 @@ DECODE_OVERRIDES = (
 
 def check_args(args: argparse.Namespace) -> None:
     """What can be checked before anything is read or written."""
+    if args.input == "-":
+        args.input = None  # standard input
+    if args.output == "-":
+        args.output = None  # standard output
     for path in (args.ckpt, args.input, args.ref):
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"{path} does not exist.")
+    if args.output is not None and not Path(args.output).parent.is_dir():
+        raise FileNotFoundError(
+            f"--output {args.output}: the folder {Path(args.output).parent} does not exist."
+        )
     if args.nbest < 1:
         raise ConfigError(f"--nbest {args.nbest}: give at least 1 hypothesis per line.")
     if args.beam is not None and args.beam < 1:
@@ -204,8 +207,12 @@ def check_args(args: argparse.Namespace) -> None:
     if args.beam is not None and args.nbest > args.beam:
         raise ConfigError(f"--nbest {args.nbest} needs --beam of at least {args.nbest}.")
     if args.output is not None and Path(args.output).exists():
-        for flag, path in (("--input", args.input), ("--ref", args.ref)):
-            if path is not None and Path(args.output).samefile(path):
+        for flag, path in (
+            ("--input", args.input),
+            ("--ref", args.ref),
+            ("--ckpt", checkpoint_file(args.ckpt)),
+        ):
+            if path is not None and Path(path).exists() and Path(args.output).samefile(path):
                 raise ConfigError(
                     f"--output {args.output} is the {flag} file; writing the translations there would "
                     "destroy it. Choose another output file."
@@ -233,17 +240,46 @@ def open_input(path: str | None) -> tuple[BinaryIO, int | None]:
     opener = gzip.open if path.endswith(".gz") else open
     if not stat.S_ISREG(os.stat(path).st_mode):
         return opener(path, "rb"), None
-    with read_errors_named(path), opener(path, "rb") as f:
-        total = sum(1 for _ in f)
+    with opener(path, "rb") as f:  # every line read and decoded: a bad one fails before the model loads
+        total = sum(1 for _ in read_lines_from(f, path))
     return opener(path, "rb"), total
 
 
 @contextlib.contextmanager
 def open_output(path: str | None) -> Iterator[TextIO]:
-    """UTF-8 text with "\n" line endings, whatever the locale; standard output is left open."""
+    """UTF-8 text with "\n" line endings, whatever the locale; standard output is left open.
+
+    A file is written beside its final name and renamed onto it once every line is there, so it never
+    holds part of a translation: a run that fails or is stopped (a full disk, Ctrl-C) leaves the file as
+    it was. Devices and pipes (``/dev/stdout``, a FIFO) are written directly.
+    """
     if path is not None:
-        with open(path, "w", encoding="utf-8", newline="\n") as f:
-            yield f
+        if Path(path).exists() and not Path(path).is_file():
+            with open(path, "w", encoding="utf-8", newline="\n") as f:
+                yield f
+            return
+        target = Path(os.path.realpath(path))  # through a symbolic link, to the file it names
+        try:
+            fd, tmp = temp_file_beside(target, ".tmp")
+            if target.exists():  # the file it replaces keeps its permissions
+                os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))
+        except OSError as e:
+            raise OSError(f"cannot write the translations to {path} ({e.strerror or e})") from e
+        f = open(fd, "w", encoding="utf-8", newline="\n")
+        try:
+            try:
+                yield _NamedOutput(f, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    f.close()
+                raise
+            try:
+                f.close()
+                os.replace(tmp, target)
+            except OSError as e:
+                raise _output_error(path, e) from e
+        finally:
+            tmp.unlink(missing_ok=True)
         return
     out = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", newline="\n", write_through=True)
     try:
@@ -251,6 +287,31 @@ def open_output(path: str | None) -> Iterator[TextIO]:
     finally:
         out.flush()
         out.detach()
+
+
+class _NamedOutput:
+    """The output file, whose write errors (a full disk) name it: its own ``OSError`` does not."""
+
+    def __init__(self, f: TextIO, path: str) -> None:
+        self._f, self._path = f, path
+
+    def write(self, text: str) -> int:
+        try:
+            return self._f.write(text)
+        except OSError as e:
+            raise _output_error(self._path, e) from e
+
+    def flush(self) -> None:
+        try:
+            self._f.flush()
+        except OSError as e:
+            raise _output_error(self._path, e) from e
+
+
+def _output_error(path: str, e: OSError) -> OSError:
+    return OSError(
+        f"could not write the translations to {path} ({e.strerror or e}); nothing was written there"
+    )
 
 
 def translate_stream(
@@ -281,8 +342,23 @@ def translate_stream(
     return best
 
 
+class _Stopped(BaseException):
+    """SIGTERM (or SIGHUP) arrived: unwind, so that a partial output file is removed, then exit."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise _Stopped(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) == signal.SIG_DFL:  # not when the caller chose otherwise (nohup)
+            signal.signal(signum, _stop)
     logging.basicConfig(
         level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -309,6 +385,11 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ConfigError, OSError, ValueError) as e:
         print(f"nmt.translate: error: {e}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, _Stopped) as e:
+        signum = e.signum if isinstance(e, _Stopped) else signal.SIGINT
+        kept = f"; {args.output} was not written" if args.output else ""
+        print(f"nmt.translate: stopped by {signal.Signals(signum).name}{kept}", file=sys.stderr)
+        return 128 + signum
     return 0
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import logging
 import os
 import queue
 import subprocess
@@ -44,8 +43,8 @@ def read_line_within(stream, seconds: float) -> bytes:
 
 
 def test_stdin_streams_and_keeps_one_line_per_input(checkpoint):
-    """The first line is answered before stdin closes; empty, over-long, invalid-UTF-8 and
-    unterminated lines each still give exactly one output line."""
+    """The first line is answered before stdin closes; empty, over-long and unterminated lines each
+    still give exactly one output line."""
     expected = Translator.from_checkpoint(checkpoint, device="cpu").translate(SENTENCES[:2])
     proc = translate_cli("--ckpt", str(checkpoint), "--device", "cpu")
     try:
@@ -54,7 +53,6 @@ def test_stdin_streams_and_keeps_one_line_per_input(checkpoint):
         assert read_line_within(proc.stdout, 60).decode().rstrip("\n") == expected[0]
         rest = [
             b"",
-            b"the dog \xff\xfe runs",  # invalid UTF-8
             " ".join(["a big dog"] * 60).encode(),  # longer than the model's positions
             b"the cat\r",  # Windows line ending
             SENTENCES[1].encode(),  # no final newline
@@ -66,7 +64,6 @@ def test_stdin_streams_and_keeps_one_line_per_input(checkpoint):
     lines = out.decode().split("\n")
     assert lines[-1] == "" and len(lines[:-1]) == len(rest)
     assert lines[0] == "" and lines[-2] == expected[1]
-    assert "line 3 is not valid UTF-8" in err.decode()  # 1-based, counting the first line
     assert "translating only its beginning" in err.decode()
 
 
@@ -163,6 +160,84 @@ def test_output_onto_the_input_or_the_reference_is_refused_and_destroys_nothing(
     assert src.read_text(encoding="utf-8") == text and ref.read_text(encoding="utf-8") == text
 
 
+def test_an_output_file_that_does_not_fit_on_disk_leaves_the_previous_file_and_no_partial_one(
+    checkpoint, tmp_path
+):
+    """A real failed write: the process may not grow any file past 100 bytes, as on a full disk."""
+    import resource
+    import signal
+
+    def no_room() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG) instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
+
+    src, out = tmp_path / "in.en", tmp_path / "out" / "test.de"
+    src.write_text("\n".join(SENTENCES * 20) + "\n", encoding="utf-8")
+    out.parent.mkdir()
+    out.write_text("the previous translation\n", encoding="utf-8")
+    args = ["--ckpt", str(checkpoint), "--device", "cpu", "--input", str(src), "--output", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "nmt.translate", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        preexec_fn=no_room,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.endswith(
+        f"nmt.translate: error: could not write the translations to {out} (File too large); nothing was written "
+        "there\n"
+    ), proc.stderr
+    assert [p.name for p in out.parent.iterdir()] == ["test.de"], "no partial file is left"
+    assert out.read_text(encoding="utf-8") == "the previous translation\n"
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_stopped_translation_leaves_the_output_file_as_it_was(checkpoint, tmp_path, signum):
+    """Stopped midway, with translated lines already written: the output file is not a partial one."""
+    import signal
+    import time
+
+    out = tmp_path / "out" / "test.de"
+    out.parent.mkdir()
+    out.write_text("the previous translation\n", encoding="utf-8")
+    proc = translate_cli("--ckpt", str(checkpoint), "--device", "cpu", "--output", str(out))
+    proc.stdin.write(("\n".join(SENTENCES) + "\n").encode())
+    proc.stdin.flush()  # and left open: the run is still going when the signal comes
+    deadline = time.monotonic() + 60
+    partial = []
+    while not partial and time.monotonic() < deadline:
+        partial = [p for p in out.parent.iterdir() if p.name != "test.de" and p.stat().st_size > 0]
+        time.sleep(0.05)
+    assert partial, "the first lines were written beside the output file"
+    proc.send_signal(getattr(signal, signum))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + getattr(signal, signum)
+    assert err.decode().endswith(f"nmt.translate: stopped by {signum}; {out} was not written\n"), err
+    assert [p.name for p in out.parent.iterdir()] == ["test.de"]
+    assert out.read_text(encoding="utf-8") == "the previous translation\n"
+
+
+def test_output_through_a_link_or_onto_a_device(checkpoint, tmp_path):
+    """A symbolic link is written through (the file it names gets the translations); a device or pipe
+    (/dev/stdout) is written directly, not replaced."""
+    src = tmp_path / "in.en"
+    src.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    real, link = tmp_path / "real.de", tmp_path / "link.de"
+    real.write_text("old\n", encoding="utf-8")
+    link.symlink_to(real)
+    base = ["--ckpt", str(checkpoint), "--device", "cpu", "--input", str(src)]
+    assert main([*base, "--output", str(link)]) == 0
+    assert link.is_symlink() and len(real.read_text(encoding="utf-8").splitlines()) == len(SENTENCES)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nmt.translate", *base, "--output", "/dev/stdout"],
+        cwd=REPO,
+        capture_output=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode("utf-8") == real.read_text(encoding="utf-8")
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -205,16 +280,108 @@ def test_a_truncated_gzip_input_is_one_error_line(checkpoint, tmp_path, capsys):
     assert len(err.splitlines()) == 1
 
 
-def test_a_byte_order_mark_is_not_translated_and_bad_utf8_is_summarised(checkpoint, tmp_path, caplog):
+def test_a_byte_order_mark_is_not_translated(checkpoint, tmp_path):
     translator = Translator.from_checkpoint(checkpoint, device="cpu")
     src, out = tmp_path / "in.en", tmp_path / "out.de"
-    latin1 = [f"{s} café".encode("latin-1") for s in SENTENCES[:5]]
-    src.write_bytes(b"\xef\xbb\xbf" + b"\n".join([SENTENCES[0].encode(), *latin1]) + b"\n")
-    args = ["--ckpt", str(checkpoint), "--device", "cpu", "--input", str(src), "--output", str(out)]
-    with caplog.at_level(logging.WARNING, logger="nmt.translate"):
-        assert main(args) == 0
-    lines = out.read_text(encoding="utf-8").split("\n")
-    assert len(lines) == 7 and lines[0] == translator.translate(SENTENCES[:1])[0]
-    per_line = [r for r in caplog.records if "is not valid UTF-8" in r.getMessage()]
-    assert [r.getMessage().split()[2] for r in per_line] == ["2", "3", "4"]
-    assert any("5 input lines in all were not valid UTF-8" in r.getMessage() for r in caplog.records)
+    src.write_bytes(b"\xef\xbb\xbf" + "\n".join(SENTENCES[:2]).encode() + b"\n")
+    assert (
+        main(["--ckpt", str(checkpoint), "--device", "cpu", "--input", str(src), "--output", str(out)]) == 0
+    )
+    assert out.read_text(encoding="utf-8").split("\n") == [*translator.translate(SENTENCES[:2]), ""]
+    # A file holding only the mark has no lines, as --ref and nmt.evaluate count it.
+    src.write_bytes(b"\xef\xbb\xbf")
+    assert (
+        main(["--ckpt", str(checkpoint), "--device", "cpu", "--input", str(src), "--output", str(out)]) == 0
+    )
+    assert out.read_bytes() == b""
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (
+            b"\n".join([b"the dog", "a café".encode("latin-1"), b"the cat"]) + b"\n",
+            r"line 2 is not valid UTF-8 \(unexpected end of data at byte 6\); convert it with iconv",
+        ),
+        ("the dog\nthe cat\n".encode("utf-16"), r"line 1 is not valid UTF-8 .*; it looks like UTF-16\)"),
+    ],
+    ids=["latin-1", "utf-16"],
+)
+def test_input_that_is_not_utf8_fails_before_anything_is_written(
+    checkpoint, tmp_path, capsys, content, message
+):
+    import re
+
+    src, out = tmp_path / "in.en", tmp_path / "out.de"
+    src.write_bytes(content)
+    out.write_text("previous\n", encoding="utf-8")
+    assert (
+        main(["--ckpt", str(checkpoint), "--device", "cpu", "--input", str(src), "--output", str(out)]) == 1
+    )
+    err = capsys.readouterr().err
+    assert re.search(rf"^nmt.translate: error: {re.escape(str(src))} {message}", err), err
+    assert out.read_text(encoding="utf-8") == "previous\n"
+
+
+def test_standard_input_that_is_not_utf8_stops_at_the_line(checkpoint):
+    """Read as it arrives, standard input can only stop where the bad line is: the lines before it
+    have their translations, and the error names the line."""
+    expected = Translator.from_checkpoint(checkpoint, device="cpu").translate(SENTENCES[:2])
+    proc = translate_cli("--ckpt", str(checkpoint), "--device", "cpu", "--input", "-")
+    out, err = proc.communicate("\n".join(SENTENCES[:2]).encode() + b"\na caf\xe9\n", timeout=120)
+    assert proc.returncode == 1
+    assert out.decode().split("\n") == [*expected, ""]
+    assert err.decode().endswith(
+        "nmt.translate: error: standard input line 3 is not valid UTF-8 (unexpected end of data at byte 6); "
+        "convert it with iconv -f ENCODING -t UTF-8.\n"
+    ), err
+
+
+def test_output_onto_the_checkpoint_is_refused(checkpoint, tmp_path, capsys):
+    import shutil
+
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    shutil.copy(checkpoint, ckpts / "latest.pt")
+    (ckpts / "best.pt").hardlink_to(ckpts / "latest.pt")
+    src = tmp_path / "in.en"
+    src.write_text(SENTENCES[0] + "\n", encoding="utf-8")
+    before = (ckpts / "latest.pt").read_bytes()
+    for ckpt in (tmp_path / "run", ckpts / "best.pt"):  # a run folder names its latest.pt
+        args = [
+            "--ckpt",
+            str(ckpt),
+            "--device",
+            "cpu",
+            "--input",
+            str(src),
+            "--output",
+            str(ckpts / "latest.pt"),
+        ]
+        assert main(args) == 1
+        assert "is the --ckpt file" in capsys.readouterr().err
+    assert (ckpts / "latest.pt").read_bytes() == before
+
+
+def test_a_missing_output_folder_fails_before_the_model_loads(checkpoint, tmp_path, capsys, monkeypatch):
+    import nmt.translate
+
+    monkeypatch.setattr(nmt.translate, "load_translator", lambda args: pytest.fail("the model was loaded"))
+    src = tmp_path / "in.en"
+    src.write_text(SENTENCES[0] + "\n", encoding="utf-8")
+    out = tmp_path / "missing" / "out.de"
+    assert (
+        main(["--ckpt", str(checkpoint), "--device", "cpu", "--input", str(src), "--output", str(out)]) == 1
+    )
+    assert f"--output {out}: the folder {out.parent} does not exist." in capsys.readouterr().err
+
+
+def test_replacing_an_output_file_keeps_its_permissions(checkpoint, tmp_path):
+    src, out = tmp_path / "in.en", tmp_path / "out.de"
+    src.write_text(SENTENCES[0] + "\n", encoding="utf-8")
+    out.write_text("previous\n", encoding="utf-8")
+    out.chmod(0o600)
+    assert (
+        main(["--ckpt", str(checkpoint), "--device", "cpu", "--input", str(src), "--output", str(out)]) == 0
+    )
+    assert out.stat().st_mode & 0o777 == 0o600 and out.read_text(encoding="utf-8") != "previous\n"
