@@ -70,11 +70,31 @@ def test_a_key_forced_in_with_plus_is_still_checked(override, key):
         ("decode.max_len_a=1e30", "decode.max_len_a=1e\\+30 must be in"),
         ("data.download=none", r"data.download='none' is not valid; choose one of '' \(off\), 'multi30k'\."),
         ("train.schedule=linear", r"choose one of 'inverse_sqrt', 'cosine'\.$"),
+        ("train.accum_steps=1000000", r"train.accum_steps=1000000 must be in \[1, 1024\]\."),
+        ("data.dir=", "data.dir is empty"),
     ],
 )
 def test_absurd_values_fail_with_a_sentence_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         composed("+experiment=smoke", override)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.joint_vocab=false", "model.share_embeddings=true needs data.joint_vocab=true"),
+        ("run_dir=", "run_dir is empty"),  # an unset shell variable: the run would land in the current folder
+        ("name=", "name is empty"),  # runs/ itself, among the other runs
+    ],
+)
+def test_settings_training_refuses(override, message):
+    cfg = composed("+experiment=smoke", override)
+    with pytest.raises(ConfigError, match=message):
+        cfg.check_for_training()
+    # The remedy each message names is accepted.
+    composed(
+        "+experiment=smoke", override, "model.share_embeddings=false", "run_dir=r", "name=n"
+    ).check_for_training()
 
 
 def test_download_can_be_turned_off_from_the_command_line():
@@ -172,6 +192,7 @@ def test_cli_startup_reports_the_run_directory_and_parameter_count_and_guards_it
         ("train.lr=5", "train.lr=5.0 must be in (0, 1)."),
         ("data.dir=/nonexistent/corpus", "/nonexistent/corpus"),
         ("model.max_positions=16", "model.max_positions=16 is too small for data.max_len=64"),
+        ("data.joint_vocab=false", "model.share_embeddings=true needs data.joint_vocab=true"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_sentence_and_no_traceback(tmp_path, override, message):
