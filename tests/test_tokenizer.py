@@ -167,3 +167,17 @@ def test_empty_lines_are_not_training_sentences(tmp_path, count_trainings):
 def test_from_state_rejects_unknown_version(joint):
     with pytest.raises(ValueError, match="version"):
         Tokenizer.from_state({**joint.state_dict(), "version": 99})
+
+
+@pytest.mark.parametrize("model_type", ["unigram", "bpe"])
+def test_a_vocabulary_smaller_than_the_alphabet_is_a_clear_error(tmp_path, model_type):
+    from nmt.data.sources import DataError
+
+    letters = [chr(c) for c in range(0x3B1, 0x3C9)] + [chr(c) for c in range(0x430, 0x44F)]  # Greek, Cyrillic
+    alphabet = " ".join(letters + [c.upper() for c in letters] + list("abcdefghijklmnopqrstuvwxyz"))
+    src = [alphabet] * 20
+    with pytest.raises(DataError) as failed:
+        Tokenizer.train(src, src, data_cfg(tmp_path, vocab_size=100, spm_model_type=model_type), None)
+    assert str(failed.value).startswith("data.vocab_size=100 is smaller than the ") and str(
+        failed.value
+    ).endswith("raise data.vocab_size or lower data.character_coverage."), failed.value

@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -225,6 +226,13 @@ def _train_model(texts: list[str], cfg: DataConfig, name: str) -> bytes:
     try:
         return _run_trainer(sentences, cfg, hard_vocab_limit=True)
     except RuntimeError as e:
+        chars = re.search(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)", str(e))
+        if chars:
+            raise DataError(
+                f"data.vocab_size={cfg.vocab_size} is smaller than the {chars.group(1)} characters the {name} "
+                "corpus needs (plus the special tokens); raise data.vocab_size or lower "
+                "data.character_coverage."
+            ) from None
         if "Vocabulary size too high" not in str(e):
             raise
         log.warning(
