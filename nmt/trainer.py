@@ -103,6 +103,19 @@ def loss_in_model(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.float32
 
 
+def _model_too_big(cfg: Config, tok: Any, error: BaseException) -> str:
+    m = cfg.model
+    d, f = m.d_model, m.ffn_dim
+    params = m.enc_layers * (4 * d * d + 2 * d * f) + m.dec_layers * (8 * d * d + 2 * d * f)
+    params += d * (tok.src_vocab_size + tok.tgt_vocab_size)
+    return (
+        f"the model does not fit in memory: about {params / 1e6:,.0f}M parameters ({4 * params / 2**30:,.1f} GiB "
+        f"in float32, before gradients and optimizer state) with model.d_model={d}, model.ffn_dim={f}, "
+        f"model.enc_layers={m.enc_layers}, model.dec_layers={m.dec_layers} ({type(error).__name__}); "
+        "choose a smaller model."
+    )
+
+
 class Trainer:
     """Owns the model, optimizer and data stream of one run; ``train()`` runs until a stop rule fires."""
 
@@ -122,12 +135,32 @@ class Trainer:
         except ValueError as e:
             raise TrainingError(str(e)) from None
         self.fused_loss = loss_in_model(self.device, self.dtype)
+        tgt_vocab = data.tokenizer.tgt_vocab_size
+        if cfg.decode.beam >= tgt_vocab:  # validation would fail only once it is reached
+            raise TrainingError(
+                f"decode.beam={cfg.decode.beam} needs more than {cfg.decode.beam} target tokens and the "
+                f"tokenizer has {tgt_vocab}; lower decode.beam."
+            )
+        if cfg.train.warmup_steps >= cfg.train.max_steps:
+            log.warning(
+                "train.warmup_steps=%d >= train.max_steps=%d: the learning rate never reaches train.lr=%g",
+                cfg.train.warmup_steps,
+                cfg.train.max_steps,
+                cfg.train.lr,
+            )
         seed_everything(cfg.train.seed)
 
         tok = data.tokenizer
-        self.raw_model = Transformer(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, pad_id=PAD_ID).to(
-            self.device
-        )
+        try:
+            self.raw_model = Transformer(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, pad_id=PAD_ID).to(
+                self.device
+            )
+        except (MemoryError, torch.OutOfMemoryError) as e:
+            raise TrainingError(_model_too_big(cfg, tok, e)) from None
+        except RuntimeError as e:
+            if "can't allocate memory" not in str(e):
+                raise
+            raise TrainingError(_model_too_big(cfg, tok, e)) from None
         self.model: nn.Module = self.raw_model
         avoid_per_shape_attention_kernels(self.device)
         self.train_loss = label_smoothed_nll  # of the training step; validation runs the eager one

@@ -224,6 +224,12 @@ def load_translator(args: argparse.Namespace) -> Translator:
     overrides = {k: getattr(args, k) for k in DECODE_OVERRIDES if getattr(args, k) is not None}
     translator = Translator.from_checkpoint(args.ckpt, device=args.device, dtype=args.dtype)
     translator.cfg = replace(translator.cfg, **overrides, nbest=1)  # nbest goes to translate_nbest
+    vocab = translator.tokenizer.tgt_vocab_size
+    if translator.cfg.beam >= vocab:  # else it fails at the first sentence
+        raise ConfigError(
+            f"--beam {translator.cfg.beam} needs more than {translator.cfg.beam} target tokens and {args.ckpt} "
+            f"has {vocab}; lower --beam."
+        )
     if translator.device.type == "cpu":
         keep_freed_memory_in_heap()  # the (rows, vocabulary) tensors of each step reuse the last's memory
     return translator

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import torch
 from torch import nn
 
-from nmt.config import Config
+from nmt.config import Config, ConfigError
 from nmt.data.batching import Batch, BatchLoader, make_loader
 from nmt.device import resolve_dtype
 from nmt.evaluate import score
@@ -44,6 +44,7 @@ class Validator:
         self.cfg, self.data, self.device = cfg, data, device
         self.batch_loss = batch_loss
         self.writer = writer
+        self._fitting = self._pairs_that_fit()  # checked now: a validation set none of fits is an error
         self._loader: BatchLoader | None = None  # built on first use: the same batches every time
 
     @torch.no_grad()
@@ -51,7 +52,7 @@ class Validator:
         """Label-smoothed loss and NLL per target token on the validation set (teacher forcing)."""
         if self._loader is None:
             self._loader = make_loader(
-                self._pairs_that_fit(),
+                self._fitting,
                 self.cfg.data.max_tokens,
                 shuffle=False,
                 pin_memory=self.device.type == "cuda",
@@ -78,6 +79,11 @@ class Validator:
         fits = np.flatnonzero((src <= limit) & (tgt <= limit))
         if len(fits) == len(valid):
             return valid
+        if len(fits) == 0:
+            raise ConfigError(
+                f"none of the {len(valid):,} validation pairs fits model.max_positions={limit} (the shortest "
+                f"takes {int(np.maximum(src, tgt).min())} positions); raise model.max_positions."
+            )
         log.warning(
             "validation loss leaves out %d of %d pairs longer than model.max_positions=%d",
             len(valid) - len(fits),

@@ -505,3 +505,60 @@ def test_tensorboard_after_a_killed_run_resumes_draws_each_step_once(toy_dir, tm
     events = EventAccumulator(str(tmp_path / "run" / "tb"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 11))
+
+
+def test_a_beam_wider_than_the_vocabulary_fails_before_training(toy_dir, tmp_path):
+    cfg = tiny_config(toy_dir, tmp_path / "run")
+    cfg = dataclasses.replace(cfg, decode=dataclasses.replace(cfg.decode, beam=1000))
+    with pytest.raises(
+        TrainingError,
+        match=r"^decode.beam=1000 needs more than 1000 target tokens and the tokenizer has \d+; lower decode.beam\.$",
+    ):
+        make_trainer(cfg)
+
+
+def test_a_validation_set_that_no_pair_of_fits_the_model_fails_before_training(tmp_path):
+    from nmt.config import ConfigError
+    from tests.conftest import write_toy_corpus
+
+    toy = write_toy_corpus(tmp_path / "toy")
+    for lang in ("en", "de"):  # every validation sentence three times as long as it was
+        lines = (toy / f"val.{lang}").read_text(encoding="utf-8").splitlines()
+        (toy / f"val.{lang}").write_text(
+            "".join(" ".join([line] * 3) + "\n" for line in lines), encoding="utf-8"
+        )
+    cfg = tiny_config(toy, tmp_path / "run")
+    cfg = dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, max_len=4),
+        model=dataclasses.replace(cfg.model, max_positions=5),
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"^none of the 40 validation pairs fits model.max_positions=5 \(the shortest takes \d+ positions\); "
+        r"raise model.max_positions\.$",
+    ):
+        make_trainer(cfg)
+
+
+def test_warmup_longer_than_the_run_is_warned_about(toy_dir, tmp_path, caplog):
+    cfg = tiny_config(toy_dir, tmp_path / "run", warmup_steps=100, max_steps=50)
+    with caplog.at_level("WARNING", logger="nmt.trainer"):
+        make_trainer(cfg)
+    assert (
+        "train.warmup_steps=100 >= train.max_steps=50: the learning rate never reaches train.lr=0.003"
+        in caplog.text
+    )
+
+
+def test_a_model_too_big_for_memory_is_one_sentence(toy_dir, tmp_path):
+    cfg = tiny_config(toy_dir, tmp_path / "run")
+    # d_model 1,000,000: one attention projection alone is 12 TB, refused at once by the allocator.
+    cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, d_model=1_000_000, n_heads=1, ffn_dim=64)
+    )
+    with pytest.raises(
+        TrainingError,
+        match=r"^the model does not fit in memory: about [\d,]+M parameters .* choose a smaller model\.$",
+    ):
+        make_trainer(cfg)

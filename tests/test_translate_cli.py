@@ -244,6 +244,7 @@ def test_output_through_a_link_or_onto_a_device(checkpoint, tmp_path):
         (["--nbest", "-1"], "--nbest -1: give at least 1"),
         (["--nbest", "0"], "--nbest 0: give at least 1"),
         (["--beam", "0"], "--beam 0: the beam size is at least 1"),
+        (["--beam", "1000"], "--beam 1000 needs more than 1000 target tokens and "),
         (["--max-len-a", "inf"], "decode.max_len_a=inf must be in"),
         (["--max-len-b", "100000000000000000000"], "decode.max_len_b=100000000000000000000 must be in"),
     ],
