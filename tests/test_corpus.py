@@ -289,6 +289,18 @@ def test_missing_multi30k_is_downloaded_or_explained(tmp_path, monkeypatch):
         prepare_data(no_download)
 
 
+def test_a_language_multi30k_lacks_fails_before_anything_is_downloaded(tmp_path, monkeypatch):
+    fetched = []
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: fetched.append(url) or 1 / 0)
+    cfg = DataConfig(dir=str(tmp_path / "m30k"), src_lang="cs", tgt_lang="de", cache_dir=str(tmp_path / "c"))
+    with pytest.raises(
+        DataError, match=r"^Multi30k can be downloaded in de, en, fr, not 'cs'; put the cs files in "
+    ):
+        prepare_data(cfg)
+    assert fetched == [], "nothing was downloaded"
+    assert not (tmp_path / "m30k").exists() or not any((tmp_path / "m30k").iterdir())
+
+
 def test_bad_validation_file_fails_before_tokenizer_training(tmp_path, count_work):
     write_corpus(tmp_path, sizes={"train": 100, "val": 5})
     write_lines(tmp_path / "val.de", ["nur eine zeile"])

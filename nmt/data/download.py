@@ -63,6 +63,19 @@ def ensure_multi30k(cfg: DataConfig) -> list[Path]:
     if not names:
         return []
     folder = Path(cfg.dir)
+    available = sorted({name.split(".")[-2] for name in MULTI30K_SHA256})
+    for lang in (cfg.src_lang, cfg.tgt_lang):
+        prefix = split_prefix(cfg, "train")
+        if (
+            lang not in available
+            and not (folder / f"{prefix}.{lang}").exists()
+            and not (folder / f"{prefix}.{lang}.gz").exists()
+        ):
+            # Before anything is downloaded: the other language's files alone would not make a corpus.
+            raise DownloadError(
+                f"Multi30k can be downloaded in {', '.join(available)}, not {lang!r}; put the {lang} files "
+                f"in data.dir={cfg.dir!r} or choose another data.src_lang/data.tgt_lang."
+            )
     log.info("downloading Multi30k (%s) into %s", ", ".join(names), folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
