@@ -33,6 +33,7 @@ MULTI30K_SHA256 = {
     "test_2016_flickr.de.gz": "9204244e408ccb38d2a55cfcd344df15005fc42a07a6e55ca6c52b6ababb8cc8",
     "test_2016_flickr.fr.gz": "6d326e188d259fb1d04ac19eae3af956559b3a0b93d7635e56c90987c40c8b90",
 }
+MULTI30K_LANGUAGES = sorted({name.split(".")[-2] for name in MULTI30K_SHA256})
 TIMEOUT_S = 60
 CHUNK = 1 << 16
 
@@ -63,7 +64,7 @@ def ensure_multi30k(cfg: DataConfig) -> list[Path]:
     if not names:
         return []
     folder = Path(cfg.dir)
-    available = sorted({name.split(".")[-2] for name in MULTI30K_SHA256})
+    available = MULTI30K_LANGUAGES
     for lang in (cfg.src_lang, cfg.tgt_lang):
         prefix = split_prefix(cfg, "train")
         if (
