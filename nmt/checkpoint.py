@@ -67,8 +67,10 @@ def _write_temp(state: dict[str, Any], path: Path) -> Path:
             torch.save({"format_version": FORMAT_VERSION, **state}, f)
             f.flush()
             os.fsync(f.fileno())
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+    except (OSError, RuntimeError) as e:
         tmp.unlink(missing_ok=True)
+        if _os_error(e) is None:  # not the file system's doing (a tensor that cannot be saved)
+            raise
         raise _write_error(path, e, state) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -76,19 +78,28 @@ def _write_temp(state: dict[str, Any], path: Path) -> Path:
     return tmp
 
 
+def _os_error(error: BaseException) -> OSError | None:
+    """``error`` itself or the operating-system error it was raised while handling: torch.save reports
+    a failed write ("[enforce fail at inline_container.cc:672] . unexpected pos ...") as a RuntimeError
+    raised during the OSError of the write ("No space left on device")."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    return cause
+
+
 def _write_error(path: Path, error: Exception, state: dict[str, Any]) -> CheckpointError:
     """The sentence for a checkpoint that could not be written: what failed, space needed and free."""
-    # torch.save reports "[enforce fail at inline_container.cc:672] . unexpected pos ...", raised while
-    # handling the OSError of the write itself ("No space left on device"): name that one.
-    cause: BaseException | None = error
-    while cause is not None and not (isinstance(cause, OSError) and cause.strerror):
-        cause = cause.__cause__ or cause.__context__
-    if isinstance(cause, OSError):
+    cause = _os_error(error)
+    if cause is not None and cause.strerror:
         reason = cause.strerror
     else:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # the checkpoints folder may not exist yet
+        folder = folder.parent
     try:
-        free = f"{shutil.disk_usage(path.parent).free / 2**20:,.1f} MiB"
+        free = f"{shutil.disk_usage(folder).free / 2**20:,.1f} MiB"
     except OSError:
         free = "unknown space"
     return CheckpointError(
@@ -263,9 +274,12 @@ def save_run_checkpoint(state: dict[str, Any], ckpt_dir: Path, step: int, keep_l
     step latest.pt records (the temporary file of the crash is removed by the next save).
     """
     ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temp_files(ckpt_dir)
     latest = ckpt_dir / "latest.pt"
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temp_files(ckpt_dir)
+    except OSError as e:  # the first save on a full disk: the folder itself cannot be made
+        raise _write_error(latest, e, state) from e
     tmp = _write_temp(state, latest)
     try:
         if keep_last > 0:

@@ -141,9 +141,9 @@ class Trainer:
                 f"decode.beam={cfg.decode.beam} needs more than {cfg.decode.beam} target tokens and the "
                 f"tokenizer has {tgt_vocab}; lower decode.beam."
             )
-        if cfg.train.warmup_steps >= cfg.train.max_steps:
+        if cfg.train.warmup_steps > cfg.train.max_steps and self.dist.is_main:
             log.warning(
-                "train.warmup_steps=%d >= train.max_steps=%d: the learning rate never reaches train.lr=%g",
+                "train.warmup_steps=%d > train.max_steps=%d: the learning rate never reaches train.lr=%g",
                 cfg.train.warmup_steps,
                 cfg.train.max_steps,
                 cfg.train.lr,
@@ -513,7 +513,7 @@ class Trainer:
         stops with rank 0's reason, instead of the others meeting a closed connection later."""
         try:
             self.save(best=best)
-        except TrainingError as e:  # rank 0 only: the checkpoint could not be written
+        except Exception as e:  # rank 0: the checkpoint could not be written; the others still hear why
             if error is not None:
                 log.error("%s", e)
             error = error or e

@@ -73,6 +73,27 @@ def test_crash_while_writing_leaves_the_previous_checkpoint_loadable(tmp_path, m
     assert [p.name for p in tmp_path.iterdir()] == ["latest.pt"], "the partial temp file is removed"
 
 
+def test_a_checkpoint_folder_that_cannot_be_made_is_a_checkpoint_error(tmp_path):
+    (tmp_path / "run").write_text("a file where the run folder should be")
+    with pytest.raises(
+        CheckpointError, match=r"could not write .*latest.pt: .* is free there \(Not a directory\)"
+    ):
+        save_run_checkpoint(
+            run_state(10, best_step=10), tmp_path / "run" / "checkpoints", 10, keep_last=1, best=True
+        )
+
+
+def test_an_error_that_is_not_the_disks_is_not_reported_as_one(tmp_path, monkeypatch):
+    def unsaveable(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise RuntimeError("cannot pickle this tensor")
+
+    monkeypatch.setattr(torch, "save", unsaveable)
+    with pytest.raises(RuntimeError, match="^cannot pickle this tensor$"):
+        save_checkpoint(minimal_state(2.0), tmp_path / "latest.pt")
+    assert list(tmp_path.iterdir()) == [], "the partial temp file is removed"
+
+
 def test_killed_process_mid_write_leaves_the_previous_checkpoint(tmp_path):
     """A real SIGKILL during torch.save: the old file survives, only a stray temp file may remain."""
     path = save_checkpoint(minimal_state(1.0), tmp_path / "latest.pt")
