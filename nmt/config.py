@@ -67,7 +67,6 @@ class DataConfig:
         _check(bool(self.src_lang) and bool(self.tgt_lang), "data.src_lang and data.tgt_lang must be set.")
         _check(self.src_lang != self.tgt_lang, "data.src_lang and data.tgt_lang must differ.")
         _check(self.format != "hub" or bool(self.hub_name), "data.format=hub needs data.hub_name.")
-        _check(self.format == "hub" or bool(self.dir.strip()), "data.dir is empty; give the corpus folder.")
         _check(self.train_limit >= 0 and self.valid_limit >= 0, "data.train_limit/valid_limit must be >= 0.")
         _check(
             100 <= self.vocab_size <= 1_000_000,
@@ -167,8 +166,7 @@ class TrainConfig:
             f"train.betas={list(self.betas)} must be two numbers in [0, 1).",
         )
         _check(self.warmup_steps >= 0, "train.warmup_steps must be >= 0.")
-        # Every micro-batch of a step is held at once: past this, memory runs out before the first update.
-        _check(1 <= self.accum_steps <= 1024, f"train.accum_steps={self.accum_steps} must be in [1, 1024].")
+        _check(self.accum_steps >= 1, f"train.accum_steps={self.accum_steps} must be >= 1.")
         _check(self.clip_norm >= 0, "train.clip_norm must be >= 0 (0 disables clipping).")
         _check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1).")
         _check(self.max_steps >= 1, f"train.max_steps={self.max_steps} must be >= 1.")
@@ -232,6 +230,13 @@ class Config:
         # Empty (an unset shell variable): the run would be written into the current folder or runs/.
         _check(bool(self.run_dir.strip()), "run_dir is empty; give the folder the run is written to.")
         _check(bool(self.name.strip()), "name is empty; give the run a name (its folder is runs/NAME).")
+        _check(
+            self.data.format == "hub" or bool(self.data.dir.strip()),
+            "data.dir is empty; give the corpus folder.",
+        )
+        # Every micro-batch of a step is held at once: past this, memory runs out before the first update.
+        accum = self.train.accum_steps
+        _check(accum <= 1024, f"train.accum_steps={accum} must be in [1, 1024].")
         _check(
             self.data.joint_vocab or not self.model.share_embeddings,
             "model.share_embeddings=true needs data.joint_vocab=true (one vocabulary for both languages); "
