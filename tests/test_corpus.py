@@ -262,6 +262,17 @@ def test_a_full_disk_while_preparing_data_names_what_and_where_and_leaves_no_par
         assert list((run_dir / "tokenizer").iterdir()) == []
 
 
+def test_a_damaged_encoding_cache_is_encoded_again(tmp_path, caplog):
+    write_corpus(tmp_path)
+    first = prepare_data(data_cfg(tmp_path))
+    (arrow,) = (tmp_path / "cache").glob("encoded-train-*/*.arrow")
+    arrow.unlink()
+    with caplog.at_level(logging.WARNING):
+        again = prepare_data(data_cfg(tmp_path))
+    assert "cannot be read" in caplog.text and "encoding it again" in caplog.text
+    assert again.train["src_ids"] == first.train["src_ids"] and arrow.exists()
+
+
 def test_read_only_data_dir_caches_in_user_cache(tmp_path, monkeypatch):
     write_corpus(tmp_path / "data")
     real = corpus._writable

@@ -26,8 +26,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,7 +36,15 @@ import pyarrow as pa
 
 from nmt.config import DataConfig
 from nmt.data.download import ensure_multi30k
-from nmt.data.sources import DataError, content_hash, read_split, split_prefix, text_paths
+from nmt.data.sources import (
+    CACHE_HINT,
+    DataError,
+    content_hash,
+    read_split,
+    split_prefix,
+    text_paths,
+    writing,
+)
 from nmt.data.tokenizer import Tokenizer
 from nmt.files import temp_dir_beside
 
@@ -168,25 +175,34 @@ def cached_encode_split(
     key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]
     folder = cache_dir / f"encoded-{name}-{key}"
     if (folder / "stats.json").is_file():
-        log.info("%s: reusing encoded split %s", name, folder)
-        stats = FilterStats(**json.loads((folder / "stats.json").read_text()))
-        return datasets.load_from_disk(str(folder)), stats, key
+        try:
+            stats = FilterStats(**json.loads((folder / "stats.json").read_text()))
+            dataset = datasets.load_from_disk(str(folder))
+        except (OSError, ValueError, TypeError) as e:  # a damaged cache (a file deleted or cut short)
+            log.warning("%s: the encoded split %s cannot be read (%s); encoding it again", name, folder, e)
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            log.info("%s: reusing encoded split %s", name, folder)
+            return dataset, stats, key
     dataset, stats = encode_split(tokenizer, src, tgt, cfg)
     _save_atomic(dataset, stats, folder)
     return datasets.load_from_disk(str(folder)), stats, key  # memory-mapped, like a cached run
 
 
 def _save_atomic(dataset: datasets.Dataset, stats: FilterStats, folder: Path) -> None:
-    tmp = temp_dir_beside(folder)
+    with writing(f"the encoded data cache in {folder.parent}", CACHE_HINT):
+        tmp = temp_dir_beside(folder)
     bars_were_on = not datasets.utils.are_progress_bars_disabled()
     datasets.disable_progress_bars()  # a bar per save is noise next to the one-line log
     try:
-        dataset.save_to_disk(str(tmp))
-        (tmp / "stats.json").write_text(json.dumps(asdict(stats)))  # written last: marks the folder complete
-        os.replace(tmp, folder)
-    except OSError:
-        if not (folder / "stats.json").is_file():  # not just another process that finished first
-            raise
+        with writing(f"the encoded data cache in {folder.parent}", CACHE_HINT):
+            try:
+                dataset.save_to_disk(str(tmp))
+                (tmp / "stats.json").write_text(json.dumps(asdict(stats)))  # last: marks the folder complete
+                os.replace(tmp, folder)
+            except OSError:
+                if not (folder / "stats.json").is_file():  # not just another process that finished first
+                    raise
     finally:
         if bars_were_on:
             datasets.enable_progress_bars()
@@ -242,39 +258,23 @@ def prepare_data(
     _warn_if_test_missing(cfg)
     cache_dir = resolve_cache_dir(cfg)
     tokenizer = tokenizer or _given_tokenizer(tokenizer_dir, resume_from)
-    cache_hint = "make room there or set data.cache_dir=PATH"
     if tokenizer is None:
-        with _writing(f"the tokenizer cache in {cache_dir}", cache_hint):
-            tokenizer = Tokenizer.load_or_train(train_src, train_tgt, cfg, cache_dir)
+        tokenizer = Tokenizer.load_or_train(train_src, train_tgt, cfg, cache_dir)
     if tokenizer_dir is not None and not Tokenizer.exists(tokenizer_dir):
-        with _writing(f"the tokenizer into {tokenizer_dir}", "make room there"):
+        with writing(f"the tokenizer into {tokenizer_dir}", "make room there"):
             tokenizer.save(tokenizer_dir)
     if run_dir is not None:
-        with _writing(
+        with writing(
             f"the tokenizer into {Path(run_dir) / 'tokenizer'}", "make room there or set run_dir=PATH"
         ):
             tokenizer.save(Path(run_dir) / "tokenizer")
-    with _writing(f"the encoded data cache in {cache_dir}", cache_hint):
-        train, stats, train_key = cached_encode_split(
-            tokenizer, train_src, train_tgt, cache_dir, "train", cfg
-        )
-        log.info("train: %s", stats.format())
-        valid, _, valid_key = cached_encode_split(tokenizer, valid_src, valid_ref, cache_dir, "valid")
+    train, stats, train_key = cached_encode_split(tokenizer, train_src, train_tgt, cache_dir, "train", cfg)
+    log.info("train: %s", stats.format())
+    valid, _, valid_key = cached_encode_split(tokenizer, valid_src, valid_ref, cache_dir, "valid")
     log.info("valid: %s pairs (not filtered); %s", f"{len(valid):,}", tokenizer.describe())
     return PreparedData(
         tokenizer, train, valid, valid_src, valid_ref, stats, cache_dir, f"{train_key}-{valid_key}"
     )
-
-
-@contextmanager
-def _writing(what: str, hint: str) -> Iterator[None]:
-    """Turn a failed write (a full disk, a quota, a read-only folder) into a :class:`DataError` naming
-    ``what`` was being written and the setting to change; the atomic writes leave no partial files."""
-    try:
-        yield
-    except OSError as e:
-        reason = e.strerror or str(e) or type(e).__name__
-        raise DataError(f"could not write {what} ({reason}); {hint}.") from e
 
 
 def _given_tokenizer(

@@ -42,6 +42,22 @@ class DataError(ValueError):
     """The corpus is missing or malformed; the message names the file (and line) and how to fix it."""
 
 
+# What to do when the tokenizer or encoding cache cannot be written.
+CACHE_HINT = "make room there or set data.cache_dir=PATH"
+
+
+@contextlib.contextmanager
+def writing(what: str, hint: str) -> Iterator[None]:
+    """Turn a failed write (a full disk, a quota, a read-only folder) into a :class:`DataError` naming
+    ``what`` was being written and the setting to change. For writes only: a failed read of a cache is
+    reported as what it is."""
+    try:
+        yield
+    except OSError as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        raise DataError(f"could not write {what} ({reason}); {hint}.") from e
+
+
 def split_prefix(cfg: DataConfig, split: str) -> str:
     """File prefix (or hub split name) of ``split``: a role (train/valid/test) or a prefix itself."""
     return getattr(cfg, split) if split in SPLIT_ROLES else split

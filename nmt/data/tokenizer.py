@@ -24,7 +24,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from nmt.config import DataConfig
-from nmt.data.sources import DataError, content_hash
+from nmt.data.sources import CACHE_HINT, DataError, content_hash, writing
 from nmt.files import temp_dir_beside, temp_file_beside
 
 log = logging.getLogger(__name__)
@@ -282,13 +282,16 @@ def _write_if_changed(path: Path, data: bytes) -> None:
 
 def _save_atomic(tok: Tokenizer, folder: Path) -> None:
     """Write into a temporary sibling folder and rename it, so a reader never sees a half-written cache."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir_beside(folder)
+    with writing(f"the tokenizer cache in {folder.parent}", CACHE_HINT):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_dir_beside(folder)
     try:
-        tok.save(tmp)
-        os.replace(tmp, folder)
-    except OSError:
-        if not Tokenizer.exists(folder):  # not just another process that finished first
-            raise
+        with writing(f"the tokenizer cache in {folder.parent}", CACHE_HINT):
+            try:
+                tok.save(tmp)
+                os.replace(tmp, folder)
+            except OSError:
+                if not Tokenizer.exists(folder):  # not just another process that finished first
+                    raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
