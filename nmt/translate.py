@@ -71,13 +71,19 @@ class LineDecoder:
         if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]  # a UTF-8 byte-order mark is not part of the first sentence
         try:
-            return raw.decode("utf-8")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             utf16 = raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw
             raise ValueError(
                 f"{self.name} line {number} is not valid UTF-8 ({e.reason} at byte {e.start + 1}"
                 f"{'; it looks like UTF-16' if utf16 else ''}); convert it with iconv -f ENCODING -t UTF-8."
             ) from None
+        if "\x00" in text:  # valid UTF-8, but never in text: UTF-16 without its mark, or a binary file
+            raise ValueError(
+                f"{self.name} line {number} holds a NUL byte, which text does not; is it UTF-16 or a binary "
+                "file? Convert it with iconv -f ENCODING -t UTF-8."
+            )
+        return text
 
 
 def read_lines_from(stream: BinaryIO, name: str = "standard input") -> Iterator[str]:
@@ -362,12 +368,28 @@ def _stop(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(signum) == signal.SIG_DFL:  # not when the caller chose otherwise (nohup)
-            signal.signal(signum, _stop)
     logging.basicConfig(
         level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set them
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(signum) == signal.SIG_DFL:  # not when the caller chose otherwise (nohup)
+                handlers[signum] = signal.signal(signum, _stop)
+    try:
+        return _translate(args)
+    except (KeyboardInterrupt, _Stopped) as e:
+        signum = e.signum if isinstance(e, _Stopped) else signal.SIGINT
+        output = args.output and Path(args.output)
+        kept = f"; {output} was not written" if output and (not output.exists() or output.is_file()) else ""
+        print(f"nmt.translate: stopped by {signal.Signals(signum).name}{kept}", file=sys.stderr)
+        return 128 + signum
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def _translate(args: argparse.Namespace) -> int:
     try:
         check_args(args)
         refs = read_text_lines(args.ref) if args.ref else None
@@ -391,11 +413,6 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ConfigError, OSError, ValueError) as e:
         print(f"nmt.translate: error: {e}", file=sys.stderr)
         return 1
-    except (KeyboardInterrupt, _Stopped) as e:
-        signum = e.signum if isinstance(e, _Stopped) else signal.SIGINT
-        kept = f"; {args.output} was not written" if args.output else ""
-        print(f"nmt.translate: stopped by {signal.Signals(signum).name}{kept}", file=sys.stderr)
-        return 128 + signum
     return 0
 
 

@@ -305,8 +305,13 @@ def test_a_byte_order_mark_is_not_translated(checkpoint, tmp_path):
             r"line 2 is not valid UTF-8 \(unexpected end of data at byte 6\); convert it with iconv",
         ),
         ("the dog\nthe cat\n".encode("utf-16"), r"line 1 is not valid UTF-8 .*; it looks like UTF-16\)"),
+        # Without its mark, ASCII text in UTF-16 is valid UTF-8 with a NUL after every letter.
+        (
+            "the dog\nthe cat\n".encode("utf-16-le"),
+            r"line 1 holds a NUL byte, which text does not; is it UTF-16",
+        ),
     ],
-    ids=["latin-1", "utf-16"],
+    ids=["latin-1", "utf-16", "utf-16-without-mark"],
 )
 def test_input_that_is_not_utf8_fails_before_anything_is_written(
     checkpoint, tmp_path, capsys, content, message
@@ -336,6 +341,30 @@ def test_standard_input_that_is_not_utf8_stops_at_the_line(checkpoint):
         "nmt.translate: error: standard input line 3 is not valid UTF-8 (unexpected end of data at byte 6); "
         "convert it with iconv -f ENCODING -t UTF-8.\n"
     ), err
+
+
+def test_signal_handlers_are_restored_after_a_run(checkpoint, tmp_path):
+    import signal
+
+    src = tmp_path / "in.en"
+    src.write_text(SENTENCES[0] + "\n", encoding="utf-8")
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
+    assert (
+        main(
+            [
+                "--ckpt",
+                str(checkpoint),
+                "--device",
+                "cpu",
+                "--input",
+                str(src),
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 0
+    )
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)) == before
 
 
 def test_output_onto_the_checkpoint_is_refused(checkpoint, tmp_path, capsys):
