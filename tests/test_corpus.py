@@ -262,15 +262,30 @@ def test_a_full_disk_while_preparing_data_names_what_and_where_and_leaves_no_par
         assert list((run_dir / "tokenizer").iterdir()) == []
 
 
-def test_a_damaged_encoding_cache_is_encoded_again(tmp_path, caplog):
+@pytest.mark.parametrize("damage", ["an arrow file deleted", "stats.json deleted", "spm.model deleted"])
+def test_a_cache_damaged_by_hand_is_one_sentence_naming_the_folder(tmp_path, damage):
+    """The atomic saves never leave a cache folder incomplete; one damaged by hand is reported, not
+    rebuilt in place: another process may be reading it."""
     write_corpus(tmp_path)
-    first = prepare_data(data_cfg(tmp_path))
-    (arrow,) = (tmp_path / "cache").glob("encoded-train-*/*.arrow")
-    arrow.unlink()
-    with caplog.at_level(logging.WARNING):
-        again = prepare_data(data_cfg(tmp_path))
-    assert "cannot be read" in caplog.text and "encoding it again" in caplog.text
-    assert again.train["src_ids"] == first.train["src_ids"] and arrow.exists()
+    prepare_data(data_cfg(tmp_path))
+    cache = tmp_path / "cache"
+    victim = {
+        "an arrow file deleted": next(cache.glob("encoded-train-*/*.arrow")),
+        "stats.json deleted": next(cache.glob("encoded-train-*/stats.json")),
+        "spm.model deleted": next(cache.glob("tokenizer-*/spm.model")),
+    }[damage]
+    victim.unlink()
+    with pytest.raises(DataError) as failed:
+        prepare_data(data_cfg(tmp_path))
+    message = str(failed.value)
+    assert message.startswith(f"the cache {victim.parent} cannot be read (") and message.endswith(
+        "delete that folder and run again (it is rebuilt from the corpus)."
+    ), message
+    import shutil
+
+    shutil.rmtree(victim.parent)  # what the message says to do
+    prepare_data(data_cfg(tmp_path))
+    assert victim.exists()
 
 
 def test_read_only_data_dir_caches_in_user_cache(tmp_path, monkeypatch):

@@ -40,6 +40,7 @@ from nmt.data.sources import (
     CACHE_HINT,
     DataError,
     content_hash,
+    damaged_cache,
     read_split,
     split_prefix,
     text_paths,
@@ -174,16 +175,14 @@ def cached_encode_split(
     ]
     key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]
     folder = cache_dir / f"encoded-{name}-{key}"
-    if (folder / "stats.json").is_file():
+    if folder.exists():  # complete, as the atomic save leaves it, unless damaged by hand
         try:
             stats = FilterStats(**json.loads((folder / "stats.json").read_text()))
             dataset = datasets.load_from_disk(str(folder))
-        except (OSError, ValueError, TypeError) as e:  # a damaged cache (a file deleted or cut short)
-            log.warning("%s: the encoded split %s cannot be read (%s); encoding it again", name, folder, e)
-            shutil.rmtree(folder, ignore_errors=True)
-        else:
-            log.info("%s: reusing encoded split %s", name, folder)
-            return dataset, stats, key
+        except (OSError, ValueError, TypeError) as e:
+            raise damaged_cache(folder, e) from e
+        log.info("%s: reusing encoded split %s", name, folder)
+        return dataset, stats, key
     dataset, stats = encode_split(tokenizer, src, tgt, cfg)
     _save_atomic(dataset, stats, folder)
     return datasets.load_from_disk(str(folder)), stats, key  # memory-mapped, like a cached run

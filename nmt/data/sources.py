@@ -46,6 +46,15 @@ class DataError(ValueError):
 CACHE_HINT = "make room there or set data.cache_dir=PATH"
 
 
+def damaged_cache(folder: Path, error: object) -> DataError:
+    """A cache folder that exists but cannot be read (a file deleted or cut short by hand: the atomic
+    writes never leave one). It is not removed here: another process may be reading it."""
+    return DataError(
+        f"the cache {folder} cannot be read ({error}); delete that folder and run again (it is rebuilt "
+        "from the corpus)."
+    )
+
+
 @contextlib.contextmanager
 def writing(what: str, hint: str) -> Iterator[None]:
     """Turn a failed write (a full disk, a quota, a read-only folder) into a :class:`DataError` naming

@@ -24,7 +24,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from nmt.config import DataConfig
-from nmt.data.sources import CACHE_HINT, DataError, content_hash, writing
+from nmt.data.sources import CACHE_HINT, DataError, content_hash, damaged_cache, writing
 from nmt.files import temp_dir_beside, temp_file_beside
 
 log = logging.getLogger(__name__)
@@ -94,9 +94,13 @@ class Tokenizer:
         data_hash = data_hash or content_hash(src_texts, tgt_texts)
         key = hashlib.sha256(json.dumps([data_hash, _settings(cfg)], sort_keys=True).encode()).hexdigest()
         folder = Path(cache_dir) / f"tokenizer-{key[:16]}"
-        if (folder / "tokenizer.json").is_file():
+        if folder.exists():  # complete, as the atomic save leaves it, unless damaged by hand
+            try:
+                tok = cls.load(folder)
+            except (OSError, ValueError, KeyError, RuntimeError) as e:  # RuntimeError: SentencePiece's
+                raise damaged_cache(folder, e) from e
             log.info("tokenizer: reusing %s", folder)
-            return cls.load(folder)
+            return tok
         tok = cls.train(src_texts, tgt_texts, cfg)
         _save_atomic(tok, folder)
         log.info("tokenizer: trained (%s), cached in %s", tok.describe(), folder)
