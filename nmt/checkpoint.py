@@ -18,6 +18,7 @@ as ``best.pt`` (:func:`save_run_checkpoint`); :func:`find_resume_checkpoint` fin
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -89,12 +90,17 @@ def _os_error(error: BaseException) -> OSError | None:
 
 
 def _write_error(path: Path, error: Exception, state: dict[str, Any]) -> CheckpointError:
-    """The sentence for a checkpoint that could not be written: what failed, space needed and free."""
+    """The sentence for a checkpoint that could not be written: what failed, and for a full disk (or
+    quota, or file size limit) the space needed and free. ``no_space`` on the error says which."""
     cause = _os_error(error)
     if cause is not None and cause.strerror:
         reason = cause.strerror
     else:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if cause is None or cause.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        failure = CheckpointError(f"could not write {path} ({reason})")
+        failure.no_space = False
+        return failure
     folder = path.parent
     while not folder.exists() and folder != folder.parent:  # the checkpoints folder may not exist yet
         folder = folder.parent
@@ -102,10 +108,12 @@ def _write_error(path: Path, error: Exception, state: dict[str, Any]) -> Checkpo
         free = f"{shutil.disk_usage(folder).free / 2**20:,.1f} MiB"
     except OSError:
         free = "unknown space"
-    return CheckpointError(
+    failure = CheckpointError(
         f"could not write {path}: the checkpoint needs about {_tensor_bytes(state) / 2**20:,.1f} MiB and "
         f"{free} is free there ({reason})"
     )
+    failure.no_space = True
+    return failure
 
 
 def _tensor_bytes(value: Any) -> int:

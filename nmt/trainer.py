@@ -366,11 +366,12 @@ class Trainer:
                 state, self.ckpt_dir, self.state.step, self.cfg.train.keep_last, best
             )
         except CheckpointError as e:
+            remedy = "make room" if getattr(e, "no_space", False) else "fix that"
             if self._saved_step is None:
-                kept = "No checkpoint of this run was written; make room and start it again"
+                kept = f"No checkpoint of this run was written; {remedy} and start it again"
             else:
                 kept = (
-                    f"{self.ckpt_dir / 'latest.pt'} still holds step {self._saved_step}; make room and "
+                    f"{self.ckpt_dir / 'latest.pt'} still holds step {self._saved_step}; {remedy} and "
                     "continue from there with train.resume=true"
                 )
             raise TrainingError(f"step {self.state.step} was not saved: {e}. {kept}.") from e

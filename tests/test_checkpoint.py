@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import re
 import subprocess
@@ -63,10 +64,13 @@ def test_crash_while_writing_leaves_the_previous_checkpoint_loadable(tmp_path, m
 
     def crash(obj, f, *args, **kwargs):
         f.write(b"half a checkpoint")
-        raise OSError("disk full (simulated)")
+        raise OSError(errno.ENOSPC, "No space left on device (simulated)")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(CheckpointError, match=r"could not write .*latest.pt: .* \(disk full \(simulated\)\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"could not write .*latest.pt: the checkpoint needs .* \(No space left on device \(simulated\)\)",
+    ):
         save_checkpoint(minimal_state(2.0), path)
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.full((2, 3), 1.0))
@@ -75,9 +79,8 @@ def test_crash_while_writing_leaves_the_previous_checkpoint_loadable(tmp_path, m
 
 def test_a_checkpoint_folder_that_cannot_be_made_is_a_checkpoint_error(tmp_path):
     (tmp_path / "run").write_text("a file where the run folder should be")
-    with pytest.raises(
-        CheckpointError, match=r"could not write .*latest.pt: .* is free there \(Not a directory\)"
-    ):
+    # Not a matter of space: the message does not talk of it.
+    with pytest.raises(CheckpointError, match=r"^could not write .*latest.pt \(Not a directory\)$"):
         save_run_checkpoint(
             run_state(10, best_step=10), tmp_path / "run" / "checkpoints", 10, keep_last=1, best=True
         )

@@ -231,7 +231,9 @@ def _disagreeing_rank(rank: int, port: int, cfg, results: str, scenario: str) ->
         from nmt.checkpoint import CheckpointError
 
         def full(*args):
-            raise CheckpointError("could not write latest.pt (No space left on device)")
+            error = CheckpointError("could not write latest.pt (No space left on device)")
+            error.no_space = True  # as nmt.checkpoint marks a full disk
+            raise error
 
         nmt.trainer.save_run_checkpoint = full
     else:  # "clocks_apart": rank 0 starts with most of the time limit used up

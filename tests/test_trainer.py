@@ -214,7 +214,9 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_naming_what_is_kept(
     def save(state, ckpt_dir, step, *args):
         saves.append(step)
         if len(saves) == 2:
-            raise CheckpointError(f"could not write {ckpt_dir}/latest.pt: ... (No space left on device)")
+            full = CheckpointError(f"could not write {ckpt_dir}/latest.pt: ... (No space left on device)")
+            full.no_space = True  # as nmt.checkpoint marks a full disk
+            raise full
         return real_save(state, ckpt_dir, step, *args)
 
     monkeypatch.setattr(nmt.trainer, "save_run_checkpoint", save)
