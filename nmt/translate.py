@@ -3,12 +3,13 @@
     python -m nmt.translate --ckpt runs/x/checkpoints/best.pt < input.en > output.de
     python -m nmt.translate --ckpt best.pt --input test.en --output test.de --ref test.de.ref
 
-Output: exactly one line per input line, in order; an empty input line gives an empty output
-line. Input is read as bytes and decoded as UTF-8 (a byte-order mark is dropped); a line that is not
-valid UTF-8 is an error naming it. Everything that can be checked first is: the flags, an ``--output``
-that is the ``--input``, ``--ref`` or ``--ckpt`` file (refused), and the encoding and line counts of
-``--input`` and ``--ref``. An ``--output`` file appears, or replaces the one
-there, only once it holds every line: a run that fails or is interrupted leaves it as it was.
+Output: exactly one line per input line, in order, when the run succeeds; an empty input line gives
+an empty output line. Input is read as bytes and decoded as UTF-8 (a byte-order mark is dropped); a
+line that is not valid UTF-8 is an error naming it. Everything that can be checked first is: the
+flags, an ``--output`` that is the ``--input``, ``--ref`` or ``--ckpt`` file (refused), and the
+encoding and line counts of ``--input`` and ``--ref``. An ``--output`` file appears, or replaces the
+one there, only once it holds every line: a run that fails or is interrupted before that leaves it as
+it was.
 Standard input is translated as it arrives: lines are gathered into chunks of up to 1000 and a
 chunk is translated as soon as no more input is waiting, so interactive use answers line by line
 while piped files are batched efficiently. On CPU the batches of a chunk are decoded side by side,
@@ -376,12 +377,14 @@ def main(argv: list[str] | None = None) -> int:
         for signum in (signal.SIGTERM, signal.SIGHUP):
             if signal.getsignal(signum) == signal.SIG_DFL:  # not when the caller chose otherwise (nohup)
                 handlers[signum] = signal.signal(signum, _stop)
+    written: list[str] = []  # the output file, once renamed into place
     try:
-        return _translate(args)
+        return _translate(args, written)
     except (KeyboardInterrupt, _Stopped) as e:
         signum = e.signum if isinstance(e, _Stopped) else signal.SIGINT
         output = args.output and Path(args.output)
-        kept = f"; {output} was not written" if output and (not output.exists() or output.is_file()) else ""
+        atomic = output and not written and (not output.exists() or output.is_file())
+        kept = f"; {output} was not written" if atomic else ""
         print(f"nmt.translate: stopped by {signal.Signals(signum).name}{kept}", file=sys.stderr)
         return 128 + signum
     finally:
@@ -389,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signum, handler)
 
 
-def _translate(args: argparse.Namespace) -> int:
+def _translate(args: argparse.Namespace, written: list[str]) -> int:
     try:
         check_args(args)
         refs = read_text_lines(args.ref) if args.ref else None
@@ -406,6 +409,8 @@ def _translate(args: argparse.Namespace) -> int:
             hyps = translate_stream(
                 translator, source, out, args.nbest, total, args.input or "standard input"
             )
+        if args.output is not None:
+            written.append(args.output)
         if refs is not None:
             scores = score(hyps, refs, lowercase=args.lowercase)
             print(scores.bleu_detail, file=sys.stderr)

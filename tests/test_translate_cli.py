@@ -415,3 +415,33 @@ def test_replacing_an_output_file_keeps_its_permissions(checkpoint, tmp_path):
         main(["--ckpt", str(checkpoint), "--device", "cpu", "--input", str(src), "--output", str(out)]) == 0
     )
     assert out.stat().st_mode & 0o777 == 0o600 and out.read_text(encoding="utf-8") != "previous\n"
+
+
+def test_an_interrupt_after_the_output_is_in_place_does_not_claim_it_was_not_written(
+    checkpoint, tmp_path, capsys, monkeypatch
+):
+    import nmt.translate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nmt.translate, "score", interrupted)  # Ctrl-C while scoring against --ref
+    src, ref, out = tmp_path / "in.en", tmp_path / "ref.de", tmp_path / "out.de"
+    src.write_text(SENTENCES[0] + "\n", encoding="utf-8")
+    ref.write_text(SENTENCES[0] + "\n", encoding="utf-8")
+    out.write_text("previous\n", encoding="utf-8")
+    args = [
+        "--ckpt",
+        str(checkpoint),
+        "--device",
+        "cpu",
+        "--input",
+        str(src),
+        "--ref",
+        str(ref),
+        "--output",
+        str(out),
+    ]
+    assert main(args) == 130
+    assert capsys.readouterr().err.endswith("nmt.translate: stopped by SIGINT\n")
+    assert out.read_text(encoding="utf-8") != "previous\n", "the translations were in place"
