@@ -349,20 +349,9 @@ def test_signal_handlers_are_restored_after_a_run(checkpoint, tmp_path):
     src = tmp_path / "in.en"
     src.write_text(SENTENCES[0] + "\n", encoding="utf-8")
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
+    out = tmp_path / "out.de"
     assert (
-        main(
-            [
-                "--ckpt",
-                str(checkpoint),
-                "--device",
-                "cpu",
-                "--input",
-                str(src),
-                "--output",
-                str(tmp_path / "o"),
-            ]
-        )
-        == 0
+        main(["--ckpt", str(checkpoint), "--device", "cpu", "--input", str(src), "--output", str(out)]) == 0
     )
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)) == before
 
@@ -430,18 +419,8 @@ def test_an_interrupt_after_the_output_is_in_place_does_not_claim_it_was_not_wri
     src.write_text(SENTENCES[0] + "\n", encoding="utf-8")
     ref.write_text(SENTENCES[0] + "\n", encoding="utf-8")
     out.write_text("previous\n", encoding="utf-8")
-    args = [
-        "--ckpt",
-        str(checkpoint),
-        "--device",
-        "cpu",
-        "--input",
-        str(src),
-        "--ref",
-        str(ref),
-        "--output",
-        str(out),
-    ]
+    args = ["--ckpt", str(checkpoint), "--device", "cpu", "--input", str(src), "--output", str(out)]
+    args += ["--ref", str(ref)]
     assert main(args) == 130
     assert capsys.readouterr().err.endswith("nmt.translate: stopped by SIGINT\n")
     assert out.read_text(encoding="utf-8") != "previous\n", "the translations were in place"
