@@ -240,13 +240,21 @@ def _disagreeing_rank(rank: int, port: int, cfg, results: str, scenario: str) ->
         trainer.state.elapsed_sec = 0.9 * cfg.train.max_time_min * 60 if rank == 0 else 0.0
     try:
         result = trainer.train()
+        outcome = [result.state.step, result.stop_reason]
     except Exception as e:
-        Path(results, f"rank{rank}.json").write_text(
-            json.dumps([trainer.state.step, f"{type(e).__name__}: {e}"])
-        )
-        return
-    Path(results, f"rank{rank}.json").write_text(json.dumps([result.state.step, result.stop_reason]))
+        outcome = [trainer.state.step, f"{type(e).__name__}: {e}"]
+    Path(results, f"rank{rank}.json").write_text(json.dumps(outcome))
     dist.destroy_process_group()
+    _leave()
+
+
+def _leave() -> None:
+    """End a spawned rank as nmt.train ends a finished torchrun worker: without the interpreter's
+    teardown, where a gloo thread sometimes aborts the process ("terminate called without an active
+    exception", SIGABRT) after its work is done and its result written."""
+    from nmt.train import exit_finished_worker
+
+    exit_finished_worker()
 
 
 @pytest.mark.parametrize("scenario", ["nan_on_one_rank", "clocks_apart"])
@@ -331,6 +339,7 @@ def _rank_of_train_run(rank: int, port: int, cfgs: list, results: str) -> None:
     except (TrainingError, DataError) as e:  # what nmt.train.main prints as one line, exit code 2
         outcome = f"error: {e}"
     Path(results, f"rank{rank}.txt").write_text(outcome)
+    _leave()
 
 
 def _spawn_two_ranks(cfgs: list, results: Path) -> list[str]:
