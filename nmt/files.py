@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 FILE_MODE, DIR_MODE = 0o666, 0o777  # before the umask, as open() and mkdir() create them
@@ -36,6 +38,21 @@ def temp_dir_beside(path: Path) -> Path:
         folder.rmdir()
         raise
     return folder
+
+
+def publish_folder(folder: Path, fill: Callable[[Path], None], marker: str) -> None:
+    """Make ``folder`` appear whole: ``fill`` a new folder beside it, whose file ``marker`` is written
+    last, then rename that onto ``folder``, so a reader never sees a half-written one. If another
+    process published a complete ``folder`` first (its ``marker`` is there), that one is kept."""
+    tmp = temp_dir_beside(folder)
+    try:
+        fill(tmp)
+        os.replace(tmp, folder)
+    except OSError:
+        if not (folder / marker).is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def umask() -> int:

@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -47,7 +46,7 @@ from nmt.data.sources import (
     writing,
 )
 from nmt.data.tokenizer import Tokenizer
-from nmt.files import temp_dir_beside
+from nmt.files import publish_folder
 
 __all__ = [
     "RATIO_FLOOR",
@@ -189,23 +188,18 @@ def cached_encode_split(
 
 
 def _save_atomic(dataset: datasets.Dataset, stats: FilterStats, folder: Path) -> None:
-    with writing(f"the encoded data cache in {folder.parent}", CACHE_HINT):
-        tmp = temp_dir_beside(folder)
+    def fill(tmp: Path) -> None:
+        dataset.save_to_disk(str(tmp))
+        (tmp / "stats.json").write_text(json.dumps(asdict(stats)))  # written last: marks the folder complete
+
     bars_were_on = not datasets.utils.are_progress_bars_disabled()
     datasets.disable_progress_bars()  # a bar per save is noise next to the one-line log
     try:
         with writing(f"the encoded data cache in {folder.parent}", CACHE_HINT):
-            try:
-                dataset.save_to_disk(str(tmp))
-                (tmp / "stats.json").write_text(json.dumps(asdict(stats)))  # last: marks the folder complete
-                os.replace(tmp, folder)
-            except OSError:
-                if not (folder / "stats.json").is_file():  # not just another process that finished first
-                    raise
+            publish_folder(folder, fill, "stats.json")
     finally:
         if bars_were_on:
             datasets.enable_progress_bars()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_cache_dir(cfg: DataConfig) -> Path:

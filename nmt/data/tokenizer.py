@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import sentencepiece as spm
 
 from nmt.config import DataConfig
 from nmt.data.sources import CACHE_HINT, DataError, content_hash, damaged_cache, writing
-from nmt.files import temp_dir_beside, temp_file_beside
+from nmt.files import publish_folder, temp_file_beside
 
 log = logging.getLogger(__name__)
 
@@ -285,17 +284,7 @@ def _write_if_changed(path: Path, data: bytes) -> None:
 
 
 def _save_atomic(tok: Tokenizer, folder: Path) -> None:
-    """Write into a temporary sibling folder and rename it, so a reader never sees a half-written cache."""
+    """Publish the cache folder whole (:func:`nmt.files.publish_folder`): a reader never sees half of it."""
     with writing(f"the tokenizer cache in {folder.parent}", CACHE_HINT):
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_dir_beside(folder)
-    try:
-        with writing(f"the tokenizer cache in {folder.parent}", CACHE_HINT):
-            try:
-                tok.save(tmp)
-                os.replace(tmp, folder)
-            except OSError:
-                if not Tokenizer.exists(folder):  # not just another process that finished first
-                    raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        publish_folder(folder, tok.save, "tokenizer.json")

@@ -1,0 +1,46 @@
+"""nmt.files: a folder published whole, and what happens when another process published it first."""
+
+from __future__ import annotations
+
+import pytest
+
+from nmt.files import publish_folder
+
+
+def fill_with(text: str):
+    def fill(tmp):
+        (tmp / "data").write_text(text)
+        (tmp / "done").write_text("")  # the marker, last
+
+    return fill
+
+
+def test_a_published_folder_appears_whole_and_nothing_is_left_beside_it(tmp_path):
+    publish_folder(tmp_path / "cache", fill_with("mine"), "done")
+    assert (tmp_path / "cache" / "data").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]
+
+
+def test_a_complete_folder_published_first_by_another_process_is_kept(tmp_path):
+    publish_folder(tmp_path / "cache", fill_with("theirs"), "done")
+    publish_folder(tmp_path / "cache", fill_with("mine"), "done")  # the rename fails: theirs is there
+    assert (tmp_path / "cache" / "data").read_text() == "theirs"
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]
+
+
+def test_an_incomplete_folder_in_the_way_is_an_error_and_the_temporary_folder_goes(tmp_path):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "data").write_text("half")  # no marker
+    with pytest.raises(OSError):
+        publish_folder(tmp_path / "cache", fill_with("mine"), "done")
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]
+
+
+def test_a_failed_fill_leaves_nothing(tmp_path):
+    def fail(tmp):
+        (tmp / "data").write_text("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        publish_folder(tmp_path / "cache", fail, "done")
+    assert list(tmp_path.iterdir()) == []
