@@ -37,7 +37,9 @@ FORMAT_VERSION = 1
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable or of an unknown format."""
+    """A checkpoint is missing, unreadable or of an unknown format, or could not be written."""
+
+    no_space = False  # a write failed for want of space (full disk, quota, file size limit)
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -91,16 +93,14 @@ def _os_error(error: BaseException) -> OSError | None:
 
 def _write_error(path: Path, error: Exception, state: dict[str, Any]) -> CheckpointError:
     """The sentence for a checkpoint that could not be written: what failed, and for a full disk (or
-    quota, or file size limit) the space needed and free. ``no_space`` on the error says which."""
+    quota, or file size limit) the space needed and free; ``no_space`` is set on the error then."""
     cause = _os_error(error)
     if cause is not None and cause.strerror:
         reason = cause.strerror
     else:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if cause is None or cause.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        failure = CheckpointError(f"could not write {path} ({reason})")
-        failure.no_space = False
-        return failure
+        return CheckpointError(f"could not write {path} ({reason})")
     folder = path.parent
     while not folder.exists() and folder != folder.parent:  # the checkpoints folder may not exist yet
         folder = folder.parent

@@ -78,15 +78,16 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def main_rank_outcome(error: str | None, info: DistInfo) -> str | None:
-    """Rank 0's outcome of work the other ranks wait for: its error message, or None if it succeeded.
+def main_rank_outcome(error: BaseException | None, info: DistInfo) -> str | None:
+    """Rank 0's outcome of work the other ranks wait for: its error's message, or None if it succeeded.
 
-    Rank 0 passes its own; the others pass None and wait here, as at a barrier. A barrier alone would
-    leave them a "connection closed" error when rank 0 stops, instead of its reason.
+    Rank 0 passes its own error (or None); the others pass None and wait here, as at a barrier. A
+    barrier alone would leave them a "connection closed" error when rank 0 stops, instead of its reason.
     """
+    message = None if error is None else str(error) or type(error).__name__
     if not info.enabled:
-        return error
-    box = [error if info.is_main else None]
+        return message
+    box = [message if info.is_main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 

@@ -121,7 +121,7 @@ def prepare_data_main_first(
         try:
             data = prepare_data(cfg.data, run_dir=run_dir, resume_from=resume_from)
         except BaseException as e:
-            main_rank_outcome(str(e) or type(e).__name__, dist)
+            main_rank_outcome(e, dist)
             raise
         main_rank_outcome(None, dist)
         return data

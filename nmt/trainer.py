@@ -105,14 +105,13 @@ def loss_in_model(device: torch.device, dtype: torch.dtype) -> bool:
 
 def _model_too_big(cfg: Config, tok: Any, error: BaseException) -> str:
     m = cfg.model
-    d, f = m.d_model, m.ffn_dim
-    params = m.enc_layers * (4 * d * d + 2 * d * f) + m.dec_layers * (8 * d * d + 2 * d * f)
-    params += d * (tok.src_vocab_size + tok.tgt_vocab_size)
+    with torch.device("meta"):  # shapes only: counting needs no memory
+        params = Transformer(m, tok.src_vocab_size, tok.tgt_vocab_size, pad_id=PAD_ID).num_parameters()
     return (
         f"the model does not fit in memory: about {params / 1e6:,.0f}M parameters ({4 * params / 2**30:,.1f} GiB "
-        f"in float32, before gradients and optimizer state) with model.d_model={d}, model.ffn_dim={f}, "
-        f"model.enc_layers={m.enc_layers}, model.dec_layers={m.dec_layers} ({type(error).__name__}); "
-        "choose a smaller model."
+        f"in float32, before gradients and optimizer state) with model.d_model={m.d_model}, "
+        f"model.ffn_dim={m.ffn_dim}, model.enc_layers={m.enc_layers}, model.dec_layers={m.dec_layers} "
+        f"({type(error).__name__}); choose a smaller model."
     )
 
 
@@ -155,10 +154,9 @@ class Trainer:
             self.raw_model = Transformer(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, pad_id=PAD_ID).to(
                 self.device
             )
-        except (MemoryError, torch.OutOfMemoryError) as e:
-            raise TrainingError(_model_too_big(cfg, tok, e)) from None
-        except RuntimeError as e:
-            if "can't allocate memory" not in str(e):
+        except (MemoryError, RuntimeError) as e:  # the CPU allocator's, or torch.OutOfMemoryError
+            out_of_memory = not isinstance(e, RuntimeError) or isinstance(e, torch.OutOfMemoryError)
+            if not (out_of_memory or "can't allocate memory" in str(e)):
                 raise
             raise TrainingError(_model_too_big(cfg, tok, e)) from None
         self.model: nn.Module = self.raw_model
@@ -366,7 +364,7 @@ class Trainer:
                 state, self.ckpt_dir, self.state.step, self.cfg.train.keep_last, best
             )
         except CheckpointError as e:
-            remedy = "make room" if getattr(e, "no_space", False) else "fix that"
+            remedy = "make room" if e.no_space else "fix that"
             if self._saved_step is None:
                 kept = f"No checkpoint of this run was written; {remedy} and start it again"
             else:
@@ -518,7 +516,7 @@ class Trainer:
             if error is not None:
                 log.error("%s", e)
             error = error or e
-        failure = main_rank_outcome(None if error is None else str(error) or type(error).__name__, self.dist)
+        failure = main_rank_outcome(error, self.dist)
         if error is not None:
             raise error
         if failure is not None:
