@@ -49,13 +49,14 @@ def missing_multi30k_files(cfg: DataConfig) -> list[str]:
     for split in ("train", "valid", "test"):
         for lang in (cfg.src_lang, cfg.tgt_lang):
             plain = f"{split_prefix(cfg, split)}.{lang}"
-            if (
-                f"{plain}.gz" in MULTI30K_SHA256
-                and not (folder / plain).exists()
-                and not (folder / f"{plain}.gz").exists()
-            ):
+            if f"{plain}.gz" in MULTI30K_SHA256 and not _present(folder, plain):
                 missing.append(f"{plain}.gz")
     return missing
+
+
+def _present(folder: Path, plain: str) -> bool:
+    """Whether the text file ``plain`` is in ``folder``, plain or gzipped."""
+    return (folder / plain).exists() or (folder / f"{plain}.gz").exists()
 
 
 def ensure_multi30k(cfg: DataConfig) -> list[Path]:
@@ -64,18 +65,13 @@ def ensure_multi30k(cfg: DataConfig) -> list[Path]:
     if not names:
         return []
     folder = Path(cfg.dir)
-    available = MULTI30K_LANGUAGES
+    train = split_prefix(cfg, "train")
     for lang in (cfg.src_lang, cfg.tgt_lang):
-        prefix = split_prefix(cfg, "train")
-        if (
-            lang not in available
-            and not (folder / f"{prefix}.{lang}").exists()
-            and not (folder / f"{prefix}.{lang}.gz").exists()
-        ):
+        if lang not in MULTI30K_LANGUAGES and not _present(folder, f"{train}.{lang}"):
             # Before anything is downloaded: the other language's files alone would not make a corpus.
             raise DownloadError(
-                f"Multi30k can be downloaded in {', '.join(available)}, not {lang!r}; put the {lang} files "
-                f"in data.dir={cfg.dir!r} or choose another data.src_lang/data.tgt_lang."
+                f"Multi30k can be downloaded in {', '.join(MULTI30K_LANGUAGES)}, not {lang!r}; put the "
+                f"{lang} files in data.dir={cfg.dir!r} or choose another data.src_lang/data.tgt_lang."
             )
     log.info("downloading Multi30k (%s) into %s", ", ".join(names), folder)
     try:
