@@ -22,6 +22,19 @@ TGT_WORDS = (
 LEXICON = dict(zip(SRC_WORDS, TGT_WORDS))
 
 
+def files_limited_to(size: int):
+    """A ``preexec_fn`` for a child process that may not grow any file past ``size`` bytes: its writes
+    fail (EFBIG, "File too large") as they would on a full disk, without a full disk to make."""
+    import resource
+    import signal
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+    return limit
+
+
 def toy_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
     rng = random.Random(seed)
     pairs = []

@@ -25,7 +25,7 @@ from nmt.checkpoint import (
     save_run_checkpoint,
 )
 from nmt.config import Config
-from tests.conftest import REPO
+from tests.conftest import REPO, files_limited_to
 
 average_script = load_script("average_checkpoints")
 
@@ -164,11 +164,9 @@ def crash_when_replacing(monkeypatch, name: str) -> None:
 
 
 FULL_DISK = """
-import resource, signal, sys, torch
+import sys, torch
 from nmt.checkpoint import CheckpointError, save_run_checkpoint
 from nmt.config import Config
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
-resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # bytes per file, as a full disk would
 state = {
     "config": Config().to_dict(),
     "tokenizer": {"kind": "test", "model": b"\\x00"},
@@ -193,6 +191,7 @@ def test_a_checkpoint_that_does_not_fit_on_disk_fails_clearly_and_keeps_the_prev
         text=True,
         cwd=REPO,
         timeout=120,
+        preexec_fn=files_limited_to(200_000),  # below the 400 kB checkpoint
     )
     assert proc.returncode == 0, proc.stderr
     assert re.fullmatch(

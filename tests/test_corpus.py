@@ -215,12 +215,10 @@ def test_run_dir_gets_the_tokenizer_and_resume_takes_the_checkpoints(tmp_path, c
 
 
 FILE_SIZE_LIMIT = """
-import resource, signal, sys
+import sys
 from nmt.data import prepare_data
 from nmt.data.sources import DataError
 from tests.data_fixtures import data_cfg
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
-resource.setrlimit(resource.RLIMIT_FSIZE, (1, 1))  # no file can grow: as a full disk would
 try:
     prepare_data(data_cfg(Path(sys.argv[1])), run_dir=sys.argv[2] or None)
 except DataError as e:
@@ -235,7 +233,7 @@ def test_a_full_disk_while_preparing_data_names_what_and_where_and_leaves_no_par
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from tests.conftest import REPO, files_limited_to
 
     write_corpus(tmp_path)
     cache, run_dir = tmp_path / "cache", tmp_path / "run"
@@ -247,7 +245,10 @@ def test_a_full_disk_while_preparing_data_names_what_and_where_and_leaves_no_par
     before = sorted(p.name for p in cache.iterdir()) if cache.exists() else []
     script = "from pathlib import Path\n" + FILE_SIZE_LIMIT
     args = [sys.executable, "-c", script, str(tmp_path), str(run_dir) if what == "run's tokenizer" else ""]
-    proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=120)
+    # No file may grow past 1 byte.
+    proc = subprocess.run(
+        args, capture_output=True, text=True, cwd=REPO, timeout=120, preexec_fn=files_limited_to(1)
+    )
     assert proc.returncode == 0, proc.stderr
     expected = {
         "tokenizer cache": f"the tokenizer cache in {cache} (File too large); make room there or set data.cache_dir=PATH.",

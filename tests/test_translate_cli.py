@@ -15,7 +15,7 @@ import pytest
 
 from nmt.translate import main
 from nmt.translator import Translator
-from tests.conftest import REPO
+from tests.conftest import REPO, files_limited_to
 from tests.test_translator import SENTENCES, copy_translator, make_checkpoint
 
 
@@ -164,13 +164,6 @@ def test_an_output_file_that_does_not_fit_on_disk_leaves_the_previous_file_and_n
     checkpoint, tmp_path
 ):
     """A real failed write: the process may not grow any file past 100 bytes, as on a full disk."""
-    import resource
-    import signal
-
-    def no_room() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG) instead of killing
-        resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
-
     src, out = tmp_path / "in.en", tmp_path / "out" / "test.de"
     src.write_text("\n".join(SENTENCES * 20) + "\n", encoding="utf-8")
     out.parent.mkdir()
@@ -181,7 +174,7 @@ def test_an_output_file_that_does_not_fit_on_disk_leaves_the_previous_file_and_n
         cwd=REPO,
         capture_output=True,
         text=True,
-        preexec_fn=no_room,
+        preexec_fn=files_limited_to(100),
     )
     assert proc.returncode == 1
     assert proc.stderr.endswith(
