@@ -191,7 +191,7 @@ class Trainer:
         self.sampler = self.loader.sampler
         # Validation runs the plain model, with the eager loss: nothing compiled.
         self.validator = Validator(
-            cfg, data, self.device, lambda b: self._loss(self.raw_model, b), self.writer
+            cfg, data, self.device, lambda b: self._loss(self.raw_model, b), self.writer, self.dist.is_main
         )
         self._stop_signal: int | None = None
         self._bad_steps = 0

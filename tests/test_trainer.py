@@ -14,6 +14,7 @@ from nmt.config import Config
 from nmt.data import prepare_data
 from nmt.optim import lr_multiplier
 from nmt.trainer import Trainer, TrainingError
+from nmt.validation import Validator
 from tests.conftest import tiny_config
 
 
@@ -462,6 +463,11 @@ def test_validation_loss_leaves_out_pairs_the_model_cannot_read(toy_dir, tmp_pat
     assert math.isfinite(loss) and math.isfinite(nll)
     assert "validation loss leaves out" in caplog.text
     assert set(trainer.validate()) == {"loss", "ppl", "bleu", "chrf"}  # BLEU covers every pair
+
+    caplog.clear()  # under DDP only rank 0 says so, not every rank
+    quiet = Validator(short, trainer.data, trainer.device, trainer.validator.batch_loss, warn=False)
+    assert len(quiet._fitting) == len(trainer.validator._fitting) < len(trainer.data.valid)
+    assert "leaves out" not in caplog.text
 
 
 def test_validation_decodes_in_the_precision_translate_would_use(toy_dir, tmp_path, monkeypatch):
