@@ -33,6 +33,7 @@ import io
 import logging
 import os
 import queue
+import re
 import signal
 import stat
 import sys
@@ -45,7 +46,7 @@ from typing import BinaryIO, TextIO
 from tqdm import tqdm
 
 from nmt.checkpoint import CheckpointError, checkpoint_file
-from nmt.config import ConfigError
+from nmt.config import ConfigError, DecodeConfig
 from nmt.data.sources import read_errors_named, read_text_lines
 from nmt.evaluate import score
 from nmt.files import temp_file_beside
@@ -213,6 +214,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--beam {args.beam}: the beam size is at least 1 (1 = greedy).")
     if args.beam is not None and args.nbest > args.beam:
         raise ConfigError(f"--nbest {args.nbest} needs --beam of at least {args.nbest}.")
+    try:
+        DecodeConfig(**decode_overrides(args))
+    except ConfigError as e:  # in the words of the command line: --max-len-a 2000, not decode.max_len_a=2000
+        raise ConfigError(re.sub(r"decode\.(\w+)(=?)", _as_flag, str(e))) from None
     if args.output is not None and Path(args.output).exists():
         for flag, path in (
             ("--input", args.input),
@@ -226,11 +231,21 @@ def check_args(args: argparse.Namespace) -> None:
                 )
 
 
+def decode_overrides(args: argparse.Namespace) -> dict[str, int | float]:
+    """The decoding settings given on the command line, as :class:`DecodeConfig` fields."""
+    return {k: getattr(args, k) for k in DECODE_OVERRIDES if getattr(args, k) is not None}
+
+
+def _as_flag(match: re.Match[str]) -> str:
+    return f"--{match[1].replace('_', '-')}" + (" " if match[2] else "")
+
+
 def load_translator(args: argparse.Namespace) -> Translator:
     """The checkpoint's model with the decoding settings given on the command line."""
-    overrides = {k: getattr(args, k) for k in DECODE_OVERRIDES if getattr(args, k) is not None}
     translator = Translator.from_checkpoint(args.ckpt, device=args.device, dtype=args.dtype)
-    translator.cfg = replace(translator.cfg, **overrides, nbest=1)  # nbest goes to translate_nbest
+    translator.cfg = replace(
+        translator.cfg, **decode_overrides(args), nbest=1
+    )  # nbest goes to translate_nbest
     vocab = translator.tokenizer.tgt_vocab_size
     if translator.cfg.beam >= vocab:  # else it fails at the first sentence
         raise ConfigError(

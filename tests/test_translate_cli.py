@@ -132,7 +132,7 @@ def test_workers_flag_same_output_and_bad_value_rejected(checkpoint, tmp_path, c
         outputs.append(out.read_text(encoding="utf-8"))
     assert outputs[0] == outputs[1] and len(outputs[0].split("\n")) == 2 * len(SENTENCES) + 2
     assert main([*args, "--workers", "-1"]) == 1
-    assert "decode.workers=-1 must be in [0, 1024]" in capsys.readouterr().err
+    assert "--workers -1 must be in [0, 1024]" in capsys.readouterr().err
 
 
 def test_input_from_a_pipe_is_read_once_and_translated(checkpoint):
@@ -238,8 +238,10 @@ def test_output_through_a_link_or_onto_a_device(checkpoint, tmp_path):
         (["--nbest", "0"], "--nbest 0: give at least 1"),
         (["--beam", "0"], "--beam 0: the beam size is at least 1"),
         (["--beam", "1000"], "--beam 1000 needs more than 1000 target tokens and "),
-        (["--max-len-a", "inf"], "decode.max_len_a=inf must be in"),
-        (["--max-len-b", "100000000000000000000"], "decode.max_len_b=100000000000000000000 must be in"),
+        (["--max-len-a", "inf"], "--max-len-a inf must be in [0, 1000]"),
+        (["--max-len-b", "100000000000000000000"], "--max-len-b 100000000000000000000 must be in"),
+        (["--batch-size", "0"], "--batch-size and --max-tokens must be >= 1"),
+        (["--len-penalty", "-1"], "--len-penalty -1.0 must be in [0, 100]"),
     ],
 )
 def test_bad_decoding_flags_fail_before_the_output_is_touched(checkpoint, tmp_path, capsys, flags, message):
