@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from nmt.config import Config, ConfigError, register_schema, to_config
@@ -189,6 +191,9 @@ def main(dcfg: DictConfig) -> None:
     from nmt.data import DataError
     from nmt.trainer import TrainingError
 
+    sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    if sweep:  # each job of a sweep (-m) trains in its own folder, run_dir/<job number>, its log beside
+        dcfg.run_dir = HydraConfig.get().runtime.output_dir
     try:
         cfg = to_config(dcfg)
         code = run(cfg)
@@ -202,6 +207,8 @@ def main(dcfg: DictConfig) -> None:
     except KeyboardInterrupt:  # a second Ctrl-C (the trainer logged where the last checkpoint is)
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    if code == 0 and sweep:
+        return  # on to the sweep's next job
     if code == 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         exit_finished_worker()
     sys.exit(code)

@@ -187,6 +187,33 @@ def test_cli_startup_reports_the_run_directory_and_parameter_count_and_guards_it
     assert sorted((tmp_path / "run" / "tb").iterdir()) == event_files
 
 
+def test_a_sweep_trains_each_job_in_its_own_run_directory_and_resumes_each(toy_dir, tmp_path):
+    """``python -m nmt.train -m key=a,b``: job N trains in run_dir/N, with its own log; the sweep goes
+    on after a job ends, and the same sweep with train.resume=true continues each job where it was."""
+    from nmt.checkpoint import load_checkpoint
+
+    cfg = tiny_config(toy_dir, tmp_path / "sweep", max_steps=2)
+
+    def sweep(max_steps: str, *extra: str) -> subprocess.CompletedProcess:
+        args = [a for a in cli_overrides(cfg) if not a.startswith(("train.max_steps=", "train.resume="))]
+        return run_train("-m", *args, f"train.max_steps={max_steps}", *extra, timeout=240)
+
+    proc = sweep("2,3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job, steps in ((0, 2), (1, 3)):
+        run_dir = tmp_path / "sweep" / str(job)
+        assert load_checkpoint(run_dir / "checkpoints" / "latest.pt")["train_state"]["step"] == steps
+        assert f"run directory: {run_dir.resolve()}" in (run_dir / "train.log").read_text()
+    assert proc.stdout.count("done: reached train.max_steps") == 2
+
+    proc = sweep("4,5", "train.resume='true'")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job, (start, steps) in enumerate(((2, 4), (3, 5))):
+        run_dir = tmp_path / "sweep" / str(job)
+        assert load_checkpoint(run_dir / "checkpoints" / "latest.pt")["train_state"]["step"] == steps
+        assert f"at step {start} " in (run_dir / "train.log").read_text()  # resumed, not restarted
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
