@@ -145,6 +145,9 @@ class TrainConfig:
     log_every: int = 50
     num_samples: int = 3  # sample translations logged at each validation
     best_metric: str = "bleu"  # bleu | chrf | loss
+    # sacreBLEU tokenizer of BLEU (validation, nmt.translate --ref): auto = sacreBLEU's choice for
+    # data.tgt_lang (13a; zh, ja-mecab, ko-mecab for Chinese, Japanese, Korean), or a name (intl, char, ...)
+    bleu_tokenize: str = "auto"
     keep_last: int = 5  # numbered checkpoints kept besides latest/best
     resume: str = ""  # "" = fresh run, "true"/"latest" = latest checkpoint in run_dir, or a path
 
@@ -242,6 +245,12 @@ class Config:
             "model.share_embeddings=true needs data.joint_vocab=true (one vocabulary for both languages); "
             "with separate vocabularies set model.share_embeddings=false.",
         )
+        from nmt.evaluate import bleu_metric  # sacreBLEU: imported only when training
+
+        try:  # validation would fail only once it is reached
+            bleu_metric(tokenize=self.train.bleu_tokenize, tgt_lang=self.data.tgt_lang)
+        except ValueError as e:
+            raise ConfigError(f"train.bleu_tokenize={self.train.bleu_tokenize!r}: {e}") from None
         # Training pairs have up to data.max_len pieces plus EOS (source) or BOS (target input).
         _check(
             self.model.max_positions >= self.data.max_len + 1,

@@ -1,11 +1,14 @@
 """Corpus-level sacreBLEU BLEU and chrF: detokenized strings in, scores and signatures out.
 
-BLEU uses sacreBLEU's defaults (13a tokenizer, exponential smoothing, cased). Published Multi30k
-results are usually lowercased BLEU: pass ``lowercase=True``. As with ``sacrebleu -lc`` it
-lowercases BLEU only; chrF stays cased. The signatures record the choice: quote them with the
-numbers.
+BLEU uses sacreBLEU's defaults (exponential smoothing, cased) and its tokenizer for the target
+language, as ``sacrebleu -l SRC-TGT`` picks it: 13a, but ``zh`` for Chinese, ``ja-mecab`` for Japanese
+and ``ko-mecab`` for Korean (those two need ``pip install "sacrebleu[ja]"`` or ``"sacrebleu[ko]"``);
+13a splits no Chinese or Japanese words, and would score a near-perfect Chinese translation near 0.
+``tokenize`` names another (``intl``, ``char``, ``flores200``, ...). Published Multi30k results are
+usually lowercased BLEU: pass ``lowercase=True``. As with ``sacrebleu -lc`` it lowercases BLEU only;
+chrF stays cased. The signatures record every choice: quote them with the numbers.
 
-    python -m nmt.evaluate --hyp hyp.de --ref test_2016_flickr.de.gz [--lowercase]
+    python -m nmt.evaluate --hyp hyp.de --ref test_2016_flickr.de.gz [--lowercase] [--tgt-lang zh]
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import sys
 from dataclasses import dataclass
 
 from sacrebleu.metrics import BLEU, CHRF
+from sacrebleu.metrics import bleu as bleu_module
 
 from nmt.data.sources import read_text_lines
 
@@ -32,15 +36,34 @@ class Scores:
         return f"BLEU {self.bleu:.2f} ({self.bleu_signature}) | chrF {self.chrf:.2f} ({self.chrf_signature})"
 
 
-def score(hyps: list[str], refs: list[str], lowercase: bool = False) -> Scores:
-    """Corpus BLEU and chrF of ``hyps`` against one reference per line."""
+def bleu_metric(lowercase: bool = False, tokenize: str = "auto", tgt_lang: str = "") -> BLEU:
+    """sacreBLEU's BLEU with ``tokenize``; "auto": sacreBLEU's tokenizer for ``tgt_lang`` (a language
+    code such as ``de`` or ``zh-CN``). A tokenizer that does not exist or cannot run is a ValueError."""
+    lang = tgt_lang.strip().lower().replace("_", "-").split("-")[0]
+    try:
+        return BLEU(lowercase=lowercase, tokenize=None if tokenize == "auto" else tokenize, trg_lang=lang)
+    except KeyError:
+        names = ", ".join(["auto", *sorted(getattr(bleu_module, "_TOKENIZERS", {}))])
+        raise ValueError(f"BLEU has no tokenizer {tokenize!r}; choose one of: {names}.") from None
+    except RuntimeError as e:  # ja-mecab, ko-mecab without their packages; sacreBLEU's last line: pip ...
+        install = str(e).strip().splitlines()[-1].strip()
+        raise ValueError(
+            f"BLEU's tokenizer for target language {tgt_lang!r} needs packages that are not installed: "
+            f"{install} (or choose another tokenizer)."
+        ) from None
+
+
+def score(
+    hyps: list[str], refs: list[str], lowercase: bool = False, tokenize: str = "auto", tgt_lang: str = ""
+) -> Scores:
+    """Corpus BLEU and chrF of ``hyps`` against one reference per line; BLEU as :func:`bleu_metric`."""
     if len(hyps) != len(refs):
         raise ValueError(
             f"{len(hyps)} hypotheses but {len(refs)} references; they must be aligned line by line."
         )
     if not hyps:
         raise ValueError("nothing to score: no hypotheses and no references.")
-    bleu, chrf = BLEU(lowercase=lowercase), CHRF()
+    bleu, chrf = bleu_metric(lowercase, tokenize, tgt_lang), CHRF()
     bleu_score = bleu.corpus_score(hyps, [refs])
     chrf_score = chrf.corpus_score(hyps, [refs])
     return Scores(
@@ -57,9 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hyp", required=True, help="system output, one sentence per line")
     parser.add_argument("--ref", required=True, help="reference translations, one per line (.gz allowed)")
     parser.add_argument("--lowercase", action="store_true", help="lowercased BLEU (chrF stays cased)")
+    parser.add_argument(
+        "--tgt-lang", default="", help="the references' language (e.g. de, zh): picks BLEU's tokenizer"
+    )
+    parser.add_argument(
+        "--tokenize", default="auto", help="BLEU's tokenizer: auto (by --tgt-lang; 13a), or a sacreBLEU name"
+    )
     args = parser.parse_args(argv)
     try:
-        scores = score(read_text_lines(args.hyp), read_text_lines(args.ref), lowercase=args.lowercase)
+        hyps, refs = read_text_lines(args.hyp), read_text_lines(args.ref)
+        scores = score(hyps, refs, args.lowercase, args.tokenize, args.tgt_lang)
     except (OSError, ValueError) as e:
         parser.exit(1, f"nmt.evaluate: error: {e}\n")
     print(scores.bleu_detail)

@@ -21,7 +21,9 @@ best first, where INDEX is the 0-based input line number and SCORE the length-no
 log-probability that beam search ranks by (the Moses n-best layout without a feature column).
 
 ``--ref FILE`` scores the (best) translations with sacreBLEU BLEU and chrF and prints the scores
-and their signatures on standard error.
+and their signatures on standard error. BLEU tokenizes as validation did (the checkpoint's
+``train.bleu_tokenize``: by default sacreBLEU's choice for its target language), unless ``--tokenize``
+names another.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from tqdm import tqdm
 from nmt.checkpoint import CheckpointError, checkpoint_file
 from nmt.config import ConfigError, DecodeConfig
 from nmt.data.sources import read_errors_named, read_text_lines
-from nmt.evaluate import score
+from nmt.evaluate import bleu_metric, score
 from nmt.files import temp_file_beside
 from nmt.runtime import keep_freed_memory_in_heap
 from nmt.translator import Translation, Translator
@@ -164,6 +166,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--ref", help="reference translations: score the output with BLEU and chrF (stderr)")
     p.add_argument("--lowercase", action="store_true", help="with --ref: lowercased BLEU (chrF stays cased)")
+    p.add_argument("--tokenize", help="with --ref: BLEU's sacreBLEU tokenizer; default as in validation")
     p.add_argument("--beam", type=int, help="beam size (1 = greedy); default from the checkpoint")
     p.add_argument("--nbest", type=int, default=1, help="hypotheses per line (format above)")
     p.add_argument("--len-penalty", type=float, help="GNMT length penalty alpha")
@@ -255,6 +258,21 @@ def load_translator(args: argparse.Namespace) -> Translator:
     if translator.device.type == "cpu":
         keep_freed_memory_in_heap()  # the (rows, vocabulary) tensors of each step reuse the last's memory
     return translator
+
+
+def bleu_settings(translator: Translator, tokenize: str | None) -> dict[str, str]:
+    """BLEU's tokenizer and target language for ``--ref``: those of the checkpoint's validation unless
+    ``--tokenize`` is given; checked now, before anything is translated."""
+    cfg = translator.config
+    settings = {
+        "tokenize": tokenize or (cfg.train.bleu_tokenize if cfg else "auto"),
+        "tgt_lang": cfg.data.tgt_lang if cfg else "",
+    }
+    try:
+        bleu_metric(**settings)
+    except ValueError as e:
+        raise ConfigError(f"--ref: {e}") from None
+    return settings
 
 
 def open_input(path: str | None) -> tuple[BinaryIO, int | None]:
@@ -420,6 +438,7 @@ def _translate(args: argparse.Namespace, written: list[str]) -> int:
                     "the references must be aligned with the input line by line."
                 )
             translator = load_translator(args)
+            scoring = bleu_settings(translator, args.tokenize) if refs is not None else {}
             out = stack.enter_context(open_output(args.output))
             hyps = translate_stream(
                 translator, source, out, args.nbest, total, args.input or "standard input"
@@ -427,7 +446,7 @@ def _translate(args: argparse.Namespace, written: list[str]) -> int:
         if args.output is not None:
             written.append(args.output)
         if refs is not None:
-            scores = score(hyps, refs, lowercase=args.lowercase)
+            scores = score(hyps, refs, lowercase=args.lowercase, **scoring)
             print(scores.bleu_detail, file=sys.stderr)
             print(scores.format(), file=sys.stderr)
     except (CheckpointError, ConfigError, OSError, ValueError) as e:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from nmt.checkpoint import config_from_checkpoint, load_checkpoint
-from nmt.config import DecodeConfig
+from nmt.config import Config, DecodeConfig
 from nmt.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
 from nmt.device import avoid_per_shape_attention_kernels, resolve_device, resolve_dtype
 from nmt.search import Hypothesis, beam_search, greedy_search
@@ -84,6 +84,7 @@ class Translator:
         self.max_src_len = max_src_len or self.max_positions
         # The decoder reads BOS plus every generated token, so outputs get one position less.
         self.max_len_cap = None if self.max_positions is None else self.max_positions - 1
+        self.config: Config | None = None  # the checkpoint's, when loaded from one (from_checkpoint)
 
     @classmethod
     def from_checkpoint(
@@ -115,7 +116,9 @@ class Translator:
             device,
             str(torch_dtype).replace("torch.", ""),
         )
-        return cls(model, tokenizer, decode_cfg or cfg.decode, device)
+        translator = cls(model, tokenizer, decode_cfg or cfg.decode, device)
+        translator.config = cfg
+        return translator
 
     # ---- public API ----------------------------------------------------------------------------
 

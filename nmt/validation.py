@@ -118,7 +118,12 @@ class Validator:
                 self._decoding_copy(model), self.data.tokenizer, self.cfg.decode, self.device
             )
             hyps = translator.translate(self.data.valid_src)
-            scores = score(hyps, self.data.valid_ref)
+            scores = score(
+                hyps,
+                self.data.valid_ref,
+                tokenize=self.cfg.train.bleu_tokenize,
+                tgt_lang=self.cfg.data.tgt_lang,
+            )
         finally:
             model.train()
         metrics = {"loss": loss, "ppl": perplexity(nll), "bleu": scores.bleu, "chrf": scores.chrf}

@@ -124,19 +124,20 @@ def main(argv: list[str] | None = None) -> int:
     valid_src, valid_ref = read_split(cfg.data, "valid")
     test_src, test_ref = read_split(cfg.data, "test")
     valid_bleu: dict[str, float] = {}
+    bleu = {"tokenize": cfg.train.bleu_tokenize, "tgt_lang": cfg.data.tgt_lang}  # as validation scores
     translators: dict[str, Translator] = {}
     for name, path in candidates(run_dir, args.average).items():
         translators[name] = Translator.from_checkpoint(path, device=args.device)
         if args.len_penalty is not None:
             translators[name].cfg = dataclasses.replace(translators[name].cfg, len_penalty=args.len_penalty)
-        valid_bleu[name] = score(translators[name].translate(valid_src), valid_ref).bleu
+        valid_bleu[name] = score(translators[name].translate(valid_src), valid_ref, **bleu).bleu
         log.info("validation BLEU of %s: %.2f", name, valid_bleu[name])
     chosen = max(valid_bleu, key=valid_bleu.get)
     translator = translators[chosen]
     start = time.monotonic()
     hyps = translator.translate(test_src)
     decode_sec = time.monotonic() - start
-    cased, lower = score(hyps, test_ref), score(hyps, test_ref, lowercase=True)
+    cased, lower = score(hyps, test_ref, **bleu), score(hyps, test_ref, lowercase=True, **bleu)
     (run_dir / f"test.{cfg.data.tgt_lang}.hyp").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
 
     result = {

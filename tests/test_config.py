@@ -85,6 +85,7 @@ def test_absurd_values_fail_with_a_sentence_naming_the_key(override, message):
         ("name=", "name is empty"),  # runs/ itself, among the other runs
         ("data.dir=", "data.dir is empty"),
         ("train.accum_steps=1000000", r"train.accum_steps=1000000 must be in \[1, 1024\]\."),
+        ("train.bleu_tokenize=moses", r"train.bleu_tokenize='moses': BLEU has no tokenizer 'moses'"),
     ],
 )
 def test_settings_training_refuses(override, message):
@@ -95,6 +96,7 @@ def test_settings_training_refuses(override, message):
     # The remedy each message names is accepted. (Checked for training only: a checkpoint saved with
     # such settings still loads and decodes.)
     fixes = ["model.share_embeddings=false", "run_dir=r", "name=n", "data.dir=d", "train.accum_steps=4"]
+    fixes.append("train.bleu_tokenize=intl")
     composed("+experiment=smoke", override, *fixes).check_for_training()
 
 

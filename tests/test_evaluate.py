@@ -65,6 +65,40 @@ def test_scores_and_signatures_equal_sacrebleu_cli(tmp_path, lowercase):
     assert 0 < got.bleu < 100 and 0 < got.chrf < 100  # a comparison at 0 or 100 would prove little
 
 
+ZH_REFS = ["我爱北京天安门。", "他们在公园里踢足球。", "一个男人骑着自行车。"]
+ZH_HYPS = ["我爱北京天安門。", "他们在公园踢足球。", "一个男人骑自行车。"]
+
+
+def test_chinese_is_tokenized_as_sacrebleu_does_for_chinese(tmp_path, capsys):
+    """13a splits no Chinese words: each sentence is one token, and close translations score near 0."""
+    ref, hyp = write(tmp_path / "ref.zh", ZH_REFS), write(tmp_path / "hyp.zh", ZH_HYPS)
+    expected = sacrebleu_cli(ref, hyp, "-l", "en-zh")
+    for lang in ("zh", "zh-CN", "ZH_Hans"):
+        got = score(ZH_HYPS, ZH_REFS, tgt_lang=lang)
+        assert got.bleu == pytest.approx(expected["BLEU"]["score"], abs=1e-4)
+        assert got.bleu_signature == expected["BLEU"]["signature"] and "tok:zh" in got.bleu_signature
+    assert got.bleu > 30 and score(ZH_HYPS, ZH_REFS).bleu < 5  # 13a, the default for other languages
+    assert main(["--hyp", str(hyp), "--ref", str(ref), "--tgt-lang", "zh"]) == 0
+    assert f"BLEU {expected['BLEU']['score']:.2f} (" in capsys.readouterr().out
+    assert "tok:char" in score(ZH_HYPS, ZH_REFS, tokenize="char", tgt_lang="zh").bleu_signature
+
+
+def test_a_tokenizer_that_cannot_run_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"no tokenizer 'moses'; choose one of: auto, 13a, char"):
+        score(HYPS, REFS, tokenize="moses")
+    ref, hyp = write(tmp_path / "ref", REFS), write(tmp_path / "hyp", HYPS)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--hyp", str(hyp), "--ref", str(ref), "--tokenize", "moses"])
+    assert exit_info.value.code == 1 and "no tokenizer 'moses'" in capsys.readouterr().err
+    try:
+        import MeCab  # noqa: F401
+    except ImportError:
+        with pytest.raises(
+            ValueError, match=r"target language 'ja' needs .*: pip install sacrebleu\[ja\] \(or choose"
+        ):
+            score(["猫"], ["猫"], tgt_lang="ja")
+
+
 def test_lowercase_changes_bleu_only_and_says_so():
     cased, lowered = score(HYPS, REFS), score(HYPS, REFS, lowercase=True)
     assert lowered.bleu > cased.bleu  # "ein Mann" / "kinder" match only without case

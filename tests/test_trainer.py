@@ -470,6 +470,13 @@ def test_validation_loss_leaves_out_pairs_the_model_cannot_read(toy_dir, tmp_pat
     assert "leaves out" not in caplog.text
 
 
+def test_validation_bleu_uses_the_configured_tokenizer(toy_dir, tmp_path, caplog):
+    trainer = make_trainer(tiny_config(toy_dir, tmp_path / "run", bleu_tokenize="char"))
+    with caplog.at_level("INFO", logger="nmt.trainer"):
+        trainer.validate()
+    assert "tok:char" in caplog.text and "tok:13a" not in caplog.text
+
+
 def test_validation_decodes_in_the_precision_translate_would_use(toy_dir, tmp_path, monkeypatch):
     """On a GPU ``nmt.translate`` decodes a checkpoint in bf16 (``--dtype auto``); validation BLEU must
     be what that gives, not what the fp32 training weights give. Here "auto" is made to mean bf16."""

@@ -10,6 +10,7 @@ import queue
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 
 import pytest
 
@@ -107,6 +108,25 @@ def test_ref_scores_equal_sacrebleu_cli(checkpoint, tmp_path, capsys, monkeypatc
     assert f"chrF {expected['chrF2']['score']:.2f} ({expected['chrF2']['signature']})" in err
     assert main([*args, "--lowercase"]) == 0
     assert "case:lc" in capsys.readouterr().err
+    assert main([*args, "--tokenize", "char"]) == 0
+    assert "tok:char" in capsys.readouterr().err
+    hyp.write_text("an earlier translation\n", encoding="utf-8")
+    assert main([*args, "--tokenize", "moses"]) == 1  # refused before anything is translated
+    assert "--ref: BLEU has no tokenizer 'moses'" in capsys.readouterr().err
+    assert hyp.read_text(encoding="utf-8") == "an earlier translation\n"
+
+
+def test_ref_tokenizes_bleu_as_the_checkpoints_validation_did(checkpoint):
+    from nmt.translate import bleu_settings
+
+    translator = Translator.from_checkpoint(checkpoint, device="cpu")
+    cfg = translator.config
+    assert bleu_settings(translator, None) == {"tokenize": "auto", "tgt_lang": cfg.data.tgt_lang}
+    translator.config = replace(cfg, data=replace(cfg.data, tgt_lang="zh"))
+    assert bleu_settings(translator, None) == {"tokenize": "auto", "tgt_lang": "zh"}
+    translator.config = replace(cfg, train=replace(cfg.train, bleu_tokenize="intl"))
+    assert bleu_settings(translator, None)["tokenize"] == "intl"
+    assert bleu_settings(translator, "char")["tokenize"] == "char"  # --tokenize wins
 
 
 def test_missing_checkpoint_is_one_clear_line(tmp_path, capsys):
