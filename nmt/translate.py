@@ -211,6 +211,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise FileNotFoundError(
             f"--output {args.output}: the folder {Path(args.output).parent} does not exist."
         )
+    for flag, given in (("--lowercase", args.lowercase), ("--tokenize", args.tokenize is not None)):
+        if given and args.ref is None:  # else silently ignored: nothing is scored without references
+            raise ConfigError(f"{flag} applies to scoring, which needs --ref FILE (the references).")
     if args.nbest < 1:
         raise ConfigError(f"--nbest {args.nbest}: give at least 1 hypothesis per line.")
     if args.beam is not None and args.beam < 1:

@@ -258,6 +258,8 @@ def test_output_through_a_link_or_onto_a_device(checkpoint, tmp_path):
         (["--nbest", "0"], "--nbest 0: give at least 1"),
         (["--beam", "0"], "--beam 0: the beam size is at least 1"),
         (["--beam", "1000"], "--beam 1000 needs more than 1000 target tokens and "),
+        (["--lowercase"], "--lowercase applies to scoring, which needs --ref FILE"),
+        (["--tokenize", "intl"], "--tokenize applies to scoring, which needs --ref FILE"),
         (["--max-len-a", "inf"], "--max-len-a inf must be in [0, 1000]"),
         (["--max-len-b", "100000000000000000000"], "--max-len-b 100000000000000000000 must be in"),
         (["--batch-size", "0"], "--batch-size and --max-tokens must be >= 1"),
