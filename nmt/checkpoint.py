@@ -258,12 +258,22 @@ def _describe(shape: tuple[int, ...], dtype: torch.dtype) -> str:
     return f"{str(dtype).removeprefix('torch.')} {list(shape)}"
 
 
+# The files a run writes into its checkpoints folder: latest.pt, best.pt and step_N.pt (N: 8+ digits).
+RUN_FILE = re.compile(r"latest\.pt|best\.pt|step_(\d{8,})\.pt")
+
+
+def step_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """A run's numbered checkpoints (step_N.pt), oldest first; other files (step_avg.pt) are not."""
+    found = [(int(m[1]), p) for p in ckpt_dir.glob("step_*.pt") if (m := RUN_FILE.fullmatch(p.name)) and m[1]]
+    return [p for _, p in sorted(found)]
+
+
 def last_checkpoints(run_dir: str | os.PathLike, n: int) -> list[Path]:
-    """The ``n`` most recent numbered checkpoints (step_*.pt) of a run directory."""
+    """The ``n`` most recent numbered checkpoints (step_N.pt) of a run directory."""
     if n < 1:
         raise CheckpointError(f"asked for the last {n} checkpoints of {run_dir}; ask for at least 1.")
     ckpt_dir = Path(run_dir) / "checkpoints"
-    found = sorted(ckpt_dir.glob("step_*.pt"))
+    found = step_checkpoints(ckpt_dir)
     if not found:
         raise CheckpointError(f"no step_*.pt checkpoints in {ckpt_dir} (train.keep_last must be > 0).")
     if len(found) < n:
@@ -292,7 +302,7 @@ def save_run_checkpoint(state: dict[str, Any], ckpt_dir: Path, step: int, keep_l
     try:
         if keep_last > 0:
             _link(tmp, ckpt_dir / f"step_{step:08d}.pt")
-            for old in sorted(ckpt_dir.glob("step_*.pt"))[:-keep_last]:
+            for old in step_checkpoints(ckpt_dir)[:-keep_last]:
                 old.unlink(missing_ok=True)
         if best:
             _link(tmp, ckpt_dir / "best.pt")

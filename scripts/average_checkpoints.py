@@ -10,8 +10,24 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
-from nmt.checkpoint import CheckpointError, average_checkpoints, last_checkpoints, save_checkpoint
+from nmt.checkpoint import RUN_FILE, CheckpointError, average_checkpoints, last_checkpoints, save_checkpoint
+
+
+def check_output(output: Path, inputs: list[Path]) -> None:
+    """Refuse to write the average over one of its inputs or over a file a training run owns: an
+    averaged checkpoint holds weights only, so a run whose latest.pt it replaced could not resume."""
+    if RUN_FILE.fullmatch(output.name) and (output.parent / "latest.pt").exists():
+        raise CheckpointError(
+            f"--output {output} is a name the training run in {output.parent} writes (latest.pt, best.pt, "
+            "step_N.pt): the average would replace or mix with its checkpoints. Choose another name, e.g. avg.pt."
+        )
+    for path in inputs:
+        if output.exists() and path.exists() and output.samefile(path):
+            raise CheckpointError(
+                f"--output {output} is one of the checkpoints being averaged; choose another file."
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run-dir", help="a training run directory (uses its checkpoints/step_*.pt)")
+    source.add_argument("--run-dir", help="a training run directory (uses its checkpoints/step_N.pt)")
     source.add_argument("--inputs", nargs="+", help="checkpoint files to average")
     parser.add_argument(
         "--last", type=int, default=10, help="with --run-dir: how many of the newest to average"
@@ -29,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         paths = args.inputs if args.inputs else last_checkpoints(args.run_dir, args.last)
+        check_output(Path(args.output), [Path(p) for p in paths])
         state = average_checkpoints(paths)
         save_checkpoint(state, args.output)
     except CheckpointError as e:

@@ -363,3 +363,38 @@ def test_average_script_reports_a_bad_request_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "translates en->fr" in err and err.count("\n") == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["latest.pt", "best.pt", "step_00000020.pt", "step_00000099.pt"])
+def test_average_script_will_not_write_over_the_runs_own_checkpoints(tmp_path, capsys, name):
+    """A weights-only average over latest.pt would leave a run that cannot be resumed."""
+    ckpt_dir = make_run(tmp_path / "run", [10, 20])
+    before = {p.name: p.read_bytes() for p in ckpt_dir.iterdir()}
+    out = ckpt_dir / name
+    assert average_script.main(["--run-dir", str(tmp_path / "run"), "--last", "2", "--output", str(out)]) == 2
+    assert "Choose another name, e.g. avg.pt" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in ckpt_dir.iterdir()} == before
+    # An input given by hand is refused as well, wherever it lives.
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(before["step_00000010.pt"])
+    assert (
+        average_script.main(["--inputs", str(copy), str(ckpt_dir / "latest.pt"), "--output", str(copy)]) == 2
+    )
+    assert "is one of the checkpoints being averaged" in capsys.readouterr().err
+    assert copy.read_bytes() == before["step_00000010.pt"]
+
+
+def test_an_average_beside_the_step_files_is_neither_averaged_again_nor_pruned(tmp_path):
+    ckpt_dir = make_run(tmp_path / "run", [10, 20])
+    assert (
+        average_script.main(["--run-dir", str(tmp_path / "run"), "--output", str(ckpt_dir / "step_avg.pt")])
+        == 0
+    )
+    assert [p.name for p in last_checkpoints(tmp_path / "run", 5)] == ["step_00000010.pt", "step_00000020.pt"]
+    for step in (30, 40, 50, 60, 70):  # keep_last=5 prunes step files only
+        save_run_checkpoint(run_state(step, step), ckpt_dir, step, keep_last=5, best=False)
+    assert (ckpt_dir / "step_avg.pt").exists()
+    assert [p.name for p in last_checkpoints(tmp_path / "run", 9)][0] == "step_00000030.pt"
+    # Steps past 99,999,999 have 9 digits and still sort after the 8-digit ones.
+    save_run_checkpoint(run_state(100_000_000, 80), ckpt_dir, 100_000_000, keep_last=5, best=False)
+    assert last_checkpoints(tmp_path / "run", 1)[0].name == "step_100000000.pt"
