@@ -310,6 +310,39 @@ def test_download_offline_message(tmp_path, monkeypatch):
     assert message.endswith("put the files in a folder and set data.dir=PATH")
 
 
+def test_a_folder_with_files_of_its_own_is_never_filled_up_with_multi30k(tmp_path, monkeypatch, caplog):
+    """A user's corpus without a test split trains (with a warning); Multi30k's test files must not be
+    fetched into it, nor an offline error about them hide what is really missing."""
+    monkeypatch.setattr(urllib.request, "urlopen", pytest.fail)
+    folder = tmp_path / "m30k"
+    folder.mkdir()
+    for split in ("train", "val"):
+        for lang in ("en", "de"):
+            write_lines(folder / f"{split}.{lang}", [f"my own {split} {lang}"])
+    cfg = _multi30k_cfg(tmp_path)
+    assert download.missing_multi30k_files(cfg) == ["test_2016_flickr.en.gz", "test_2016_flickr.de.gz"]
+    with caplog.at_level("WARNING", logger="nmt.data.download"):
+        assert download.ensure_multi30k(cfg) == []
+    assert "holds files that are not Multi30k's (train.de, train.en, val.de, ...)" in caplog.text
+    assert "test_2016_flickr.en.gz, test_2016_flickr.de.gz are missing" in caplog.text
+
+
+def test_a_folder_holding_multi30k_files_alone_gets_the_rest(tmp_path, monkeypatch):
+    """An interrupted first download is completed: the files there are Multi30k's, by checksum."""
+    have, want = gzip.compress(b"A dog.\n"), gzip.compress(b"Ein Hund.\n")
+    sums = {
+        name: hashlib.sha256(data).hexdigest() for name, data in (("val.en.gz", have), ("val.de.gz", want))
+    }
+    monkeypatch.setattr(download, "MULTI30K_SHA256", sums)
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: FakeResponse(want))
+    (tmp_path / "m30k" / ".cache").mkdir(parents=True)  # an encoding cache does not count
+    (tmp_path / "m30k" / "val.en.gz").write_bytes(have)
+    assert download.ensure_multi30k(_multi30k_cfg(tmp_path)) == [tmp_path / "m30k" / "val.de.gz"]
+    (tmp_path / "m30k" / "val.de.gz").unlink()
+    (tmp_path / "m30k" / "val.en.gz").write_bytes(gzip.compress(b"A cat.\n"))  # same name, other text
+    assert download.ensure_multi30k(_multi30k_cfg(tmp_path)) == []
+
+
 def test_download_only_for_known_multi30k_files(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", pytest.fail)
     (tmp_path / "m30k").mkdir()

@@ -59,12 +59,41 @@ def _present(folder: Path, plain: str) -> bool:
     return (folder / plain).exists() or (folder / f"{plain}.gz").exists()
 
 
+def _foreign_files(folder: Path) -> list[str]:
+    """Files of ``folder`` that are not Multi30k's own, as their SHA-256 says (dot files and folders,
+    such as the encoding cache, aside)."""
+    if not folder.is_dir():
+        return []
+    foreign = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.is_dir():
+            continue
+        expected = MULTI30K_SHA256.get(path.name)
+        if expected is None or hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+            foreign.append(path.name)
+    return foreign
+
+
 def ensure_multi30k(cfg: DataConfig) -> list[Path]:
-    """Download the missing Multi30k files the config needs into ``cfg.dir``; returns what was downloaded."""
+    """Download the missing Multi30k files the config needs into ``cfg.dir``; returns what was downloaded.
+
+    Only into a folder that is new, empty or holds Multi30k's files alone: a folder with other files
+    is the user's own corpus, and is never filled up with Multi30k's (a warning says what is missing)."""
     names = missing_multi30k_files(cfg)
     if not names:
         return []
     folder = Path(cfg.dir)
+    foreign = _foreign_files(folder)
+    if foreign:  # the user's own corpus: what it lacks is theirs to add, not Multi30k's to fill in
+        log.warning(
+            "data.dir=%s holds files that are not Multi30k's (%s): nothing is downloaded into it, though %s "
+            "%s missing (for Multi30k, give data.dir an empty or new folder)",
+            cfg.dir,
+            ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else ""),
+            ", ".join(names),
+            "is" if len(names) == 1 else "are",
+        )
+        return []
     train = split_prefix(cfg, "train")
     for lang in (cfg.src_lang, cfg.tgt_lang):
         if lang not in MULTI30K_LANGUAGES and not _present(folder, f"{train}.{lang}"):
