@@ -163,10 +163,12 @@ def config_from_checkpoint(state: dict[str, Any]) -> Config:
 
 def model_differences(was: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(setting, value in ``was``, value in ``now``) for each setting in which two configs (as
-    :meth:`Config.to_dict` makes them) describe different models: every ``model.*`` key, and the
-    language pair. Weights of one cannot be resumed or averaged as the other's."""
+    :meth:`Config.to_dict` makes them) describe different models: every ``model.*`` key, the
+    language pair and the SentencePiece settings (a resumed run keeps its checkpoint's tokenizer, so a
+    new value would be recorded and not used). Weights of one cannot be resumed or averaged as the other's."""
     differences = []
-    for section, keys in (("model", None), ("data", ("src_lang", "tgt_lang"))):
+    tokenizer = ("vocab_size", "joint_vocab", "spm_model_type", "character_coverage")
+    for section, keys in (("model", None), ("data", ("src_lang", "tgt_lang", *tokenizer))):
         a, b = was.get(section, {}), now.get(section, {})
         for key in sorted(a.keys() | b.keys()) if keys is None else keys:
             if a.get(key) != b.get(key):

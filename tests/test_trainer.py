@@ -402,6 +402,14 @@ def test_resuming_into_another_model_is_one_sentence_naming_the_settings(toy_dir
     message = str(error.value)
     assert "model.d_model=32, model.ffn_dim=" in message and "model.d_model=64, model.ffn_dim=128" in message
     assert len(message) < 400 and "\n" not in message
+    # The run keeps its checkpoint's tokenizer: a new vocabulary size would be recorded, never used.
+    other = with_train(
+        dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, vocab_size=200)), resume="true"
+    )
+    with pytest.raises(
+        TrainingError, match=r"data\.vocab_size=\d+ and this run asks for data\.vocab_size=200"
+    ):
+        make_trainer(other).resume(find_resume_checkpoint(other, Path(cfg.run_dir)))
 
 
 def test_max_epochs_stops_when_the_epoch_ends(toy_dir, tmp_path):
@@ -486,7 +494,9 @@ def test_validation_decodes_in_the_precision_translate_would_use(toy_dir, tmp_pa
 
     monkeypatch.setattr(validation, "resolve_dtype", lambda precision, device: torch.bfloat16)
     scored: list[list[str]] = []
-    monkeypatch.setattr(validation, "score", lambda hyps, refs: scored.append(hyps) or score(hyps, refs))
+    monkeypatch.setattr(
+        validation, "score", lambda hyps, refs, **kw: scored.append(hyps) or score(hyps, refs, **kw)
+    )
     cfg = tiny_config(toy_dir, tmp_path / "run", max_steps=30, valid_every=30)
     trainer = make_trainer(cfg)
     trainer.train()
