@@ -98,13 +98,15 @@ def run(cfg: Config) -> int:
     finally:
         shutdown_distributed()
     if dist.is_main:
-        metric = cfg.train.best_metric
-        best = "n/a" if result.state.best_score is None else f"{result.state.best_score:.2f}"
-        print(
-            f"done: {result.stop_reason} | step {result.state.step} | best valid {metric} {best} "
-            f"at step {result.state.best_step} | checkpoint {result.best_checkpoint or run_dir / 'checkpoints'}",
-            flush=True,
-        )
+        state, checkpoints = result.state, run_dir / "checkpoints"
+        if state.best_score is None:  # stopped before its first validation
+            best = f"not validated yet | checkpoint {checkpoints / 'latest.pt'}"
+        else:
+            best = (
+                f"best valid {cfg.train.best_metric} {state.best_score:.2f} at step {state.best_step} | "
+                f"checkpoint {result.best_checkpoint or checkpoints}"
+            )
+        print(f"done: {result.stop_reason} | step {state.step} | {best}", flush=True)
     # Saved, but not finished: a script or scheduler running this must not take it for done.
     return 0 if result.signal is None else 128 + int(result.signal)
 

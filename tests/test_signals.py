@@ -59,8 +59,11 @@ def test_signal_saves_the_step_reached_exits_128_plus_signum_and_resume_continue
     output = log.read_text()
     assert rc == 128 + signum, output[-3000:]  # saved, but not done: 130 or 143
     assert f"received {signum.name}" in output
-    stopped = re.search(r"done: interrupted by a signal \| step (\d+)", output)
+    stopped = re.search(
+        r"done: interrupted by a signal \| step (\d+) \| not validated yet \| checkpoint (.*)", output
+    )
     assert stopped, output[-3000:]
+    assert stopped.group(2) == str(tmp_path / "run" / "checkpoints" / "latest.pt")
     step = int(stopped.group(1))
     assert seen <= step < 100_000
     assert "Traceback" not in output
