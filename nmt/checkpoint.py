@@ -145,8 +145,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise CheckpointError(f"checkpoint {path} could not be read ({type(e).__name__}: {e}).") from e
-    version = state.get("format_version") if isinstance(state, dict) else None
+        raise CheckpointError(
+            f"checkpoint {path} could not be read: {_read_failure(e)}.{_earlier(path)}"
+        ) from e
+    if not isinstance(state, dict) or "format_version" not in state:
+        raise CheckpointError(f"{path} is not an nmt checkpoint (it has no format_version entry).")
+    version = state["format_version"]
     if version != FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint {path} has format version {version!r}; this nmt reads version {FORMAT_VERSION}."
@@ -155,6 +159,33 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         if key not in state:
             raise CheckpointError(f"checkpoint {path} lacks the {key!r} entry; it is not an nmt checkpoint.")
     return state
+
+
+def _read_failure(error: Exception) -> str:
+    """Why torch.load failed, in words (not its advice to load with weights_only=False)."""
+    text = str(error)
+    if "Unsupported global" in text:
+        why = "it holds Python objects, not only tensors and plain values: not an nmt checkpoint"
+    elif isinstance(error, OSError):
+        why = text
+    elif "zip archive" in text or "central directory" in text:
+        why = "the file is damaged or incomplete (a truncated copy, or a write that was cut short)"
+    else:
+        why = "it is not a PyTorch checkpoint file"
+    return f"{why} ({type(error).__name__})"
+
+
+def _earlier(path: Path) -> str:
+    """For a run's unreadable latest.pt: the newest step_N.pt beside it that is another file, if any."""
+    if path.name != "latest.pt":
+        return ""
+    others = [p for p in step_checkpoints(path.parent) if not os.path.samefile(p, path)]
+    if not others:
+        return ""
+    return (
+        f" {others[-1].name} beside it is the newest earlier checkpoint: move latest.pt away and continue "
+        f"with train.resume={others[-1]}."
+    )
 
 
 def config_from_checkpoint(state: dict[str, Any]) -> Config:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import errno
 import os
@@ -120,11 +121,35 @@ def test_unreadable_and_foreign_files_give_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="could not be read"):
+    with pytest.raises(CheckpointError, match=r"could not be read: it is not a PyTorch checkpoint file \("):
         load_checkpoint(tmp_path / "junk.pt")
     torch.save({"format_version": 999, "model": {}}, tmp_path / "future.pt")
     with pytest.raises(CheckpointError, match="format version 999"):
         load_checkpoint(tmp_path / "future.pt")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "weights.pt")  # another program's state dict
+    with pytest.raises(
+        CheckpointError, match=r"weights\.pt is not an nmt checkpoint \(it has no format_version"
+    ):
+        load_checkpoint(tmp_path / "weights.pt")
+    torch.save({"args": argparse.Namespace(lr=1.0)}, tmp_path / "pickled.pt")  # as older toolkits save
+    with pytest.raises(CheckpointError) as error:  # not torch's advice to load it with weights_only=False
+        load_checkpoint(tmp_path / "pickled.pt")
+    assert "holds Python objects" in str(error.value) and "weights_only" not in str(error.value)
+
+
+def test_a_damaged_latest_checkpoint_names_the_newest_earlier_one(tmp_path):
+    ckpt_dir = make_run(tmp_path / "run", [10, 20])
+    latest = ckpt_dir / "latest.pt"
+    data = latest.read_bytes()
+    latest.unlink()  # as after cp -r, latest.pt is a file of its own; then it is cut short
+    latest.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="damaged or incomplete") as error:
+        load_checkpoint(latest)
+    step = ckpt_dir / "step_00000020.pt"
+    assert f"move latest.pt away and continue with train.resume={step}." in str(error.value)
+    latest.unlink()  # the advice works: the run continues from its newest step file in place
+    assert find_resume_checkpoint(resume_config(step), tmp_path / "run") == step
+    assert saved_step(step) == 20
 
 
 def test_average_of_checkpoints(tmp_path):
