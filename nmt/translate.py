@@ -162,7 +162,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--input", help="source text file (.gz allowed); default (or -) standard input")
     p.add_argument(
-        "--output", help="file for the translations, written when complete; default (or -) standard output"
+        "--output",
+        help="file for the translations (.gz: compressed), written when complete; default (or -) standard output",
     )
     p.add_argument("--ref", help="reference translations: score the output with BLEU and chrF (stderr)")
     p.add_argument("--lowercase", action="store_true", help="with --ref: lowercased BLEU (chrF stays cased)")
@@ -207,6 +208,8 @@ def check_args(args: argparse.Namespace) -> None:
     for path in (args.ckpt, args.input, args.ref):
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"{path} does not exist.")
+    if args.output is not None and Path(args.output).is_dir():
+        raise ConfigError(f"--output {args.output} is a folder; give the name of a file in it.")
     if args.output is not None and not Path(args.output).parent.is_dir():
         raise FileNotFoundError(
             f"--output {args.output}: the folder {Path(args.output).parent} does not exist."
@@ -296,7 +299,8 @@ def open_input(path: str | None) -> tuple[BinaryIO, int | None]:
 
 @contextlib.contextmanager
 def open_output(path: str | None) -> Iterator[TextIO]:
-    """UTF-8 text with "\n" line endings, whatever the locale; standard output is left open.
+    """UTF-8 text with "\n" line endings, whatever the locale (gzipped for a name ending in .gz);
+    standard output is left open.
 
     A file is written beside its final name and renamed onto it once every line is there, so it never
     holds part of a translation: a run that fails or is stopped (a full disk, Ctrl-C) leaves the file as
@@ -304,8 +308,17 @@ def open_output(path: str | None) -> Iterator[TextIO]:
     """
     if path is not None:
         if Path(path).exists() and not Path(path).is_file():
-            with open(path, "w", encoding="utf-8", newline="\n") as f:
-                yield f
+            device = open(path, "w", encoding="utf-8", newline="\n")
+            try:
+                yield _NamedOutput(device, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    device.close()
+                raise
+            try:
+                device.close()  # writes what is buffered: a full device fails here
+            except OSError as e:
+                raise _output_error(path, e) from e
             return
         target = Path(os.path.realpath(path))  # through a symbolic link, to the file it names
         try:
@@ -314,7 +327,11 @@ def open_output(path: str | None) -> Iterator[TextIO]:
                 os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))
         except OSError as e:
             raise OSError(f"cannot write the translations to {path} ({e.strerror or e})") from e
-        f = open(fd, "w", encoding="utf-8", newline="\n")
+        if path.endswith(".gz"):  # compressed, as a .gz --input is read
+            os.close(fd)
+            f = gzip.open(tmp, "wt", encoding="utf-8", newline="\n")
+        else:
+            f = open(fd, "w", encoding="utf-8", newline="\n")
         try:
             try:
                 yield _NamedOutput(f, path)
@@ -437,7 +454,7 @@ def _translate(args: argparse.Namespace, written: list[str]) -> int:
             stack.enter_context(source)
             if refs is not None and total is not None and len(refs) != total:
                 raise ValueError(
-                    f"{args.input} has {total:,} lines but {args.ref} has {len(refs):,}; "
+                    f"{args.input} has {total:,} line{'s' * (total != 1)} but {args.ref} has {len(refs):,}; "
                     "the references must be aligned with the input line by line."
                 )
             translator = load_translator(args)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -410,6 +411,31 @@ def test_a_missing_output_folder_fails_before_the_model_loads(checkpoint, tmp_pa
         main(["--ckpt", str(checkpoint), "--device", "cpu", "--input", str(src), "--output", str(out)]) == 1
     )
     assert f"--output {out}: the folder {out.parent} does not exist." in capsys.readouterr().err
+    args = ["--ckpt", str(checkpoint), "--device", "cpu", "--input", str(src), "--output", str(tmp_path)]
+    assert main(args) == 1
+    assert f"--output {tmp_path} is a folder; give the name of a file in it." in capsys.readouterr().err
+
+
+def test_a_gz_output_is_compressed_as_a_gz_input_is_read(checkpoint, tmp_path):
+    src, out = tmp_path / "in.en.gz", tmp_path / "out.de.gz"
+    src.write_bytes(gzip.compress(("\n".join(SENTENCES) + "\n").encode("utf-8")))
+    base = ["--ckpt", str(checkpoint), "--device", "cpu", "--input", str(src)]
+    assert main([*base, "--output", str(out)]) == 0
+    assert main([*base, "--output", str(tmp_path / "out.de")]) == 0
+    assert gzip.decompress(out.read_bytes()) == (tmp_path / "out.de").read_bytes()
+    assert len((tmp_path / "out.de").read_text(encoding="utf-8").splitlines()) == len(SENTENCES)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_device_is_one_error_naming_it(checkpoint, tmp_path, capsys):
+    src = tmp_path / "in.en"
+    src.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    assert (
+        main(["--ckpt", str(checkpoint), "--device", "cpu", "--input", str(src), "--output", "/dev/full"])
+        == 1
+    )
+    err = capsys.readouterr().err
+    assert "could not write the translations to /dev/full (No space left on device)" in err
 
 
 def test_replacing_an_output_file_keeps_its_permissions(checkpoint, tmp_path):
