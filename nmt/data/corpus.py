@@ -295,4 +295,7 @@ def _warn_if_test_missing(cfg: DataConfig) -> None:
         path = Path(cfg.dir) / f"{prefix}.{cfg.format}"
         missing = [] if path.exists() or path.with_name(path.name + ".gz").exists() else [path]
     if missing:
-        log.warning("test split files missing: %s (training continues; testing will fail)", missing)
+        log.warning(
+            "test split files missing: %s (training continues; testing will fail)",
+            ", ".join(map(str, missing)),
+        )
