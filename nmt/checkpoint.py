@@ -397,7 +397,7 @@ def find_resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
         return None
     if cfg.train.resume.lower() in ("true", "latest", "yes", "1"):
         if not latest.exists():
-            raise CheckpointError(f"train.resume=true but {latest} does not exist.")
+            raise CheckpointError(f"train.resume={cfg.train.resume.lower()} but {latest} does not exist.")
         return latest
     path = Path(cfg.train.resume)
     if path.is_dir():

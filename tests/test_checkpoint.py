@@ -423,3 +423,11 @@ def test_an_average_beside_the_step_files_is_neither_averaged_again_nor_pruned(t
     # Steps past 99,999,999 have 9 digits and still sort after the 8-digit ones.
     save_run_checkpoint(run_state(100_000_000, 80), ckpt_dir, 100_000_000, keep_last=5, best=False)
     assert last_checkpoints(tmp_path / "run", 1)[0].name == "step_100000000.pt"
+
+
+@pytest.mark.parametrize("typed", ["true", "True", "latest"])  # Hydra turns train.resume=true into "True"
+def test_resuming_a_run_directory_without_a_checkpoint_says_so_as_typed(tmp_path, typed):
+    with pytest.raises(
+        CheckpointError, match=rf"^train\.resume={typed.lower()} but .*latest\.pt does not exist\.$"
+    ):
+        find_resume_checkpoint(resume_config(typed), tmp_path / "run")
