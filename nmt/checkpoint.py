@@ -395,7 +395,7 @@ def find_resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
                 "or start a new one elsewhere with run_dir=PATH (or name=NEW_NAME)."
             )
         return None
-    if cfg.train.resume.lower() in ("true", "latest", "yes", "1"):
+    if cfg.train.resume_latest:
         if not latest.exists():
             raise CheckpointError(f"train.resume={cfg.train.resume.lower()} but {latest} does not exist.")
         return latest

@@ -189,6 +189,11 @@ class TrainConfig:
     def resume_requested(self) -> bool:
         return self.resume.lower() not in ("", "false", "none", "no", "0")
 
+    @property
+    def resume_latest(self) -> bool:
+        """train.resume names the run's own latest checkpoint (true, latest), not a path."""
+        return self.resume.lower() in ("true", "latest", "yes", "1")
+
 
 @dataclass
 class DecodeConfig:

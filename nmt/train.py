@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from nmt.config import Config, ConfigError, register_schema, to_config
+from nmt.config import Config, ConfigError, TrainConfig, register_schema, to_config
 
 if TYPE_CHECKING:
     from nmt.data import PreparedData
@@ -194,9 +194,9 @@ def main(dcfg: DictConfig) -> None:
     from nmt.trainer import TrainingError
 
     sweep = HydraConfig.get().mode == RunMode.MULTIRUN
-    if sweep:  # each job of a sweep (-m) trains in its own folder, run_dir/<job number>, its log beside
-        dcfg.run_dir = HydraConfig.get().runtime.output_dir
     try:
+        if sweep:
+            sweep_job(dcfg)
         cfg = to_config(dcfg)
         code = run(cfg)
     except (ConfigError, DataError, TrainingError, CheckpointError) as e:
@@ -214,6 +214,22 @@ def main(dcfg: DictConfig) -> None:
     if code == 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         exit_finished_worker()
     sys.exit(code)
+
+
+def sweep_job(dcfg: DictConfig) -> None:
+    """Set up one job of a sweep (``-m``): it trains in its own folder, run_dir/<job number>, with its
+    log beside. With train.resume=true a job that never started (an earlier one stopped the sweep)
+    starts now, so the same command continues the whole sweep."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process group per process: jobs cannot share it
+        raise ConfigError(
+            "a sweep (-m) runs its jobs one after another in one process, and a torchrun process cannot "
+            "set up its process group twice; start one torchrun per setting instead."
+        )
+    dcfg.run_dir = HydraConfig.get().runtime.output_dir
+    latest = Path(dcfg.run_dir) / "checkpoints" / "latest.pt"
+    if TrainConfig(resume=str(dcfg.train.resume)).resume_latest and not latest.exists():
+        log.info("job %s of the sweep has no checkpoint yet: it starts now", HydraConfig.get().job.num)
+        dcfg.train.resume = ""
 
 
 def exit_finished_worker() -> None:

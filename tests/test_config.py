@@ -210,12 +210,28 @@ def test_a_sweep_trains_each_job_in_its_own_run_directory_and_resumes_each(toy_d
         assert f"run directory: {run_dir.resolve()}" in (run_dir / "train.log").read_text()
     assert proc.stdout.count("done: reached train.max_steps") == 2
 
-    proc = sweep("4,5", "train.resume='true'")
+    # Resumed, with a third job that never ran (as after a sweep stopped early): it starts.
+    proc = sweep("4,5,6", "train.resume='true'")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for job, (start, steps) in enumerate(((2, 4), (3, 5))):
+    for job, (start, steps) in enumerate(((2, 4), (3, 5), (0, 6))):
         run_dir = tmp_path / "sweep" / str(job)
         assert load_checkpoint(run_dir / "checkpoints" / "latest.pt")["train_state"]["step"] == steps
-        assert f"at step {start} " in (run_dir / "train.log").read_text()  # resumed, not restarted
+        resumed = f"resumed from {run_dir / 'checkpoints' / 'latest.pt'} at step {start} "
+        assert (resumed in (run_dir / "train.log").read_text()) == (start > 0)
+    assert "job 2 of the sweep has no checkpoint yet: it starts now" in proc.stdout
+
+    # Under torchrun every job would set up the process group again in the same process: refused.
+    env = {**child_env(), "WORLD_SIZE": "2", "RANK": "0"}
+    args = [a for a in cli_overrides(cfg) if not a.startswith("train.max_steps=")]
+    refused = subprocess.run(
+        [sys.executable, "-m", "nmt.train", "-m", *args, "train.max_steps=7,8"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 2 and "start one torchrun per setting instead" in refused.stderr
 
 
 @pytest.mark.parametrize(
