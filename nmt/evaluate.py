@@ -48,9 +48,21 @@ def bleu_metric(lowercase: bool = False, tokenize: str = "auto", tgt_lang: str =
     except RuntimeError as e:  # ja-mecab, ko-mecab without their packages; sacreBLEU's last line: pip ...
         install = str(e).strip().splitlines()[-1].strip()
         raise ValueError(
-            f"BLEU's tokenizer for target language {tgt_lang!r} needs packages that are not installed: "
-            f"{install} (or choose another tokenizer)."
+            f"{_which(tokenize, tgt_lang)} needs packages that are not installed: {install} (or choose "
+            "another tokenizer)."
         ) from None
+    except OSError as e:  # spm, flores101, flores200 download their SentencePiece model on first use
+        reason = getattr(e, "reason", None) or e
+        raise ValueError(
+            f"{_which(tokenize, tgt_lang)} downloads its SentencePiece model on first use, which failed "
+            f"({reason}); choose another tokenizer."
+        ) from None
+
+
+def _which(tokenize: str, tgt_lang: str) -> str:
+    if tokenize == "auto":
+        return f"BLEU's tokenizer for target language {tgt_lang!r}"
+    return f"BLEU's tokenizer {tokenize!r}"
 
 
 def score(

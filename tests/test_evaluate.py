@@ -90,13 +90,38 @@ def test_a_tokenizer_that_cannot_run_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--hyp", str(hyp), "--ref", str(ref), "--tokenize", "moses"])
     assert exit_info.value.code == 1 and "no tokenizer 'moses'" in capsys.readouterr().err
-    try:
-        import MeCab  # noqa: F401
-    except ImportError:
+    if not _has_mecab():
         with pytest.raises(
             ValueError, match=r"target language 'ja' needs .*: pip install sacrebleu\[ja\] \(or choose"
         ):
             score(["猫"], ["猫"], tgt_lang="ja")
+        with pytest.raises(ValueError, match=r"^BLEU's tokenizer 'ja-mecab' needs packages"):  # named
+            score(["猫"], ["猫"], tokenize="ja-mecab", tgt_lang="de")
+
+
+def test_a_tokenizer_whose_model_cannot_be_downloaded_is_a_clear_error(tmp_path, monkeypatch):
+    """flores200 (and spm, flores101) fetch a SentencePiece model on first use; offline that fails."""
+    import urllib.error
+
+    from sacrebleu.tokenizers import tokenizer_spm
+
+    def offline(url, path):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(tokenizer_spm, "SACREBLEU_DIR", str(tmp_path))  # no model there yet
+    monkeypatch.setattr(tokenizer_spm, "download_file", offline)
+    with pytest.raises(
+        ValueError, match=r"^BLEU's tokenizer 'flores200' downloads its SentencePiece model on "
+    ):
+        score(HYPS, REFS, tokenize="flores200")
+
+
+def _has_mecab() -> bool:
+    try:
+        import MeCab  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def test_lowercase_changes_bleu_only_and_says_so():
