@@ -339,7 +339,13 @@ def test_a_folder_holding_multi30k_files_alone_gets_the_rest(tmp_path, monkeypat
     (tmp_path / "m30k" / "val.en.gz").write_bytes(have)
     assert download.ensure_multi30k(_multi30k_cfg(tmp_path)) == [tmp_path / "m30k" / "val.de.gz"]
     (tmp_path / "m30k" / "val.de.gz").unlink()
-    (tmp_path / "m30k" / "val.en.gz").write_bytes(gzip.compress(b"A cat.\n"))  # same name, other text
+    (tmp_path / "m30k" / "README.md").write_text("notes\n")  # does not make the folder a corpus
+    (tmp_path / "m30k" / "val.en.gz").rename(tmp_path / "m30k" / "val.en")
+    (tmp_path / "m30k" / "val.en").write_bytes(b"A dog.\n")  # gunzipped: still Multi30k's
+    monkeypatch.setattr(download, "MULTI30K_TEXT_SHA256", {"val.en": hashlib.sha256(b"A dog.\n").hexdigest()})
+    assert download.ensure_multi30k(_multi30k_cfg(tmp_path)) == [tmp_path / "m30k" / "val.de.gz"]
+    (tmp_path / "m30k" / "val.de.gz").unlink()
+    (tmp_path / "m30k" / "val.en").write_bytes(b"A cat.\n")  # same name, other text
     assert download.ensure_multi30k(_multi30k_cfg(tmp_path)) == []
 
 
@@ -358,3 +364,7 @@ def test_expected_checksums_match_the_shared_copy():
         pytest.skip("Multi30k (gzipped) not found in shared/data/multi30k; set NMT_MULTI30K to its folder")
     for name, expected in download.MULTI30K_SHA256.items():
         assert hashlib.sha256((MULTI30K / name).read_bytes()).hexdigest() == expected, name
+    assert {f"{name}.gz" for name in download.MULTI30K_TEXT_SHA256} == set(download.MULTI30K_SHA256)
+    for name, expected in download.MULTI30K_TEXT_SHA256.items():  # as gunzip leaves them
+        text = gzip.decompress((MULTI30K / f"{name}.gz").read_bytes())
+        assert hashlib.sha256(text).hexdigest() == expected, name

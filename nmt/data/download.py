@@ -33,6 +33,18 @@ MULTI30K_SHA256 = {
     "test_2016_flickr.de.gz": "9204244e408ccb38d2a55cfcd344df15005fc42a07a6e55ca6c52b6ababb8cc8",
     "test_2016_flickr.fr.gz": "6d326e188d259fb1d04ac19eae3af956559b3a0b93d7635e56c90987c40c8b90",
 }
+# The same files decompressed, as gunzip leaves them: a folder of these is Multi30k too.
+MULTI30K_TEXT_SHA256 = {
+    "train.en": "460a15fbd157e34a7a9957ee388c1ca247fe47af3ef25fb50442af6c274e0fc6",
+    "train.de": "2c2b73fd2b548fbcde3a875e0a78d6ee94d498bfdee6bd3eae3945779e9ddf72",
+    "train.fr": "5925a3c18f1587b6b54b87743106e6e8ab93618edb6f65d19eac0621f853a10d",
+    "val.en": "1f2a23d992769b5b3d209b0a10dd0b77c08cceb1f20dfb97ed0aafa49d107227",
+    "val.de": "660e09eb7e1da2f856ea13ee5ad3cf6d36b3d5b0b733c857e94c5747a3dfc660",
+    "val.fr": "5304e444d842e962b2dda4d816b70b22a1765b15401642b7ca37a67477e708dc",
+    "test_2016_flickr.en": "399a4382932c1aadd3ceb9bef1008d388a64c76d4ae4e9d4728c6f4301cac182",
+    "test_2016_flickr.de": "4be6b5b3236b79c25475c6bb829800a7ce559e9ba7a1f6c2394fe4d40be46d16",
+    "test_2016_flickr.fr": "cb3160d69b002bb638e66cc7612fcd56cb0af82eadc9c142dedc438afb885ef6",
+}
 MULTI30K_LANGUAGES = sorted({name.split(".")[-2] for name in MULTI30K_SHA256})
 TIMEOUT_S = 60
 CHUNK = 1 << 16
@@ -60,18 +72,26 @@ def _present(folder: Path, plain: str) -> bool:
 
 
 def _foreign_files(folder: Path) -> list[str]:
-    """Files of ``folder`` that are not Multi30k's own, as their SHA-256 says (dot files and folders,
-    such as the encoding cache, aside)."""
+    """Files of ``folder`` that are not Multi30k's own, gzipped or not, as their SHA-256 says (dot
+    files, folders such as the encoding cache, and README or LICENSE files aside)."""
     if not folder.is_dir():
         return []
     foreign = []
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.is_dir():
+        if path.name.startswith(".") or path.name.upper().startswith(("README", "LICENSE")) or path.is_dir():
             continue
-        expected = MULTI30K_SHA256.get(path.name)
-        if expected is None or hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+        expected = MULTI30K_SHA256.get(path.name) or MULTI30K_TEXT_SHA256.get(path.name)
+        if expected is None or _sha256(path) != expected:
             foreign.append(path.name)
     return foreign
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def ensure_multi30k(cfg: DataConfig) -> list[Path]:
