@@ -164,12 +164,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 def _read_failure(error: Exception) -> str:
     """Why torch.load failed, in words (not its advice to load with weights_only=False)."""
     text = str(error)
+    damaged = "the file is damaged or incomplete (a truncated copy, or a write that was cut short)"
     if "Unsupported global" in text:
         why = "it holds Python objects, not only tensors and plain values: not an nmt checkpoint"
+    elif isinstance(error, EOFError) or (isinstance(error, OSError) and error.errno == errno.EINVAL):
+        why = damaged  # an empty file; torch's reader on a cut-off archive
     elif isinstance(error, OSError):
         why = text
     elif "zip archive" in text or "central directory" in text:
-        why = "the file is damaged or incomplete (a truncated copy, or a write that was cut short)"
+        why = damaged
     else:
         why = "it is not a PyTorch checkpoint file"
     return f"{why} ({type(error).__name__})"
@@ -183,8 +186,8 @@ def _earlier(path: Path) -> str:
     if not others:
         return ""
     return (
-        f" {others[-1].name} beside it is the newest earlier checkpoint: move latest.pt away and continue "
-        f"with train.resume={others[-1]}."
+        f" {others[-1].name} beside it is the newest earlier checkpoint (to go on training from it, move "
+        f"latest.pt away and set train.resume={others[-1]})."
     )
 
 

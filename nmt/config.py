@@ -102,12 +102,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _one_of("model.activation", self.activation, ("relu", "gelu"))
         _one_of("model.positions", self.positions, ("sinusoidal", "learned"))
-        for name in ("d_model", "n_heads", "enc_layers", "dec_layers", "ffn_dim", "max_positions"):
-            value = getattr(self, name)
-            _check(0 < value <= 1_000_000, f"model.{name}={value} must be a positive integer.")
         for name in ("enc_layers", "dec_layers"):  # deeper than the deepest published (1,000 layers in all)
             value = getattr(self, name)
             _check(value <= 1000, f"model.{name}={value} must be in [1, 1000].")
+        for name in ("d_model", "n_heads", "enc_layers", "dec_layers", "ffn_dim", "max_positions"):
+            value = getattr(self, name)
+            _check(0 < value <= 1_000_000, f"model.{name}={value} must be a positive integer.")
         _check(
             self.d_model % self.n_heads == 0,
             f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}.",

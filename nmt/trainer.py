@@ -82,7 +82,8 @@ class TrainResult:
 
 
 def check_resume_config(cfg: Config, saved: dict[str, Any], path: str | os.PathLike) -> None:
-    """Refuse, in one sentence, to resume a checkpoint into a different model or language pair."""
+    """Refuse, in one sentence, to resume a checkpoint into a different model, language pair or
+    SentencePiece settings (the checkpoint's tokenizer is kept: new settings would not be used)."""
     differences = model_differences(saved, cfg.to_dict())
     if differences:
         was = ", ".join(f"{key}={a!r}" for key, a, _ in differences)

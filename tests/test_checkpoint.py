@@ -146,7 +146,11 @@ def test_a_damaged_latest_checkpoint_names_the_newest_earlier_one(tmp_path):
     with pytest.raises(CheckpointError, match="damaged or incomplete") as error:
         load_checkpoint(latest)
     step = ckpt_dir / "step_00000020.pt"
-    assert f"move latest.pt away and continue with train.resume={step}." in str(error.value)
+    assert f"move latest.pt away and set train.resume={step})." in str(error.value)
+    for size in (0, 1000, len(data) - 100):  # empty, and cut at other places
+        latest.write_bytes(data[:size])
+        with pytest.raises(CheckpointError, match="damaged or incomplete"):
+            load_checkpoint(latest)
     latest.unlink()  # the advice works: the run continues from its newest step file in place
     assert find_resume_checkpoint(resume_config(step), tmp_path / "run") == step
     assert saved_step(step) == 20
