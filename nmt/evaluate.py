@@ -36,6 +36,15 @@ class Scores:
         return f"BLEU {self.bleu:.2f} ({self.bleu_signature}) | chrF {self.chrf:.2f} ({self.chrf_signature})"
 
 
+def bleu_tokenizer(tokenize: str, tgt_lang: str) -> str:
+    """The sacreBLEU tokenizer ``tokenize`` means: itself, or for "auto" sacreBLEU's own choice for the
+    target language (``BLEU(trg_lang=...)``: 13a, zh, ja-mecab, ko-mecab)."""
+    if tokenize != "auto":
+        return tokenize
+    lang = tgt_lang.strip().lower().replace("_", "-").split("-")[0]
+    return getattr(BLEU, "_TOKENIZER_MAP", {}).get(lang, BLEU.TOKENIZER_DEFAULT)
+
+
 def bleu_metric(lowercase: bool = False, tokenize: str = "auto", tgt_lang: str = "") -> BLEU:
     """sacreBLEU's BLEU with ``tokenize``; "auto": sacreBLEU's tokenizer for ``tgt_lang`` (a language
     code such as ``de`` or ``zh-CN``). A tokenizer that does not exist or cannot run is a ValueError."""

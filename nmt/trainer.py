@@ -38,6 +38,7 @@ from nmt.distributed import (
     broadcast_flag,
     main_rank_outcome,
 )
+from nmt.evaluate import bleu_tokenizer
 from nmt.loss import label_smoothed_nll
 from nmt.model import Transformer
 from nmt.optim import build_optimizer, build_scheduler, lr_multiplier
@@ -85,6 +86,12 @@ def check_resume_config(cfg: Config, saved: dict[str, Any], path: str | os.PathL
     """Refuse, in one sentence, to resume a checkpoint into a different model, language pair or
     SentencePiece settings (the checkpoint's tokenizer is kept: new settings would not be used)."""
     differences = model_differences(saved, cfg.to_dict())
+    # Best score and patience compare BLEU across the resume: it must be tokenized as before. (Checkpoints
+    # from before train.bleu_tokenize existed were scored with 13a.)
+    was = bleu_tokenizer(saved.get("train", {}).get("bleu_tokenize", "13a"), saved["data"]["tgt_lang"])
+    now = bleu_tokenizer(cfg.train.bleu_tokenize, cfg.data.tgt_lang)
+    if was != now and cfg.train.best_metric == "bleu":
+        differences.append(("train.bleu_tokenize", was, now))
     if differences:
         was = ", ".join(f"{key}={a!r}" for key, a, _ in differences)
         now = ", ".join(f"{key}={b!r}" for key, _, b in differences)

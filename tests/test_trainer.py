@@ -410,6 +410,13 @@ def test_resuming_into_another_model_is_one_sentence_naming_the_settings(toy_dir
         TrainingError, match=r"data\.vocab_size=\d+ and this run asks for data\.vocab_size=200"
     ):
         make_trainer(other).resume(find_resume_checkpoint(other, Path(cfg.run_dir)))
+    # The best BLEU so far must stay comparable: the tokenizer BLEU used may not change (auto was 13a).
+    other = with_train(cfg, resume="true", bleu_tokenize="char")
+    asks = r"train\.bleu_tokenize='13a' and this run asks for train\.bleu_tokenize='char'"
+    with pytest.raises(TrainingError, match=asks):
+        make_trainer(other).resume(find_resume_checkpoint(other, Path(cfg.run_dir)))
+    same = with_train(cfg, resume="true", bleu_tokenize="13a")
+    make_trainer(same).resume(find_resume_checkpoint(same, Path(cfg.run_dir)))
 
 
 def test_max_epochs_stops_when_the_epoch_ends(toy_dir, tmp_path):
@@ -603,3 +610,20 @@ def test_a_model_too_big_for_memory_is_one_sentence(toy_dir, tmp_path, address_s
         match=r"^the model does not fit in memory: about [\d,]+M parameters .* choose a smaller model\.$",
     ):
         make_trainer(cfg)
+
+
+def test_a_checkpoint_from_before_bleu_tokenize_resumes_as_13a(toy_dir, tmp_path):
+    """Such a run scored validation BLEU with 13a whatever its language; a Chinese one continues only
+    with train.bleu_tokenize=13a, so that its best score stays comparable."""
+    from nmt.trainer import check_resume_config
+
+    cfg = tiny_config(toy_dir, tmp_path / "run")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tgt_lang="zh"))
+    saved = cfg.to_dict()
+    del saved["train"]["bleu_tokenize"]
+    with pytest.raises(
+        TrainingError, match=r"train\.bleu_tokenize='13a' and this run asks for train\.bleu_tokenize='zh'"
+    ):
+        check_resume_config(cfg, saved, "old.pt")
+    check_resume_config(with_train(cfg, bleu_tokenize="13a"), saved, "old.pt")
+    check_resume_config(with_train(cfg, best_metric="loss"), saved, "old.pt")  # BLEU is not compared then
