@@ -308,17 +308,8 @@ def open_output(path: str | None) -> Iterator[TextIO]:
     """
     if path is not None:
         if Path(path).exists() and not Path(path).is_file():
-            device = open(path, "w", encoding="utf-8", newline="\n")
-            try:
-                yield _NamedOutput(device, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    device.close()
-                raise
-            try:
-                device.close()  # writes what is buffered: a full device fails here
-            except OSError as e:
-                raise _output_error(path, e) from e
+            with _written(open(path, "w", encoding="utf-8", newline="\n"), path) as out:
+                yield out
             return
         target = Path(os.path.realpath(path))  # through a symbolic link, to the file it names
         try:
@@ -333,14 +324,9 @@ def open_output(path: str | None) -> Iterator[TextIO]:
         else:
             f = open(fd, "w", encoding="utf-8", newline="\n")
         try:
+            with _written(f, path) as out:
+                yield out
             try:
-                yield _NamedOutput(f, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    f.close()
-                raise
-            try:
-                f.close()
                 os.replace(tmp, target)
             except OSError as e:
                 raise _output_error(path, e) from e
@@ -353,6 +339,22 @@ def open_output(path: str | None) -> Iterator[TextIO]:
     finally:
         out.flush()
         out.detach()
+
+
+@contextlib.contextmanager
+def _written(f: TextIO, path: str) -> Iterator[TextIO]:
+    """``f``, whose write errors name ``path``, closed at the end: closing writes what is buffered, so
+    a full disk or device may fail there, and that error names ``path`` too."""
+    try:
+        yield _NamedOutput(f, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            f.close()
+        raise
+    try:
+        f.close()
+    except OSError as e:
+        raise _output_error(path, e) from e
 
 
 class _NamedOutput:
