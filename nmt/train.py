@@ -12,11 +12,13 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -214,6 +216,29 @@ def main(dcfg: DictConfig) -> None:
     if code == 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         exit_finished_worker()
     sys.exit(code)
+
+
+class RunDirCheck(Callback):
+    """Hydra creates the run directory (its log goes there) before any of nmt's code runs; one that
+    cannot be created or written would end in Hydra's traceback. Configured in configs/config.yaml."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_run_dir(str(config.hydra.run.dir))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_run_dir(str(config.hydra.sweep.dir))
+
+
+def _check_run_dir(path: str) -> None:
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        print(
+            f"error: run_dir={path} cannot be written ({e.strerror or e}); choose another with run_dir=PATH.",
+            file=sys.stderr,
+        )
+        sys.exit(2)
 
 
 def sweep_job(dcfg: DictConfig) -> None:

@@ -192,6 +192,16 @@ def test_cli_startup_reports_the_run_directory_and_parameter_count_and_guards_it
     assert sorted((tmp_path / "run" / "tb").iterdir()) == event_files
 
 
+def test_a_run_directory_that_cannot_be_made_is_one_error_line(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    run_dir = tmp_path / "a-file" / "run"  # under a file: no folder can be made there (even as root)
+    for flags, steps in (([], "1"), (["-m"], "1,2")):  # a run, a sweep
+        proc = run_train(*flags, "+experiment=smoke", f"run_dir={run_dir}", f"train.max_steps={steps}")
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert f"error: run_dir={run_dir} cannot be written (Not a directory)" in proc.stderr
+        assert "Traceback" not in proc.stderr + proc.stdout
+
+
 def test_a_sweep_trains_each_job_in_its_own_run_directory_and_resumes_each(toy_dir, tmp_path):
     """``python -m nmt.train -m key=a,b``: job N trains in run_dir/N, with its own log; the sweep goes
     on after a job ends, and the same sweep with train.resume=true continues each job where it was."""
