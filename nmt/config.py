@@ -253,10 +253,10 @@ class Config:
             "model.share_embeddings=true needs data.joint_vocab=true (one vocabulary for both languages); "
             "with separate vocabularies set model.share_embeddings=false.",
         )
-        from nmt.evaluate import bleu_metric  # sacreBLEU: imported only when training
+        from nmt.evaluate import bleu_metric, bleu_options  # sacreBLEU: imported only when training
 
         try:  # validation would fail only once it is reached
-            bleu_metric(tokenize=self.train.bleu_tokenize, tgt_lang=self.data.tgt_lang)
+            bleu_metric(**bleu_options(self))
         except ValueError as e:
             raise ConfigError(f"train.bleu_tokenize={self.train.bleu_tokenize!r}: {e}") from None
         # Training pairs have up to data.max_len pieces plus EOS (source) or BOS (target input).

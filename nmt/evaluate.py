@@ -16,11 +16,15 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.metrics import bleu as bleu_module
 
 from nmt.data.sources import read_text_lines
+
+if TYPE_CHECKING:
+    from nmt.config import Config
 
 
 @dataclass
@@ -36,21 +40,34 @@ class Scores:
         return f"BLEU {self.bleu:.2f} ({self.bleu_signature}) | chrF {self.chrf:.2f} ({self.chrf_signature})"
 
 
+def bleu_options(cfg: Config | None) -> dict[str, str]:
+    """How a run's BLEU is tokenized (validation, ``nmt.translate --ref``, the recipe): its
+    ``train.bleu_tokenize`` for its ``data.tgt_lang``; without a config, 13a."""
+    if cfg is None:
+        return {"tokenize": "auto", "tgt_lang": ""}
+    return {"tokenize": cfg.train.bleu_tokenize, "tgt_lang": cfg.data.tgt_lang}
+
+
+def _language(tgt_lang: str) -> str:
+    """The primary language subtag, as sacreBLEU's table has it: zh-CN, zh_Hans -> zh."""
+    return tgt_lang.strip().lower().replace("_", "-").split("-")[0]
+
+
 def bleu_tokenizer(tokenize: str, tgt_lang: str) -> str:
     """The sacreBLEU tokenizer ``tokenize`` means: itself, or for "auto" sacreBLEU's own choice for the
     target language (``BLEU(trg_lang=...)``: 13a, zh, ja-mecab, ko-mecab)."""
     if tokenize != "auto":
         return tokenize
-    lang = tgt_lang.strip().lower().replace("_", "-").split("-")[0]
-    return getattr(BLEU, "_TOKENIZER_MAP", {}).get(lang, BLEU.TOKENIZER_DEFAULT)
+    return getattr(BLEU, "_TOKENIZER_MAP", {}).get(_language(tgt_lang), BLEU.TOKENIZER_DEFAULT)
 
 
 def bleu_metric(lowercase: bool = False, tokenize: str = "auto", tgt_lang: str = "") -> BLEU:
-    """sacreBLEU's BLEU with ``tokenize``; "auto": sacreBLEU's tokenizer for ``tgt_lang`` (a language
-    code such as ``de`` or ``zh-CN``). A tokenizer that does not exist or cannot run is a ValueError."""
-    lang = tgt_lang.strip().lower().replace("_", "-").split("-")[0]
+    """sacreBLEU's BLEU with :func:`bleu_tokenizer` (``tgt_lang``: a language code such as ``de`` or
+    ``zh-CN``). A tokenizer that does not exist or cannot run is a ValueError."""
     try:
-        return BLEU(lowercase=lowercase, tokenize=None if tokenize == "auto" else tokenize, trg_lang=lang)
+        return BLEU(
+            lowercase=lowercase, tokenize=bleu_tokenizer(tokenize, tgt_lang), trg_lang=_language(tgt_lang)
+        )
     except KeyError:
         names = ", ".join(["auto", *sorted(getattr(bleu_module, "_TOKENIZERS", {}))])
         raise ValueError(f"BLEU has no tokenizer {tokenize!r}; choose one of: {names}.") from None

@@ -50,7 +50,7 @@ from tqdm import tqdm
 from nmt.checkpoint import CheckpointError, checkpoint_file
 from nmt.config import ConfigError, DecodeConfig
 from nmt.data.sources import read_errors_named, read_text_lines
-from nmt.evaluate import bleu_metric, score
+from nmt.evaluate import bleu_metric, bleu_options, score
 from nmt.files import temp_file_beside
 from nmt.runtime import keep_freed_memory_in_heap
 from nmt.translator import Translation, Translator
@@ -252,9 +252,8 @@ def _as_flag(match: re.Match[str]) -> str:
 def load_translator(args: argparse.Namespace) -> Translator:
     """The checkpoint's model with the decoding settings given on the command line."""
     translator = Translator.from_checkpoint(args.ckpt, device=args.device, dtype=args.dtype)
-    translator.cfg = replace(
-        translator.cfg, **decode_overrides(args), nbest=1
-    )  # nbest goes to translate_nbest
+    # nbest goes to translate_nbest
+    translator.cfg = replace(translator.cfg, **decode_overrides(args), nbest=1)
     vocab = translator.tokenizer.tgt_vocab_size
     if translator.cfg.beam >= vocab:  # else it fails at the first sentence
         raise ConfigError(
@@ -269,11 +268,9 @@ def load_translator(args: argparse.Namespace) -> Translator:
 def bleu_settings(translator: Translator, tokenize: str | None) -> dict[str, str]:
     """BLEU's tokenizer and target language for ``--ref``: those of the checkpoint's validation unless
     ``--tokenize`` is given; checked now, before anything is translated."""
-    cfg = translator.config
-    settings = {
-        "tokenize": tokenize or (cfg.train.bleu_tokenize if cfg else "auto"),
-        "tgt_lang": cfg.data.tgt_lang if cfg else "",
-    }
+    settings = bleu_options(translator.config)
+    if tokenize:
+        settings["tokenize"] = tokenize
     try:
         bleu_metric(**settings)
     except ValueError as e:

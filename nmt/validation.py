@@ -22,7 +22,7 @@ from torch import nn
 from nmt.config import Config, ConfigError
 from nmt.data.batching import Batch, BatchLoader, make_loader
 from nmt.device import resolve_dtype
-from nmt.evaluate import score
+from nmt.evaluate import bleu_options, score
 from nmt.translator import Translator
 
 log = logging.getLogger("nmt.trainer")  # validation lines keep the name they have always had in logs
@@ -118,12 +118,7 @@ class Validator:
                 self._decoding_copy(model), self.data.tokenizer, self.cfg.decode, self.device
             )
             hyps = translator.translate(self.data.valid_src)
-            scores = score(
-                hyps,
-                self.data.valid_ref,
-                tokenize=self.cfg.train.bleu_tokenize,
-                tgt_lang=self.cfg.data.tgt_lang,
-            )
+            scores = score(hyps, self.data.valid_ref, **bleu_options(self.cfg))
         finally:
             model.train()
         metrics = {"loss": loss, "ppl": perplexity(nll), "bleu": scores.bleu, "chrf": scores.chrf}

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from nmt.checkpoint import load_checkpoint
     from nmt.data.sources import read_split
-    from nmt.evaluate import score
+    from nmt.evaluate import bleu_options, score
     from nmt.translator import Translator
 
     cfg = compose(args.experiment, args.overrides)
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     valid_src, valid_ref = read_split(cfg.data, "valid")
     test_src, test_ref = read_split(cfg.data, "test")
     valid_bleu: dict[str, float] = {}
-    bleu = {"tokenize": cfg.train.bleu_tokenize, "tgt_lang": cfg.data.tgt_lang}  # as validation scores
+    bleu = bleu_options(cfg)  # as validation scores
     translators: dict[str, Translator] = {}
     for name, path in candidates(run_dir, args.average).items():
         translators[name] = Translator.from_checkpoint(path, device=args.device)
