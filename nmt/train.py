@@ -6,6 +6,7 @@ module everything takes the typed :class:`nmt.config.Config`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -22,7 +23,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from nmt.config import Config, ConfigError, TrainConfig, register_schema, to_config
+from nmt.config import Config, ConfigError, register_schema, to_config
 
 if TYPE_CHECKING:
     from nmt.data import PreparedData
@@ -197,9 +198,9 @@ def main(dcfg: DictConfig) -> None:
 
     sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        if sweep:
-            sweep_job(dcfg)
         cfg = to_config(dcfg)
+        if sweep:
+            cfg = sweep_job(cfg)
         code = run(cfg)
     except (ConfigError, DataError, TrainingError, CheckpointError) as e:
         message = str(e)
@@ -241,20 +242,21 @@ def _check_run_dir(path: str) -> None:
         sys.exit(2)
 
 
-def sweep_job(dcfg: DictConfig) -> None:
-    """Set up one job of a sweep (``-m``): it trains in its own folder, run_dir/<job number>, with its
-    log beside. With train.resume=true a job that never started (an earlier one stopped the sweep)
-    starts now, so the same command continues the whole sweep."""
+def sweep_job(cfg: Config) -> Config:
+    """One job of a sweep (``-m``): it trains in its own folder, run_dir/<job number>, with its log
+    beside. With train.resume=true a job that never started (an earlier one stopped the sweep) starts
+    now, so the same command continues the whole sweep."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process group per process: jobs cannot share it
         raise ConfigError(
             "a sweep (-m) runs its jobs one after another in one process, and a torchrun process cannot "
             "set up its process group twice; start one torchrun per setting instead."
         )
-    dcfg.run_dir = HydraConfig.get().runtime.output_dir
-    latest = Path(dcfg.run_dir) / "checkpoints" / "latest.pt"
-    if TrainConfig(resume=str(dcfg.train.resume)).resume_latest and not latest.exists():
+    run_dir = HydraConfig.get().runtime.output_dir
+    train = cfg.train
+    if train.resume_latest and not (Path(run_dir) / "checkpoints" / "latest.pt").exists():
         log.info("job %s of the sweep has no checkpoint yet: it starts now", HydraConfig.get().job.num)
-        dcfg.train.resume = ""
+        train = dataclasses.replace(train, resume="")
+    return dataclasses.replace(cfg, run_dir=run_dir, train=train)
 
 
 def exit_finished_worker() -> None:
