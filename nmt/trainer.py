@@ -182,7 +182,7 @@ class Trainer:
             seed_everything(
                 int(np.random.SeedSequence([cfg.train.seed, self.dist.rank]).generate_state(1)[0])
             )
-        self.optimizer = build_optimizer(self.raw_model, cfg.train, self.device)
+        self.optimizer = build_optimizer(self.raw_model, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.state = TrainState()

@@ -66,7 +66,7 @@ d_model, FFN, heads, vocabulary, tied/shared embeddings, dropouts, activation, e
 sqrt(d)), trained on the same batches in the same precision with a plain loop: forward with
 ``decoder_input_ids`` = our ``tgt_in`` (the labels shifted right), the same ``label_smoothed_nll`` on
 its logits, backward, clipping, ``torch.optim.AdamW`` with the same hyper-parameters, the same
-foreach/fused choice and the same learning-rate schedule (so the losses are comparable too).
+fused implementation and the same learning-rate schedule (so the losses are comparable too).
 Marian differs by design: post-norm (ours is pre-norm with a final LayerNorm unless
 ``norm_first=false``), separate Q/K/V projections, a logits bias, sinusoidal positions with sin/cos
 halves instead of interleaved.
@@ -105,7 +105,7 @@ from nmt.device import resolve_device as nmt_resolve_device
 from nmt.device import resolve_dtype as nmt_resolve_dtype
 from nmt.loss import label_smoothed_nll
 from nmt.model import Transformer
-from nmt.optim import build_optimizer, build_scheduler
+from nmt.optim import adamw, build_optimizer, build_scheduler
 from nmt.runtime import compile_loss, compile_model, compiled_graph_count, keep_freed_memory_in_heap
 from nmt.trainer import loss_in_model
 
@@ -296,7 +296,7 @@ def build_ours(
     raw = Transformer(cfg, data.src_vocab, data.tgt_vocab, pad_id=PAD_ID).to(device)
     model = compile_model(raw) if args.compile else raw
     tcfg = train_config(args)
-    optimizer = build_optimizer(raw, tcfg, device)
+    optimizer = build_optimizer(raw, tcfg)
     params = [p for p in raw.parameters() if p.requires_grad]
     return Side(
         "nmt", model, lambda b: model(b.src, b.tgt_in), params, optimizer,
@@ -335,11 +335,9 @@ def build_hf(cfg: ModelConfig, data: BenchData, args: argparse.Namespace, device
     model = compile_model(raw) if args.compile else raw
     tcfg = train_config(args)
     params = [p for p in raw.parameters() if p.requires_grad]  # Marian's sinusoids are frozen parameters
-    fused = device.type == "cuda"  # the same choice as nmt.optim.build_optimizer
-    optimizer = torch.optim.AdamW(
-        params, lr=tcfg.lr, betas=tuple(tcfg.betas), eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay,
-        fused=fused, foreach=None if fused else True,
-    )  # fmt: skip
+    optimizer = adamw(  # the same implementation as nmt.optim.build_optimizer
+        params, lr=tcfg.lr, betas=tuple(tcfg.betas), eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay
+    )
 
     def logits(b: Batch) -> torch.Tensor:
         src_mask = b.src != PAD_ID  # (B, S)
