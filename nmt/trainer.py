@@ -11,7 +11,6 @@ same losses bit for bit as a run that never stopped.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import time
@@ -80,6 +79,45 @@ class TrainResult:
     last_valid: dict[str, float]
     # The signal that stopped the run (SIGTERM where another rank received it), else None.
     signal: int | None = None
+
+
+@dataclass
+class _Backward:
+    """A step whose gradients are computed (or queued): the sums over its target tokens."""
+
+    loss: torch.Tensor
+    nll: torch.Tensor
+    local_tokens: float
+    global_tokens: torch.Tensor | None  # DDP: over all ranks
+
+
+class _HostCopy:
+    """A small device tensor copied to the host without waiting: on CUDA into pinned memory, with an
+    event to wait for that copy alone; elsewhere the tensor itself, whose values are already there."""
+
+    def __init__(self, values: torch.Tensor) -> None:
+        self.event: Any = None
+        if values.device.type == "cuda":
+            self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self.host.copy_(values, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = values
+
+    def values(self) -> list[float]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
+@dataclass
+class _Step:
+    """An update applied (or skipped) on the device, whose numbers the host has not read yet."""
+
+    readings: _HostCopy  # loss sum, NLL sum, gradient norm, skipped (1/0)[, DDP: global tokens]
+    local_tokens: float
+    lr: float
 
 
 def check_resume_config(cfg: Config, saved: dict[str, Any], path: str | os.PathLike) -> None:
@@ -255,22 +293,26 @@ class Trainer:
         return loss_sum.detach(), nll_sum.detach()
 
     def train_step(self, batches: list[Batch]) -> dict[str, float] | None:
-        """One optimizer step over ``accum_steps`` micro-batches. Returns None if the step was skipped.
+        """One optimizer step over ``accum_steps`` micro-batches, read back at once. Returns None if the
+        step was skipped (a NaN/Inf loss or gradient).
 
         The loss is normalised by the number of target tokens in the whole step (all micro-batches,
         all ranks), so accumulating two half batches gives the same update as one full batch. DDP
         averages gradients over ranks, hence the factor world_size.
 
-        The host waits for the device once per step, to read the loss, NLL and gradient norm together
-        before deciding whether to apply the update.
+        :meth:`train` runs the same three parts, but reads each step's numbers only once the next
+        step's forward and backward passes are queued, so that the device never waits for the host.
         """
+        return self._read(self._update(self._backward(batches)))
+
+    def _backward(self, batches: list[Batch]) -> _Backward:
+        """Forward and backward passes of every micro-batch; nothing is read from the device."""
         local_tokens = float(sum(b.num_tgt_tokens for b in batches))  # counted at collate time: no sync
-        readings: list[torch.Tensor] = []  # read back together, after the backward passes
+        global_tokens: torch.Tensor | None = None
         scale: float | torch.Tensor
         if self.dist.enabled:
-            tokens_t = all_reduce_sum(torch.tensor(local_tokens, device=self.device), self.dist)
-            scale = self.dist.world_size / tokens_t.clamp(min=1.0)
-            readings.append(tokens_t)
+            global_tokens = all_reduce_sum(torch.tensor(local_tokens, device=self.device), self.dist)
+            scale = self.dist.world_size / global_tokens.clamp(min=1.0)
         else:
             # 1 / tokens rounded to float32 as the device would; no host-to-device copy.
             scale = float(np.float32(1.0) / np.float32(max(local_tokens, 1.0)))
@@ -279,38 +321,65 @@ class Trainer:
         for i, batch in enumerate(batches):
             loss_i, nll_i = self._micro_step(batch, scale, sync=i == len(batches) - 1)
             loss, nll = loss + loss_i, nll + nll_i
+        return _Backward(loss, nll, local_tokens, global_tokens)
+
+    def _update(self, work: _Backward) -> _Step:
+        """Clip, then apply the update unless the step is bad, decided on the device.
+
+        A step is skipped when its loss is not finite on some rank (every rank then skips it, or their
+        steps would count part of the batch), or its gradient is not: in fp16 the gradient scaler's
+        overflows are expected, so there the update is skipped but the step counts, as ``GradScaler``
+        does. The fused AdamW kernel takes the skip flag as ``found_inf``; an optimizer without one
+        makes the host read the flag first. The learning rate is the schedule's at this moment: the
+        previous step must have been read (:meth:`_read`) before this one is updated.
+        """
+        bad = (~torch.isfinite(work.loss)).float()
         if self.dist.enabled:
-            # Ranks whose loss is not finite: all ranks skip the step together, or their step counts part.
-            readings.append(all_reduce_sum((~torch.isfinite(loss)).to(loss.dtype), self.dist))
+            bad = (all_reduce_sum(bad, self.dist) > 0).float()
         self.scaler.unscale_(self.optimizer)
-        max_norm = self.cfg.train.clip_norm if self.cfg.train.clip_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
-        # The one host sync of the step: loss, NLL, gradient norm (DDP: global token count, bad ranks).
-        values = torch.stack([loss, nll, grad_norm.to(loss.dtype), *readings]).tolist()
-        loss_sum, nll_sum, norm = values[:3]
-        global_tokens, bad_ranks = values[3:5] if readings else (local_tokens, 0.0)
-        loss_value = loss_sum / max(local_tokens, 1.0)
-        finite = math.isfinite(loss_value) and bad_ranks == 0
-        if not finite or (not self.scaler.is_enabled() and not math.isfinite(norm)):
-            return self._skip_step(loss_value)
-        self.scaler.step(self.optimizer)  # skips the update itself if fp16 gradients overflowed
-        self.scaler.update()
+        params = [p for p in self.raw_model.parameters() if p.grad is not None]
+        if self.cfg.train.clip_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.clip_norm)
+        else:  # the norm only, for the log: clipping at infinity would rescale every gradient by 1
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        overflow = (~torch.isfinite(grad_norm)).float()
+        if not self.scaler.is_enabled():
+            bad = torch.maximum(bad, overflow)
+        skip_update = torch.maximum(bad, overflow)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this update uses
+        if self.optimizer.defaults.get("fused"):
+            self.optimizer.grad_scale, self.optimizer.found_inf = None, skip_update
+            self.optimizer.step()
+        elif not skip_update.item():  # no fused kernel for this device: the host decides
+            self.optimizer.step()
+        if self.scaler.is_enabled():
+            self.scaler.update()  # from the overflow unscale_ found: back off, or grow the scale
         self.optimizer.zero_grad(set_to_none=True)
-        lr = self.optimizer.param_groups[0]["lr"]  # the rate this update used
+        readings = [work.loss, work.nll, grad_norm.to(work.loss.dtype), bad]
+        if work.global_tokens is not None:
+            readings.append(work.global_tokens)
+        return _Step(_HostCopy(torch.stack(readings)), work.local_tokens, lr)
+
+    def _read(self, step: _Step) -> dict[str, float] | None:
+        """Wait for ``step`` (only: later work stays queued), then account for it: the schedule moves
+        on, or the step counts as skipped. Returns its statistics, or None if it was skipped."""
+        values = step.readings.values()
+        loss_sum, nll_sum, norm, bad = values[:4]
+        global_tokens = values[4] if len(values) > 4 else step.local_tokens
+        loss_value = loss_sum / max(step.local_tokens, 1.0)
+        if bad:
+            return self._skip_step(loss_value)
         self.scheduler.step()
         self._bad_steps = 0
         return {
             "loss": loss_value,
-            "nll": nll_sum / max(local_tokens, 1.0),
-            "lr": lr,
+            "nll": nll_sum / max(step.local_tokens, 1.0),
+            "lr": step.lr,
             "grad_norm": norm,
             "tokens": global_tokens,
         }
 
     def _skip_step(self, loss_value: float) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler.is_enabled():
-            self.scaler.update()
         self._bad_steps += 1
         log.warning(
             "non-finite loss or gradient at step %d (loss %s): step skipped (%d in a row)",
@@ -460,6 +529,12 @@ class Trainer:
         )
         self._stop_signal = signum
 
+    def _due(self, step: int) -> bool:
+        """Whether something follows optimizer step ``step``: a log line, a validation, the end. Such a
+        step is read at once; any other is read during the next one."""
+        t = self.cfg.train
+        return step % t.log_every == 0 or step % t.valid_every == 0 or step >= t.max_steps
+
     def _should_stop(self, start_time: float, start_elapsed: float) -> str | None:
         """Why training stops now, or None. Every rank gets the same answer: steps and epochs are the
         same on all of them, and a signal or the time limit on any one rank stops them all (each rank
@@ -545,14 +620,27 @@ class Trainer:
         start, start_elapsed = time.monotonic(), self.state.elapsed_sec
         metrics: dict[str, float] = {}
         window_tokens, window_start = 0.0, time.monotonic()
-        reason = self._should_stop(start, start_elapsed)
-        while reason is None:
-            stats = self.train_step([next(stream) for _ in range(t.accum_steps)])
-            self.state.elapsed_sec = start_elapsed + time.monotonic() - start
+        pending: _Step | None = None  # updated on the device, not read yet
+
+        def count(stats: dict[str, float] | None) -> None:
+            nonlocal window_tokens
             if stats is not None:
                 self.state.step += 1
                 self.state.losses.append(stats["loss"])
                 window_tokens += stats["tokens"]
+
+        reason = self._should_stop(start, start_elapsed)
+        while reason is None:
+            work = self._backward([next(stream) for _ in range(t.accum_steps)])
+            if pending is not None:  # the host waits for it while the device runs the passes above
+                count(self._read(pending))
+                pending = None
+            step = self._update(work)
+            self.state.elapsed_sec = start_elapsed + time.monotonic() - start
+            if not self._due(self.state.step + 1):
+                pending = step  # read once the next step's passes are queued
+            elif (stats := self._read(step)) is not None:
+                count(stats)
                 if self.state.step % t.log_every == 0 or self.state.step == t.max_steps:
                     now = time.monotonic()
                     stats["tokens_per_sec"] = window_tokens / max(now - window_start, 1e-9)
@@ -566,6 +654,9 @@ class Trainer:
                         reason = f"no improvement in {t.patience} validations (train.patience)"
                         break
             reason = self._should_stop(start, start_elapsed)
+            if reason is not None and pending is not None:
+                count(self._read(pending))
+                pending = None
         progress.close()
         if self.state.step % t.valid_every != 0 and reason != "interrupted by a signal":
             metrics, _ = self._validate_and_save()

@@ -13,8 +13,9 @@ fp32, as in the trainer, nmt's forward computes the loss itself without a logits
 ``nmt.trainer.loss_in_model``) ("forward"), backward of the loss divided by the batch's target
 tokens ("backward"), then gradient clipping, the AdamW step of ``nmt.optim.build_optimizer``,
 zero_grad and the schedule ("optimizer").
-Unlike the trainer, the timed loop never reads a value back from the device: the per-step losses are
-kept on the device and read once, after the last step.
+The timed loop never reads a value back from the device: the per-step losses are kept on the device
+and read once, after the last step. (The trainer reads each step's numbers one step late, once the
+next step's passes are queued, which likewise leaves the device nothing to wait for.)
 
 Timing. ``--warmup`` untimed steps, then ``--steps`` timed steps; throughput is the median over the
 timed steps of (tokens of the step / time of the step). On CUDA, step boundaries are CUDA events, so

@@ -251,9 +251,13 @@ def test_the_first_checkpoint_failing_says_nothing_was_saved(toy_dir, tmp_path, 
         make_trainer(tiny_config(toy_dir, tmp_path / "run", max_steps=6, valid_every=2)).train()
 
 
-def test_nan_loss_skips_the_step_then_aborts(toy_dir, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-adamw", "foreach-adamw"])
+def test_nan_loss_skips_the_step_then_aborts(fused, toy_dir, tmp_path, monkeypatch, caplog):
     cfg = tiny_config(toy_dir, tmp_path / "run", max_bad_steps=3)
     trainer = make_trainer(cfg)
+    assert trainer.optimizer.defaults["fused"], "the CPU takes the fused kernel, which skips on the device"
+    if not fused:  # a device without a fused kernel: the host reads the flag before the update
+        trainer.optimizer = torch.optim.AdamW(trainer.optimizer.param_groups, foreach=True)
     before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
     decoder = trainer.raw_model.decoder
     real_forward = decoder.forward
@@ -266,6 +270,98 @@ def test_nan_loss_skips_the_step_then_aborts(toy_dir, tmp_path, monkeypatch, cap
         assert torch.equal(v, before[k]), f"{k} changed by a skipped step"
     with pytest.raises(TrainingError, match="3 steps in a row"):
         trainer.train_step([next(stream)])
+
+
+def _record_calls(trainer: Trainer, names: list[str]) -> list[str]:
+    calls: list[str] = []
+    for name in names:
+        real = getattr(trainer, name)
+
+        def wrapped(*args, _real=real, _name=name):
+            calls.append(_name)
+            return _real(*args)
+
+        setattr(trainer, name, wrapped)
+    return calls
+
+
+def test_train_reads_a_step_only_after_queueing_the_next_steps_passes(toy_dir, tmp_path):
+    """The host reads step N's loss once step N+1's forward and backward are queued, so a GPU is never
+    left idle while the host waits for it; a step that is logged, validated or last is read at once."""
+    cfg = tiny_config(toy_dir, tmp_path / "run", max_steps=6, log_every=4, valid_every=6)
+    trainer = make_trainer(cfg)
+    calls = _record_calls(trainer, ["_backward", "_update", "_read", "_validate_and_save"])
+    assert trainer.train().state.step == 6
+    b, u, r, v = "_backward", "_update", "_read", "_validate_and_save"
+    assert calls == [
+        *[b, u],  # step 1: read during step 2
+        *[b, r, u],  # step 2
+        *[b, r, u],  # step 3: step 4 is logged, so read at once
+        *[b, r, u, r],  # step 4
+        *[b, u],  # step 5
+        *[b, r, u, r, v],  # step 6: the last, validated
+    ]
+
+
+def test_train_gives_the_same_steps_as_reading_every_step_at_once(toy_dir, tmp_path, monkeypatch):
+    """Reading a step late changes nothing: the same updates, losses and skipped step as train_step()
+    one step at a time, a NaN step included (skipped on the device, its Adam step count undone)."""
+    cfg = tiny_config(toy_dir, tmp_path / "run", max_steps=6, log_every=100, valid_every=100)
+
+    def make(run: str) -> Trainer:
+        trainer = make_trainer(dataclasses.replace(cfg, run_dir=str(tmp_path / run)))
+        decoder, calls = trainer.raw_model.decoder, [0]
+        real_forward = decoder.forward
+
+        def forward(*args, **kwargs):
+            calls[0] += 1
+            out = real_forward(*args, **kwargs)
+            return out * float("nan") if calls[0] == 3 and decoder.training else out
+
+        monkeypatch.setattr(decoder, "forward", forward)
+        return trainer
+
+    late = make("late")
+    result = late.train()
+    at_once = make("at-once")
+    stream, losses = at_once._batch_stream(), []
+    while len(losses) < 6:
+        stats = at_once.train_step([next(stream)])
+        if stats is not None:
+            losses.append(stats["loss"])
+    assert result.state.step == 6 and result.state.losses == losses  # exact: the same arithmetic
+    assert late.sampler.state_dict() == at_once.sampler.state_dict()  # 7 batches each, one skipped
+    assert late.weight_checksum() == at_once.weight_checksum()
+    assert late.scheduler.last_epoch == at_once.scheduler.last_epoch == 6
+    adam_steps = {float(s["step"]) for s in late.optimizer.state.values()}
+    assert adam_steps == {6.0}, "the skipped update advanced Adam's step count"
+
+
+def test_gradient_scaler_overflow_skips_the_update_but_counts_the_step(toy_dir, tmp_path, caplog):
+    """fp16's gradient scaler (here on the CPU): an overflow in the scaled gradients is expected early
+    on. The update is skipped and the scale backs off, but the step counts and nothing is logged as
+    bad, as with GradScaler.step; the next step, without overflow, updates the weights."""
+    trainer = make_trainer(tiny_config(toy_dir, tmp_path / "run", max_bad_steps=1))
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    overflows = [2]  # the next two backward passes overflow in one weight's gradient
+
+    def overflow(grad):
+        if overflows[0] > 0:
+            overflows[0] -= 1
+            return grad * float("inf")
+        return grad
+
+    next(trainer.raw_model.parameters()).register_hook(overflow)
+    before = trainer.weight_checksum()
+    stream = trainer._batch_stream()
+    for scale in (512.0, 256.0):
+        stats = trainer.train_step([next(stream)])
+        assert stats is not None and math.isfinite(stats["loss"]) and not math.isfinite(stats["grad_norm"])
+        assert trainer.weight_checksum() == before and trainer.scaler.get_scale() == scale
+    assert trainer.scheduler.last_epoch == 2 and "skipped" not in caplog.text
+    stats = trainer.train_step([next(stream)])
+    assert stats is not None and math.isfinite(stats["grad_norm"]) and trainer.weight_checksum() != before
+    assert {float(s["step"]) for s in trainer.optimizer.state.values()} == {1.0}  # one update applied
 
 
 def test_tensorboard_has_the_documented_tags(toy_dir, tmp_path):
