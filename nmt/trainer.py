@@ -115,7 +115,8 @@ class _HostCopy:
 class _Step:
     """An update applied (or skipped) on the device, whose numbers the host has not read yet."""
 
-    readings: _HostCopy  # loss sum, NLL sum, gradient norm, skipped (1/0)[, DDP: global tokens]
+    # loss sum, NLL sum, gradient norm, skipped (1/0)[, DDP: global tokens, any rank signalled, out of time]
+    readings: _HostCopy
     local_tokens: float
     lr: float
 
@@ -241,6 +242,7 @@ class Trainer:
         )
         self._stop_signal: int | None = None
         self._bad_steps = 0
+        self._agreed_stop: tuple[bool, bool] | None = None  # DDP: stop flags, as of the last step read
         self._saved_step: int | None = None  # the step latest.pt holds, once this run wrote or resumed it
 
     def log_to(self, writer: Any) -> None:
@@ -323,7 +325,7 @@ class Trainer:
             loss, nll = loss + loss_i, nll + nll_i
         return _Backward(loss, nll, local_tokens, global_tokens)
 
-    def _update(self, work: _Backward) -> _Step:
+    def _update(self, work: _Backward, stop_flags: tuple[bool, bool] = (False, False)) -> _Step:
         """Clip, then apply the update unless the step is bad, decided on the device.
 
         A step is skipped when its loss is not finite on some rank (every rank then skips it, or their
@@ -332,10 +334,17 @@ class Trainer:
         does. The fused AdamW kernel takes the skip flag as ``found_inf``; an optimizer without one
         makes the host read the flag first. The learning rate is the schedule's at this moment: the
         previous step must have been read (:meth:`_read`) before this one is updated.
+
+        Under DDP this rank's ``stop_flags`` (a signal received, the time limit reached) travel in the
+        all-reduce of the bad-loss flag, and every rank reads the sums with the step: see
+        :meth:`_should_stop`.
         """
         bad = (~torch.isfinite(work.loss)).float()
+        agreed: list[torch.Tensor] = []
         if self.dist.enabled:
-            bad = (all_reduce_sum(bad, self.dist) > 0).float()
+            flags = torch.tensor([0.0, *stop_flags], device=self.device)
+            flags[0] = bad
+            bad, *agreed = (all_reduce_sum(flags, self.dist) > 0).float().unbind()
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
         if self.cfg.train.clip_norm > 0:
@@ -357,7 +366,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         readings = [work.loss, work.nll, grad_norm.to(work.loss.dtype), bad]
         if work.global_tokens is not None:
-            readings.append(work.global_tokens)
+            readings += [work.global_tokens, *agreed]
         return _Step(_HostCopy(torch.stack(readings)), work.local_tokens, lr)
 
     def _read(self, step: _Step) -> dict[str, float] | None:
@@ -366,6 +375,8 @@ class Trainer:
         values = step.readings.values()
         loss_sum, nll_sum, norm, bad = values[:4]
         global_tokens = values[4] if len(values) > 4 else step.local_tokens
+        if len(values) > 4:  # DDP: whether any rank was signalled or out of time when it took this step
+            self._agreed_stop = (values[5] > 0, values[6] > 0)
         loss_value = loss_sum / max(step.local_tokens, 1.0)
         if bad:
             return self._skip_step(loss_value)
@@ -535,14 +546,27 @@ class Trainer:
         t = self.cfg.train
         return step % t.log_every == 0 or step % t.valid_every == 0 or step >= t.max_steps
 
+    def _stop_flags(self, start_time: float, start_elapsed: float) -> tuple[bool, bool]:
+        """This rank's own view: a signal received, the time limit reached (by its own clock)."""
+        t = self.cfg.train
+        elapsed = start_elapsed + time.monotonic() - start_time
+        return self._stop_signal is not None, bool(t.max_time_min) and elapsed >= t.max_time_min * 60
+
     def _should_stop(self, start_time: float, start_elapsed: float) -> str | None:
         """Why training stops now, or None. Every rank gets the same answer: steps and epochs are the
         same on all of them, and a signal or the time limit on any one rank stops them all (each rank
-        reads its own clock; deciding alone, one would wait in a collective the others never reach)."""
+        reads its own clock; deciding alone, one would wait in a collective the others never reach).
+
+        Under DDP the ranks agree through the flags each sent with its last step read (:meth:`_update`),
+        so a stop comes a step or two after the signal, without a collective and a wait of its own;
+        before the first step, through one all-reduce.
+        """
         t = self.cfg.train
-        elapsed = start_elapsed + time.monotonic() - start_time
-        time_up = bool(t.max_time_min) and elapsed >= t.max_time_min * 60
-        signalled, time_up = any_flags([self._stop_signal is not None, time_up], self.dist, self.device)
+        flags = self._stop_flags(start_time, start_elapsed)
+        if self.dist.enabled and self._agreed_stop is not None:
+            signalled, time_up = self._agreed_stop
+        else:
+            signalled, time_up = any_flags(list(flags), self.dist, self.device)
         if signalled:
             return "interrupted by a signal"
         if self.state.step >= t.max_steps:
@@ -635,7 +659,9 @@ class Trainer:
             if pending is not None:  # the host waits for it while the device runs the passes above
                 count(self._read(pending))
                 pending = None
-            step = self._update(work)
+            step = self._update(
+                work, self._stop_flags(start, start_elapsed) if self.dist.enabled else (False, False)
+            )
             self.state.elapsed_sec = start_elapsed + time.monotonic() - start
             if not self._due(self.state.step + 1):
                 pending = step  # read once the next step's passes are queued

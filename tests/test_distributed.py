@@ -206,6 +206,10 @@ def _disagreeing_rank(rank: int, port: int, cfg, results: str, scenario: str) ->
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     trainer = Trainer(cfg, prepare_data(cfg.data), Path(cfg.run_dir), dist=DistInfo(rank, 0, 2))
+    import nmt.trainer
+
+    any_flags, stop_checks = nmt.trainer.any_flags, []  # collectives that only agree on stopping
+    nmt.trainer.any_flags = lambda *args: stop_checks.append(1) or any_flags(*args)
     if scenario == "nan_on_one_rank":
         # fp16 on CUDA turns the gradient scaler on; the scaler skips an update with inf gradients itself.
         trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1.0, enabled=True)
@@ -218,6 +222,18 @@ def _disagreeing_rank(rank: int, port: int, cfg, results: str, scenario: str) ->
                 if rank == 1 and calls[0] == 2:
                     loss_sum = loss_sum * float("nan")  # this rank's batch overflowed
             return loss_sum, nll_sum
+
+        trainer._loss = loss
+    elif scenario == "signal_on_one_rank":  # e.g. a scheduler's SIGTERM that reached one node first
+        import signal
+
+        loss_of, calls = trainer._loss, [0]
+
+        def loss(model, batch, *args):
+            calls[0] += 1
+            if rank == 1 and calls[0] == 3:
+                trainer._handle_signal(signal.SIGTERM, None)
+            return loss_of(model, batch, *args)
 
         trainer._loss = loss
     elif scenario == "validation_fails":  # on rank 0, the only one that validates
@@ -244,6 +260,7 @@ def _disagreeing_rank(rank: int, port: int, cfg, results: str, scenario: str) ->
     except Exception as e:
         outcome = [trainer.state.step, f"{type(e).__name__}: {e}"]
     Path(results, f"rank{rank}.json").write_text(json.dumps(outcome))
+    Path(results, f"rank{rank}-stop-checks.txt").write_text(str(len(stop_checks)))
     dist.destroy_process_group()
     _leave()
 
@@ -257,10 +274,11 @@ def _leave() -> None:
     exit_finished_worker()
 
 
-@pytest.mark.parametrize("scenario", ["nan_on_one_rank", "clocks_apart"])
+@pytest.mark.parametrize("scenario", ["nan_on_one_rank", "clocks_apart", "signal_on_one_rank"])
 def test_ranks_that_disagree_still_stop_together(tmp_path, scenario):
-    """A non-finite loss on one rank only, or one rank's clock passing train.max_time_min first: every
-    rank must skip or stop at the same step, or they wait forever in collectives that never match."""
+    """A non-finite loss on one rank only, one rank's clock passing train.max_time_min first, or one
+    rank receiving SIGTERM: every rank must skip or stop at the same step, or they wait forever in
+    collectives that never match."""
     import json
     import socket
 
@@ -269,7 +287,7 @@ def test_ranks_that_disagree_still_stop_together(tmp_path, scenario):
     from nmt.data import prepare_data
 
     toy = write_toy_corpus(tmp_path / "toy")
-    limits = dict(max_steps=8) if scenario == "nan_on_one_rank" else dict(max_steps=10_000, max_time_min=0.05)
+    limits = dict(max_steps=10_000, max_time_min=0.05) if scenario == "clocks_apart" else dict(max_steps=8)
     cfg = tiny_config(toy, tmp_path / "run", valid_every=10_000, keep_last=0, **limits)
     prepare_data(cfg.data)  # fill the cache once, before the ranks read it
     with socket.socket() as s:
@@ -278,8 +296,17 @@ def test_ranks_that_disagree_still_stop_together(tmp_path, scenario):
     mp.spawn(_disagreeing_rank, args=(port, cfg, str(tmp_path), scenario), nprocs=2, join=True)
     steps = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert steps[0] == steps[1], steps
+    # The ranks agree on stopping through the all-reduce of each step read: a collective of its own
+    # only before the first step and after it (that step is read during the second).
+    assert [(tmp_path / f"rank{r}-stop-checks.txt").read_text() for r in (0, 1)] == ["2", "2"]
     if scenario == "nan_on_one_rank":
         assert steps[0] == [8, "reached train.max_steps=8"]
+    elif scenario == "signal_on_one_rank":  # signalled in step 3; each rank then saved and stopped
+        from nmt.checkpoint import load_checkpoint
+
+        assert steps[0][1] == "interrupted by a signal" and 3 <= steps[0][0] < 8, steps
+        saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")
+        assert saved["train_state"]["step"] == steps[0][0]
     else:
         assert steps[0][1] == "reached train.max_time_min=0.05"
 
