@@ -16,6 +16,8 @@ zero_grad and the schedule ("optimizer").
 The timed loop never reads a value back from the device: the per-step losses are kept on the device
 and read once, after the last step. (The trainer reads each step's numbers one step late, once the
 next step's passes are queued, which likewise leaves the device nothing to wait for.)
+``--read-every-step`` reads the loss and gradient norm before each update, as the trainer did before
+(docs/performance.md, log item 22): on CUDA the difference is what that wait cost.
 
 Timing. ``--warmup`` untimed steps, then ``--steps`` timed steps; throughput is the median over the
 timed steps of (tokens of the step / time of the step). On CUDA, step boundaries are CUDA events, so
@@ -414,6 +416,7 @@ class StepRunner:
     dtype: torch.dtype
     label_smoothing: float
     clip_norm: float
+    read_every_step: bool = False  # --read-every-step
     scaler: torch.amp.GradScaler = field(init=False)
 
     def __post_init__(self) -> None:
@@ -441,7 +444,9 @@ class StepRunner:
         self.scaler.scale(loss_sum / max(batch.num_tgt_tokens, 1)).backward()
         mark("backward")
         self.scaler.unscale_(self.side.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.side.params, self.clip_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.side.params, self.clip_norm)
+        if self.read_every_step:  # the host waits for the device, as the trainer did before log item 22
+            torch.stack([loss_sum.detach().float(), grad_norm.float()]).tolist()
         self.scaler.step(self.side.optimizer)
         self.scaler.update()
         self.side.optimizer.zero_grad(set_to_none=True)
@@ -503,7 +508,9 @@ class Measurement:
     def __init__(self, side: Side, data: BenchData, args: argparse.Namespace, device, dtype) -> None:
         tcfg = train_config(args)
         self.side, self.device, self.seed = side, device, args.seed
-        self.runner = StepRunner(side, data.collate, device, dtype, tcfg.label_smoothing, tcfg.clip_norm)
+        self.runner = StepRunner(
+            side, data.collate, device, dtype, tcfg.label_smoothing, tcfg.clip_norm, args.read_every_step
+        )
         self.steps = StepClock(device)
         # On CPU every op is synchronous, so phase times cost nothing: take them in the timed pass.
         self.phases = PhaseClock(device, sync=False) if device.type == "cpu" else None
@@ -705,6 +712,7 @@ def metadata(args, cfg: ModelConfig, data: BenchData, device: torch.device, dtyp
         "compile": args.compile,
         "cudnn_attention": args.cudnn_attention if device.type == "cuda" else None,
         "interleave": args.interleave,
+        "read_every_step": args.read_every_step,
         "model": args.model,
         "model_config": dict(vars(cfg)),
         "data": data.description,
@@ -805,7 +813,8 @@ def describe_run(meta: dict) -> str:
         f"{meta['model']}: d={cfg['d_model']} ffn={cfg['ffn_dim']} heads={cfg['n_heads']} "
         f"layers={cfg['enc_layers']}+{cfg['dec_layers']} vocab={meta['tgt_vocab']} | {meta['device']} "
         f"({meta['device_type']}, {meta['threads']} threads) {meta['precision']}"
-        f"{' compiled' if meta['compile'] else ''} | {meta['data']} | max_tokens={meta['max_tokens']}, "
+        f"{' compiled' if meta['compile'] else ''}"
+        f"{', read every step' if meta.get('read_every_step') else ''} | {meta['data']} | max_tokens={meta['max_tokens']}, "
         f"padding efficiency {100 * meta['padding_efficiency']:.1f}% | {meta['warmup_steps']} warm-up + "
         f"{meta['timed_steps']} timed steps | malloc {meta['malloc']} | torch {meta['torch']}"
     )
@@ -862,6 +871,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--breakdown", action="store_true", help="CUDA: extra synchronised pass for phase times")
     p.add_argument("--compare-hf", action="store_true", help="also train transformers' MarianMTModel")
     p.add_argument("--interleave", action="store_true", help="alternate the sides' timed steps (noisy hosts)")
+    p.add_argument(
+        "--read-every-step", action="store_true",
+        help="read the loss and gradient norm back before each update (what a per-step host sync costs)",
+    )  # fmt: skip
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs; CPU: n/a)")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="torch.profiler table over N steps")
     p.add_argument("--json", help="write the results here")

@@ -3,11 +3,12 @@
 #
 #   bash scripts/gpu_benchmarks.sh [--out DIR] [--data DIR] [--dry-run] [PART ...]
 #
-# PARTs, in this order by default (their time limits add up to 55 minutes; each fits in 10 minutes):
+# PARTs, in this order by default (their time limits add up to 60 minutes; each fits in 10 minutes):
 #   tests          tests/test_cuda.py: training and decoding on the GPU (autocast dtype, checkpoints, search)
 #   loss           scripts/benchmark_loss.py: the loss over bf16 logits, eager against compiled (minutes)
 #   train-base     scripts/benchmark.py, base against MarianMTModel, eager, bf16 (WMT-like batches)
 #   train-big      the same for big
+#   sync-base      train-base's nmt side with --read-every-step: what a host sync in every step costs
 #   compiled-base  base with --compile (torch.compile, both sides; warm-up time and graphs reported)
 #   compiled-big   the same for big
 #   batch-base     base with 32,768-token batches, eager
@@ -42,7 +43,7 @@ while (($#)); do
         *) PARTS+=("$1"); shift ;;
     esac
 done
-ALL=(tests loss train-base train-big compiled-base compiled-big batch-base recipe decode)
+ALL=(tests loss train-base train-big sync-base compiled-base compiled-big batch-base recipe decode)
 ((${#PARTS[@]})) || PARTS=("${ALL[@]}")
 for part in "${PARTS[@]}"; do
     [[ " ${ALL[*]} " == *" $part "* ]] || { echo "unknown part: $part (one of: ${ALL[*]})"; exit 2; }
@@ -91,6 +92,10 @@ for part in "${PARTS[@]}"; do
         compiled-base | compiled-big)  # the log names the cause of any recompilation
             TORCH_LOGS=recompiles run "$part" 540 "${BENCH[@]}" --model "${part#compiled-}" \
                 --max-tokens 16384 --compare-hf --compile --json "$OUT/$part.json"
+            ;;
+        sync-base)
+            run sync-base 300 "${BENCH[@]}" --model base --max-tokens 16384 --read-every-step \
+                --json "$OUT/sync-base.json"
             ;;
         batch-base)
             run batch-base 300 "${BENCH[@]}" --model base --max-tokens 32768 --compare-hf \

@@ -56,6 +56,21 @@ def test_mfu_uses_the_given_peak(tmp_path):
     assert ours["mfu"] == pytest.approx(ours["achieved_tflops"] / 2.0)
 
 
+def test_read_every_step_reads_back_before_every_update(monkeypatch):
+    """--read-every-step adds one read from the device to every step (warm-up and timed), and the run
+    says so; without it, steps read nothing until the end."""
+    reads, tolist = [], torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(self.numel()) or tolist(self))
+    benchmark.main(TINY_RUN)
+    without, reads[:] = list(reads), []
+    result = benchmark.main([*TINY_RUN, "--read-every-step"])
+    assert result["meta"]["read_every_step"]
+    extra = list(reads)
+    for n in without:
+        extra.remove(n)
+    assert extra == [2] * 4  # loss and gradient norm, in 1 warm-up + 3 timed steps
+
+
 def test_compiled_run_reports_the_graphs_it_compiled(traced_graphs, capsys):
     result = benchmark.main([*TINY_RUN, "--compile", "--warmup", "2", "--steps", "4"])
     ours = result["ours"]

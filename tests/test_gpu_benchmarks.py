@@ -17,6 +17,7 @@ PARTS = [
     "loss",
     "train-base",
     "train-big",
+    "sync-base",
     "compiled-base",
     "compiled-big",
     "batch-base",
