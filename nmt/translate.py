@@ -315,19 +315,24 @@ def open_output(path: str | None) -> Iterator[TextIO]:
                 os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))
         except OSError as e:
             raise OSError(f"cannot write the translations to {path} ({e.strerror or e})") from e
+        raw = open(fd, "wb", buffering=0)
         if path.endswith(".gz"):  # compressed, as a .gz --input is read
-            os.close(fd)
-            f = gzip.open(tmp, "wt", encoding="utf-8", newline="\n")
+            # The header names the file (not the temporary one) and no time: the same translations
+            # give the same bytes, as with `gzip -n`.
+            gz = gzip.GzipFile(filename=target.name, mode="wb", fileobj=raw, mtime=0)
+            f = io.TextIOWrapper(gz, encoding="utf-8", newline="\n")
         else:
-            f = open(fd, "w", encoding="utf-8", newline="\n")
+            f = io.TextIOWrapper(io.BufferedWriter(raw), encoding="utf-8", newline="\n")
         try:
             with _written(f, path) as out:
                 yield out
+            raw.close()  # unbuffered: everything is written once f is closed
             try:
                 os.replace(tmp, target)
             except OSError as e:
                 raise _output_error(path, e) from e
         finally:
+            raw.close()
             tmp.unlink(missing_ok=True)
         return
     out = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", newline="\n", write_through=True)

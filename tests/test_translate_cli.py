@@ -424,6 +424,12 @@ def test_a_gz_output_is_compressed_as_a_gz_input_is_read(checkpoint, tmp_path):
     assert main([*base, "--output", str(tmp_path / "out.de")]) == 0
     assert gzip.decompress(out.read_bytes()) == (tmp_path / "out.de").read_bytes()
     assert len((tmp_path / "out.de").read_text(encoding="utf-8").splitlines()) == len(SENTENCES)
+    # The header names the file, not the temporary one it was written as, and holds no time (RFC 1952:
+    # flags byte 3, mtime bytes 4-7, the name from byte 10), so a second run writes the same bytes.
+    first = out.read_bytes()
+    assert first[3] & 0x08 and first[4:8] == bytes(4) and first[10:17] == b"out.de\0"
+    assert main([*base, "--output", str(out)]) == 0
+    assert out.read_bytes() == first
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
