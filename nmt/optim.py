@@ -37,10 +37,27 @@ def adamw(params: Any, **hyper: Any) -> torch.optim.AdamW:
     foreach at 6.7M parameters), and the update can be skipped on the device (``found_inf``), so the
     trainer need not wait for the device before deciding (:meth:`nmt.trainer.Trainer.train_step`).
     """
-    try:
+    params = list(params)
+    tensors = [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
+    if all(p.device.type in fused_devices() for p in tensors):
         return torch.optim.AdamW(params, fused=True, **hyper)
-    except RuntimeError:  # no fused kernel for this device
-        return torch.optim.AdamW(params, foreach=True, **hyper)
+    return torch.optim.AdamW(params, foreach=True, **hyper)
+
+
+def fused_devices() -> list[str]:
+    """Device types with a fused AdamW kernel. (AdamW(fused=True) accepts any device when it is built
+    and fails at its first step on one without.)"""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # a private helper: should it move, the device types it names today
+        return ["cuda", "cpu", "mps", "xpu"]
+    return _get_fused_kernels_supported_devices()
+
+
+def is_fused(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every parameter group runs the fused kernel. Per group: loading a state dict brings back
+    the groups' settings, and a checkpoint written with foreach would bring foreach back."""
+    return all(group.get("fused") for group in optimizer.param_groups)
 
 
 def lr_multiplier(step: int, cfg: TrainConfig) -> float:

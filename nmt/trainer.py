@@ -40,7 +40,7 @@ from nmt.distributed import (
 from nmt.evaluate import bleu_tokenizer
 from nmt.loss import label_smoothed_nll
 from nmt.model import Transformer
-from nmt.optim import build_optimizer, build_scheduler, lr_multiplier
+from nmt.optim import build_optimizer, build_scheduler, is_fused, lr_multiplier
 from nmt.runtime import (
     Progress,
     compile_loss,
@@ -101,7 +101,7 @@ class _HostCopy:
             self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
             self.host.copy_(values, non_blocking=True)
             self.event = torch.cuda.Event()
-            self.event.record()
+            self.event.record(torch.cuda.current_stream(values.device))  # the copy's stream
         else:
             self.host = values
 
@@ -313,7 +313,8 @@ class Trainer:
         global_tokens: torch.Tensor | None = None
         scale: float | torch.Tensor
         if self.dist.enabled:
-            global_tokens = all_reduce_sum(torch.tensor(local_tokens, device=self.device), self.dist)
+            # torch.full, not torch.tensor: a copy from the host would wait for the device's queue.
+            global_tokens = all_reduce_sum(torch.full((), local_tokens, device=self.device), self.dist)
             scale = self.dist.world_size / global_tokens.clamp(min=1.0)
         else:
             # 1 / tokens rounded to float32 as the device would; no host-to-device copy.
@@ -342,8 +343,7 @@ class Trainer:
         bad = (~torch.isfinite(work.loss)).float()
         agreed: list[torch.Tensor] = []
         if self.dist.enabled:
-            flags = torch.tensor([0.0, *stop_flags], device=self.device)
-            flags[0] = bad
+            flags = torch.stack([bad, *(torch.full((), float(f), device=self.device) for f in stop_flags)])
             bad, *agreed = (all_reduce_sum(flags, self.dist) > 0).float().unbind()
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
@@ -356,9 +356,12 @@ class Trainer:
             bad = torch.maximum(bad, overflow)
         skip_update = torch.maximum(bad, overflow)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this update uses
-        if self.optimizer.defaults.get("fused"):
+        if is_fused(self.optimizer):
             self.optimizer.grad_scale, self.optimizer.found_inf = None, skip_update
-            self.optimizer.step()
+            try:
+                self.optimizer.step()
+            finally:  # as GradScaler.step does: no later step() may find a stale flag
+                del self.optimizer.grad_scale, self.optimizer.found_inf
         elif not skip_update.item():  # no fused kernel for this device: the host decides
             self.optimizer.step()
         if self.scaler.is_enabled():
@@ -485,6 +488,8 @@ class Trainer:
             raise TrainingError(
                 f"{path} does not fit this model config ({first_line}); resume with the run's own config."
             ) from None
+        for group in state["optimizer"]["param_groups"]:  # this run's implementation, not the saved one
+            group.update(fused=self.optimizer.defaults["fused"], foreach=self.optimizer.defaults["foreach"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self._apply_optimizer_settings(state["config"].get("train", {}))

@@ -8,7 +8,7 @@
 #   loss           scripts/benchmark_loss.py: the loss over bf16 logits, eager against compiled (minutes)
 #   train-base     scripts/benchmark.py, base against MarianMTModel, eager, bf16 (WMT-like batches)
 #   train-big      the same for big
-#   sync-base      train-base's nmt side with --read-every-step: what a host sync in every step costs
+#   sync-base      base with --read-every-step: what a host wait in every step costs (against train-base)
 #   compiled-base  base with --compile (torch.compile, both sides; warm-up time and graphs reported)
 #   compiled-big   the same for big
 #   batch-base     base with 32,768-token batches, eager

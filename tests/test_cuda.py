@@ -69,3 +69,23 @@ def test_training_resumes_on_cuda(toy_dir, tmp_path, cudnn_attention_restored):
     assert all(math.isfinite(loss) for loss in second.state.losses)
     steps = {s["step"].item() for s in trainer.optimizer.state.values()}
     assert steps == {6.0} and all(p.is_cuda for p in trainer.raw_model.parameters())
+
+
+def test_a_training_step_is_queued_without_waiting_for_the_gpu(toy_dir, tmp_path, cudnn_attention_restored):
+    """Forward, backward, clipping, the skip decision and the update, and the copy of the step's numbers
+    for the host, are queued without the host waiting for the GPU: CUDA's sync debug mode raises at any
+    wait. (The trainer then reads step N once step N+1 is queued.)"""
+    cfg = tiny_config(toy_dir, tmp_path / "run", device="cuda", precision="auto")
+    trainer = make_trainer(cfg)
+    stream = trainer._batch_stream()
+    assert trainer.train_step([next(stream)]) is not None  # set-up: kernels, optimizer state, buffers
+    batches = [next(stream) for _ in range(3)]
+    steps = []
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for batch in batches:
+            steps.append(trainer._update(trainer._backward([batch])))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    stats = [trainer._read(step) for step in steps]
+    assert all(s is not None and math.isfinite(s["loss"]) and math.isfinite(s["grad_norm"]) for s in stats)

@@ -257,7 +257,8 @@ def test_nan_loss_skips_the_step_then_aborts(fused, toy_dir, tmp_path, monkeypat
     trainer = make_trainer(cfg)
     assert trainer.optimizer.defaults["fused"], "the CPU takes the fused kernel, which skips on the device"
     if not fused:  # a device without a fused kernel: the host reads the flag before the update
-        trainer.optimizer = torch.optim.AdamW(trainer.optimizer.param_groups, foreach=True)
+        params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+        trainer.optimizer = torch.optim.AdamW(params, foreach=True)
     before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
     decoder = trainer.raw_model.decoder
     real_forward = decoder.forward
@@ -362,6 +363,27 @@ def test_gradient_scaler_overflow_skips_the_update_but_counts_the_step(toy_dir, 
     stats = trainer.train_step([next(stream)])
     assert stats is not None and math.isfinite(stats["grad_norm"]) and trainer.weight_checksum() != before
     assert {float(s["step"]) for s in trainer.optimizer.state.values()} == {1.0}  # one update applied
+
+
+def test_a_checkpoint_of_a_foreach_optimizer_resumes_with_the_fused_one(toy_dir, tmp_path):
+    """Checkpoints written on a CPU before AdamW was fused there hold foreach=True in their parameter
+    groups, which loading would bring back (and the fused skip flag would then fail). The run takes its
+    own implementation and continues as a run that never stopped."""
+    cfg = tiny_config(toy_dir, tmp_path / "run", max_steps=2, valid_every=2)
+    make_trainer(cfg).train()
+    latest = tmp_path / "run" / "checkpoints" / "latest.pt"
+    state = torch.load(latest, weights_only=True)
+    for group in state["optimizer"]["param_groups"]:
+        group.update(fused=None, foreach=True)  # as build_optimizer wrote them on a CPU
+    torch.save(state, latest)
+    resumed = make_trainer(with_train(cfg, max_steps=4, resume="true"))
+    resumed.resume(latest)
+    assert resumed.train().state.step == 4
+    assert all(group["fused"] for group in resumed.optimizer.param_groups)
+    straight = make_trainer(
+        dataclasses.replace(with_train(cfg, max_steps=4), run_dir=str(tmp_path / "straight"))
+    )
+    assert resumed.state.losses == straight.train().state.losses
 
 
 def test_tensorboard_has_the_documented_tags(toy_dir, tmp_path):
