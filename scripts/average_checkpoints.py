@@ -23,7 +23,16 @@ def check_output(output: Path, inputs: list[Path]) -> None:
             f"--output {output} is a name the training run in {output.parent} writes (latest.pt, best.pt, "
             "step_N.pt): the average would replace or mix with its checkpoints. Choose another name, e.g. avg.pt."
         )
+    if output.is_dir():
+        raise CheckpointError(f"--output {output} is a folder; give a file name, e.g. {output / 'avg.pt'}.")
+    seen: dict[tuple[int, int], Path] = {}  # by file identity: latest.pt and best.pt may be one file
     for path in inputs:
+        identity = (path.stat().st_dev, path.stat().st_ino) if path.exists() else None
+        if identity in seen:  # it would count twice in the average
+            again = "" if str(seen[identity]) == str(path) else f" (as {seen[identity]}, the same file)"
+            raise CheckpointError(f"{path} is given twice{again}; name each checkpoint once.")
+        if identity is not None:
+            seen[identity] = path
         if output.exists() and path.exists() and output.samefile(path):
             raise CheckpointError(
                 f"--output {output} is one of the checkpoints being averaged; choose another file."

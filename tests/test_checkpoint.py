@@ -394,6 +394,26 @@ def test_average_script_reports_a_bad_request_in_one_line(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_average_script_bad_outputs_and_repeated_inputs_are_one_line(tmp_path, capsys):
+    """An output that is a folder or inside a file, and a checkpoint named twice (latest.pt and step_N.pt
+    can be one file, linked), which would count twice in the average: one error line, nothing written."""
+    ckpt_dir = make_run(tmp_path / "run", [10, 20])
+    step, latest = ckpt_dir / "step_00000020.pt", ckpt_dir / "latest.pt"
+    assert step.samefile(latest), "latest.pt is linked to the newest step file"
+    (tmp_path / "file").write_text("x")
+    cases = [
+        (["--run-dir", str(tmp_path / "run")], tmp_path, f"--output {tmp_path} is a folder"),
+        (["--run-dir", str(tmp_path / "run")], tmp_path / "file" / "avg.pt", f"{tmp_path / 'file'} is a file, not a folder"),
+        (["--inputs", str(step), str(step)], tmp_path / "avg.pt", f"{step} is given twice; name each"),
+        (["--inputs", str(step), str(latest)], tmp_path / "avg.pt", f"{latest} is given twice (as {step}, the same file)"),
+    ]  # fmt: skip
+    for args, out, message in cases:
+        assert average_script.main([*args, "--output", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "avg.pt").exists()
+
+
 @pytest.mark.parametrize("name", ["latest.pt", "best.pt", "step_00000020.pt", "step_00000099.pt"])
 def test_average_script_will_not_write_over_the_runs_own_checkpoints(tmp_path, capsys, name):
     """A weights-only average over latest.pt would leave a run that cannot be resumed."""
