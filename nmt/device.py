@@ -25,6 +25,14 @@ def resolve_device(name: str | torch.device, setting: str = "device") -> torch.d
         raise ConfigError(f"{setting}={name!r} is not a device ({e}); use auto, cpu, cuda or cuda:N.") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{setting}={name} but CUDA is not available; use {setting}=cpu.")
+    if device.type not in ("cpu", "cuda"):  # mps, xpu, ...: PyTorch knows the name; is it here?
+        try:
+            torch.empty(1, device=device).cpu()
+        except (RuntimeError, NotImplementedError, AssertionError) as e:
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(
+                f"{setting}={name} cannot be used here ({first_line}); use {setting}=cpu."
+            ) from None
     return device
 
 

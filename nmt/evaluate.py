@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.metrics import bleu as bleu_module
@@ -113,10 +113,29 @@ def score(
     )
 
 
+class GivenOnce(argparse.Action):
+    """A flag that names one file: given twice, an error (not the last one silently), since
+    ``--ref a --ref b`` reads as two references to a sacreBLEU user."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: Any, value: Any, option: Any = None
+    ) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option} is given twice ({getattr(namespace, self.dest)}, {value}); give it once.")
+        setattr(namespace, self.dest, value)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nmt.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hyp", required=True, help="system output, one sentence per line")
-    parser.add_argument("--ref", required=True, help="reference translations, one per line (.gz allowed)")
+    parser.add_argument(
+        "--hyp",
+        required=True,
+        action=GivenOnce,
+        help="system output, one sentence per line; - = standard input",
+    )
+    parser.add_argument(
+        "--ref", required=True, action=GivenOnce, help="reference translations, one per line (.gz allowed)"
+    )
     parser.add_argument("--lowercase", action="store_true", help="lowercased BLEU (chrF stays cased)")
     parser.add_argument(
         "--tgt-lang", default="", help="the references' language (e.g. de, zh): picks BLEU's tokenizer"
@@ -126,7 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        hyps, refs = read_text_lines(args.hyp), read_text_lines(args.ref)
+        if args.hyp == "-":
+            from nmt.translate import read_lines_from  # as nmt.translate reads its input
+
+            hyps = list(read_lines_from(sys.stdin.buffer))
+        else:
+            hyps = read_text_lines(args.hyp)
+        refs = read_text_lines(args.ref)
         scores = score(hyps, refs, args.lowercase, args.tokenize, args.tgt_lang)
     except (OSError, ValueError) as e:
         parser.exit(1, f"nmt.evaluate: error: {e}\n")

@@ -50,7 +50,8 @@ from tqdm import tqdm
 from nmt.checkpoint import CheckpointError, checkpoint_file
 from nmt.config import ConfigError, DecodeConfig
 from nmt.data.sources import read_errors_named, read_text_lines
-from nmt.evaluate import bleu_metric, bleu_options, score
+from nmt.device import resolve_device, resolve_dtype
+from nmt.evaluate import GivenOnce, bleu_metric, bleu_options, score
 from nmt.files import temp_file_beside
 from nmt.runtime import keep_freed_memory_in_heap
 from nmt.translator import Translation, Translator
@@ -158,14 +159,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog=__doc__.split("\n\n", 1)[1],
     )
     p.add_argument(
-        "--ckpt", required=True, help="checkpoint file (or a run folder: its checkpoints/latest.pt)"
+        "--ckpt",
+        required=True,
+        action=GivenOnce,
+        help="checkpoint file (or a run folder: its checkpoints/latest.pt)",
     )
-    p.add_argument("--input", help="source text file (.gz allowed); default (or -) standard input")
+    p.add_argument(
+        "--input", action=GivenOnce, help="source text file (.gz allowed); default (or -) standard input"
+    )
     p.add_argument(
         "--output",
+        action=GivenOnce,
         help="file for the translations (.gz: compressed), written when complete; default (or -) standard output",
     )
-    p.add_argument("--ref", help="reference translations: score the output with BLEU and chrF (stderr)")
+    p.add_argument(
+        "--ref",
+        action=GivenOnce,
+        help="reference translations: score the output with BLEU and chrF (stderr)",
+    )
     p.add_argument("--lowercase", action="store_true", help="with --ref: lowercased BLEU (chrF stays cased)")
     p.add_argument("--tokenize", help="with --ref: BLEU's sacreBLEU tokenizer; default as in validation")
     p.add_argument("--beam", type=int, help="beam size (1 = greedy); default from the checkpoint")
@@ -217,6 +228,7 @@ def check_args(args: argparse.Namespace) -> None:
     for flag, given in (("--lowercase", args.lowercase), ("--tokenize", args.tokenize is not None)):
         if given and args.ref is None:  # else silently ignored: nothing is scored without references
             raise ConfigError(f"{flag} applies to scoring, which needs --ref FILE (the references).")
+    resolve_dtype(args.dtype, resolve_device(args.device, "--device"), "--dtype")
     if args.nbest < 1:
         raise ConfigError(f"--nbest {args.nbest}: give at least 1 hypothesis per line.")
     if args.beam is not None and args.beam < 1:
@@ -285,7 +297,12 @@ def open_input(path: str | None) -> tuple[BinaryIO, int | None]:
     read only once.
     """
     if path is None:
-        return sys.stdin.buffer, None
+        if sys.stdin is None:
+            raise ConfigError("standard input is closed; give the source text with --input FILE.")
+        try:  # a reader of its own: see _translate
+            return open(os.dup(sys.stdin.fileno()), "rb"), None
+        except (OSError, ValueError):  # no file descriptor (an in-memory stream)
+            return sys.stdin.buffer, None
     opener = gzip.open if path.endswith(".gz") else open
     if not stat.S_ISREG(os.stat(path).st_mode):
         return opener(path, "rb"), None
@@ -335,12 +352,17 @@ def open_output(path: str | None) -> Iterator[TextIO]:
             raw.close()
             tmp.unlink(missing_ok=True)
         return
+    if sys.stdout is None:
+        raise ConfigError("standard output is closed; give a file for the translations with --output FILE.")
     out = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", newline="\n", write_through=True)
     try:
-        yield out
-    finally:
-        out.flush()
-        out.detach()
+        try:
+            yield out
+        finally:
+            out.flush()
+            out.detach()
+    except OSError as e:  # a full disk, a closed pipe: its own message does not say where
+        raise OSError(f"could not write the translations to standard output ({e.strerror or e})") from e
 
 
 @contextlib.contextmanager
@@ -391,24 +413,29 @@ def translate_stream(
     nbest: int,
     total: int | None,
     name: str = "standard input",
+    keep: bool = True,
 ) -> list[str]:
-    """Translate chunk by chunk, writing as it goes; returns the best translation of every line."""
+    """Translate chunk by chunk, writing as it goes; returns the best translation of every line (with
+    ``keep``: else nothing is held, for an input of any length)."""
     best: list[str] = []
+    done = 0
     bar = tqdm(total=total, unit=" lines", file=sys.stderr, disable=not sys.stderr.isatty())
     with bar:
         for chunk in read_chunks(source, name=name):
             if nbest == 1:  # translate() takes the faster greedy path for beam 1
                 results = [
                     [Translation(t, 0.0)]
-                    for t in translator.translate(chunk, progress=bar.update, first_line=len(best) + 1)
+                    for t in translator.translate(chunk, progress=bar.update, first_line=done + 1)
                 ]
             else:
                 results = translator.translate_nbest(
-                    chunk, nbest=nbest, progress=bar.update, first_line=len(best) + 1
+                    chunk, nbest=nbest, progress=bar.update, first_line=done + 1
                 )
-            out.write("".join(format_output(len(best) + i, r, nbest) for i, r in enumerate(results)))
+            out.write("".join(format_output(done + i, r, nbest) for i, r in enumerate(results)))
             out.flush()
-            best.extend(r[0].text for r in results)
+            done += len(results)
+            if keep:
+                best.extend(r[0].text for r in results)
     return best
 
 
@@ -455,7 +482,11 @@ def _translate(args: argparse.Namespace, written: list[str]) -> int:
         refs = read_text_lines(args.ref) if args.ref else None
         source, total = open_input(args.input)
         with contextlib.ExitStack() as stack:
-            stack.enter_context(source)
+            # Standard input is left open: closing it would wait for its reader thread, blocked in a
+            # read until more input comes (Ctrl-C on an idle terminal would wait for Ctrl-D), and so
+            # would the interpreter's own closing of sys.stdin; hence a reader of its own.
+            if args.input is not None:
+                stack.enter_context(source)
             if refs is not None and total is not None and len(refs) != total:
                 raise ValueError(
                     f"{args.input} has {total:,} line{'s' * (total != 1)} but {args.ref} has {len(refs):,}; "
@@ -465,12 +496,14 @@ def _translate(args: argparse.Namespace, written: list[str]) -> int:
             scoring = bleu_settings(translator, args.tokenize) if refs is not None else {}
             out = stack.enter_context(open_output(args.output))
             hyps = translate_stream(
-                translator, source, out, args.nbest, total, args.input or "standard input"
+                translator, source, out, args.nbest, total, args.input or "standard input", refs is not None
             )
+            # Scored before the output file is put in place: references that do not fit (standard
+            # input of another length, nothing at all) leave it as it was.
+            scores = score(hyps, refs, lowercase=args.lowercase, **scoring) if refs is not None else None
         if args.output is not None:
             written.append(args.output)
-        if refs is not None:
-            scores = score(hyps, refs, lowercase=args.lowercase, **scoring)
+        if scores is not None:
             print(scores.bleu_detail, file=sys.stderr)
             print(scores.format(), file=sys.stderr)
     except (CheckpointError, ConfigError, OSError, ValueError) as e:

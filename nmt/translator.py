@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from nmt.checkpoint import config_from_checkpoint, load_checkpoint
+from nmt.checkpoint import CheckpointError, config_from_checkpoint, load_checkpoint
 from nmt.config import Config, DecodeConfig
 from nmt.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
 from nmt.device import avoid_per_shape_attention_kernels, resolve_device, resolve_dtype
@@ -103,10 +103,20 @@ class Translator:
         device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, device)
         state = load_checkpoint(path, map_location="cpu")
-        cfg = config_from_checkpoint(state)
-        tokenizer = Tokenizer.from_state(state["tokenizer"])
-        model = Transformer(cfg.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
-        model.load_state_dict(state["model"])
+        try:  # an nmt checkpoint, but damaged or edited: one sentence, not a traceback
+            cfg = config_from_checkpoint(state)
+            tokenizer = Tokenizer.from_state(state["tokenizer"])
+            model = Transformer(cfg.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+            model.load_state_dict(state["model"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+            # load_state_dict's first line only says that there are errors; the next names one.
+            first = 1 if len(lines) > 1 and lines[0].endswith(":") else 0
+            what = f"no {e}" if isinstance(e, KeyError) else lines[first]
+            what = what if len(what) <= 200 else what[:200] + "..."
+            raise CheckpointError(
+                f"{path} is damaged: its config, tokenizer and weights do not fit ({what})."
+            ) from e
         model.to(device=device, dtype=torch_dtype).eval()
         log.info(
             "loaded %s: %s parameters, %s, on %s in %s",

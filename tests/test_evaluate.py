@@ -159,6 +159,22 @@ def test_cli_prints_scores_with_signatures_and_reads_gzip(tmp_path, capsys):
     assert f"chrF {expected.chrf:.2f} ({expected.chrf_signature})" in out
 
 
+def test_cli_reads_hypotheses_from_standard_input_and_refuses_a_second_ref(tmp_path, capsys, monkeypatch):
+    import io
+
+    ref, other = write(tmp_path / "ref.de", REFS), write(tmp_path / "other.de", HYPS)
+    stdin = io.TextIOWrapper(io.BytesIO("".join(h + "\n" for h in HYPS).encode()))
+    monkeypatch.setattr("sys.stdin", stdin)
+    assert main(["--hyp", "-", "--ref", str(ref)]) == 0
+    assert f"BLEU {score(HYPS, REFS).bleu:.2f}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:  # last one wins would score against other.de alone
+        main(["--hyp", "-", "--ref", str(ref), "--ref", str(other)])
+    assert (
+        exit_.value.code == 2
+        and f"--ref is given twice ({ref}, {other}); give it once." in capsys.readouterr().err
+    )
+
+
 def test_a_carriage_return_inside_a_line_does_not_split_it(tmp_path):
     """Only "\\n" ends a line, as in sacreBLEU's own reader; a lone "\\r" stays part of its line."""
     refs = [REFS[0], "Zwei Hunde\rspielen im Schnee.", REFS[2]]

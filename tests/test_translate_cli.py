@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from nmt.translate import main
 from nmt.translator import Translator
@@ -136,6 +137,29 @@ def test_missing_checkpoint_is_one_clear_line(tmp_path, capsys):
     assert "nope.pt does not exist" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("damage", ["missing-weight", "other-shape", "bad-tokenizer", "config-string"])
+def test_a_damaged_checkpoint_is_one_clear_line(damage, checkpoint, tmp_path, capsys):
+    """An nmt checkpoint (it has its format_version) whose parts do not fit: one error line naming it."""
+    state = torch.load(checkpoint, weights_only=True)
+    if damage == "missing-weight":
+        del state["model"][next(iter(state["model"]))]
+    elif damage == "other-shape":
+        state["config"]["model"]["d_model"] *= 2
+    elif damage == "bad-tokenizer":
+        state["tokenizer"] = {
+            key: b"garbage" if isinstance(v, bytes) else v for key, v in state["tokenizer"].items()
+        }
+    else:
+        state["config"] = "base"
+    damaged = tmp_path / "damaged.pt"
+    torch.save(state, damaged)
+    src = tmp_path / "in.en"
+    src.write_text(SENTENCES[0] + "\n", encoding="utf-8")
+    assert main(["--ckpt", str(damaged), "--device", "cpu", "--input", str(src)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"nmt.translate: error: {damaged} is damaged") and err.count("\n") == 1, err
+
+
 def test_nbest_larger_than_beam_is_rejected(checkpoint, capsys):
     assert main(["--ckpt", str(checkpoint), "--beam", "2", "--nbest", "3"]) == 1
     assert "--nbest 3 needs --beam of at least 3" in capsys.readouterr().err
@@ -224,8 +248,14 @@ def test_a_stopped_translation_leaves_the_output_file_as_it_was(checkpoint, tmp_
         partial = [p for p in out.parent.iterdir() if p.name != "test.de" and p.stat().st_size > 0]
         time.sleep(0.05)
     assert partial, "the first lines were written beside the output file"
+    time.sleep(1.0)  # every line translated by now, most likely: the reader waits on the idle input
     proc.send_signal(getattr(signal, signum))
-    _, err = proc.communicate(timeout=60)
+    try:
+        proc.wait(timeout=30)  # standard input still open: the signal alone ends the run
+    finally:
+        proc.kill()
+        proc.stdin.close()
+    err = proc.stderr.read()
     assert proc.returncode == 128 + getattr(signal, signum)
     assert err.decode().endswith(f"nmt.translate: stopped by {signum}; {out} was not written\n"), err
     assert [p.name for p in out.parent.iterdir()] == ["test.de"]
@@ -455,15 +485,66 @@ def test_replacing_an_output_file_keeps_its_permissions(checkpoint, tmp_path):
     assert out.stat().st_mode & 0o777 == 0o600 and out.read_text(encoding="utf-8") != "previous\n"
 
 
+@pytest.mark.parametrize("case", ["stdin-of-another-length", "empty"])
+def test_references_that_do_not_fit_leave_the_output_as_it_was(
+    case, checkpoint, tmp_path, capsys, monkeypatch
+):
+    """Scoring fails (standard input of another length than --ref, or nothing at all to score): the
+    run exits 1 and the output file keeps its previous translations, as with any other failure."""
+    import io
+
+    ref, out = tmp_path / "ref.de", tmp_path / "out.de"
+    lines = SENTENCES[:2] if case != "empty" else []
+    ref.write_text("".join(line + "\n" for line in (SENTENCES if case != "empty" else [])), encoding="utf-8")
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("".join(f"{x}\n" for x in lines).encode())))
+    out.write_text("previous\n", encoding="utf-8")
+    args = ["--ckpt", str(checkpoint), "--device", "cpu", "--output", str(out), "--ref", str(ref)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert ("2 hypotheses but" in err) if case != "empty" else ("nothing to score" in err)
+    assert out.read_text(encoding="utf-8") == "previous\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.de", "ref.de"]  # no temporary file left
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps", "meta"])
+def test_a_device_that_cannot_run_here_is_one_error_in_the_flags_words(device, checkpoint, tmp_path, capsys):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    src = tmp_path / "in.en"
+    src.write_text(SENTENCES[0] + "\n", encoding="utf-8")
+    assert main(["--ckpt", str(checkpoint), "--device", device, "--input", str(src)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"nmt.translate: error: --device={device} ") and err.count("\n") == 1, err
+    assert "use --device=cpu" in err
+
+
+@pytest.mark.parametrize("flag", ["--ref", "--input", "--output", "--ckpt"])
+def test_a_file_flag_given_twice_is_an_error(flag, checkpoint, tmp_path, capsys):
+    """--ref a --ref b would score against b alone (one reference, last wins): refused instead."""
+    args = ["--ckpt", str(checkpoint), flag, str(tmp_path / "a"), flag, str(tmp_path / "b")]
+    with pytest.raises(SystemExit) as exit_:
+        main(args if flag != "--ckpt" else args[2:])
+    assert exit_.value.code == 2
+    assert (
+        f"{flag} is given twice ({tmp_path / 'a'}, {tmp_path / 'b'}); give it once."
+        in capsys.readouterr().err
+    )
+
+
 def test_an_interrupt_after_the_output_is_in_place_does_not_claim_it_was_not_written(
     checkpoint, tmp_path, capsys, monkeypatch
 ):
     import nmt.translate
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+    class Interrupted:  # Ctrl-C while the scores are printed, after the output is in place
+        bleu_detail = "BLEU = ..."
 
-    monkeypatch.setattr(nmt.translate, "score", interrupted)  # Ctrl-C while scoring against --ref
+        def format(self):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(nmt.translate, "score", lambda *args, **kwargs: Interrupted())
     src, ref, out = tmp_path / "in.en", tmp_path / "ref.de", tmp_path / "out.de"
     src.write_text(SENTENCES[0] + "\n", encoding="utf-8")
     ref.write_text(SENTENCES[0] + "\n", encoding="utf-8")
