@@ -143,6 +143,16 @@ def test_invalid_utf8_names_file_and_line(tmp_path):
         read_split(data_cfg(tmp_path), "train")
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le"], ids=["with-bom", "without-bom"])
+def test_a_utf16_file_is_named_as_such(tmp_path, encoding):
+    """UTF-16 without its byte-order mark decodes as UTF-8 when its text is ASCII: it would train on
+    text full of NULs (or fail on a line count doubled by the NULs) without the check."""
+    write_lines(tmp_path / "train.en", ["one", "two"])
+    (tmp_path / "train.de").write_bytes("eins\nzwei\n".encode(encoding))
+    with pytest.raises(DataError, match=r"train\.de line 1\b.*it looks like UTF-16: convert it with iconv"):
+        read_split(data_cfg(tmp_path), "train")
+
+
 def test_invalid_utf8_inside_gzip(tmp_path):
     write_lines(tmp_path / "train.en", ["one", "two"])
     with gzip.open(tmp_path / "train.de.gz", "wb") as f:
