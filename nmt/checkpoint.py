@@ -23,8 +23,9 @@ import logging
 import os
 import re
 import shutil
+import socket
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -389,6 +390,41 @@ def _link(src: Path, dst: Path) -> None:
             tmp.unlink(missing_ok=True)
             raise
     os.replace(tmp, dst)
+
+
+def lock_run_dir(run_dir: Path) -> IO[str] | None:
+    """Hold ``run_dir`` for this process until the returned file is closed (or the process ends).
+
+    A second training into the same folder (a command run twice, a scheduler's retry while the first
+    still runs) would write its checkpoints over the first one's and remove its temporary files mid-save.
+    An advisory lock (``flock``) on ``run_dir/.lock``, which names its holder; where the file system has no
+    such locks, or the platform none at all, nothing is held.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        return None
+    try:
+        f = open(run_dir / ".lock", "a+", encoding="utf-8")
+    except OSError:  # an unwritable run_dir is reported where it is written
+        return None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise CheckpointError(
+            f"{run_dir} is in use by another training ({holder}); wait for it to end, or train into "
+            "another run_dir."
+        ) from None
+    except OSError:  # no locks here (some network file systems)
+        return f
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
 
 
 def find_resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:

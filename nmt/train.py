@@ -15,7 +15,7 @@ import socket
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -53,11 +53,11 @@ def run(cfg: Config) -> int:
     if not dist.is_main:  # one voice: other ranks only report problems
         logging.getLogger().setLevel(logging.WARNING)
     run_dir = Path(cfg.run_dir)
+    lock = None
     try:
+        lock = hold_run_dir(run_dir, dist)
         resume_from = find_resume_checkpoint(cfg, run_dir)
         log.info("run directory: %s", run_dir.resolve())
-        if dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
         data = prepare_data_main_first(cfg, dist, run_dir, resume_from)
         if dist.enabled:
             check_ranks_agree(data_facts(cfg, data), dist)
@@ -100,6 +100,8 @@ def run(cfg: Config) -> int:
         barrier(dist)
     finally:
         shutdown_distributed()
+        if lock is not None:
+            lock.close()
     if dist.is_main:
         state, checkpoints = result.state, run_dir / "checkpoints"
         if state.best_score is None:  # stopped before its first validation
@@ -112,6 +114,30 @@ def run(cfg: Config) -> int:
         print(f"done: {result.stop_reason} | step {state.step} | {best}", flush=True)
     # Saved, but not finished: a script or scheduler running this must not take it for done.
     return 0 if result.signal is None else 128 + int(result.signal)
+
+
+def hold_run_dir(run_dir: Path, dist: DistInfo) -> IO[str] | None:
+    """Rank 0 creates ``run_dir`` and holds it (:func:`nmt.checkpoint.lock_run_dir`) for the whole run,
+    before looking for a checkpoint to resume: a second training into the same folder is refused. The
+    other ranks learn whether it could, and stop with its reason if not."""
+    from nmt.checkpoint import CheckpointError, lock_run_dir
+    from nmt.distributed import main_rank_outcome
+
+    lock, error = None, None
+    if dist.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = lock_run_dir(run_dir)
+        except OSError as e:
+            error = CheckpointError(f"cannot create the run directory {run_dir} ({e.strerror or e}).")
+        except CheckpointError as e:
+            error = e
+    failure = main_rank_outcome(error, dist)
+    if error is not None:
+        raise error
+    if failure is not None:
+        raise CheckpointError(f"rank 0 stopped: {failure}")
+    return lock
 
 
 def prepare_data_main_first(

@@ -67,6 +67,9 @@ class TrainState:
     best_score: float | None = None
     best_step: int = 0
     bad_validations: int = 0  # validations in a row without improvement (early stopping)
+    # The best score of the validations every valid_every steps, which alone count for patience: a run
+    # stopped off that schedule (time limit) and resumed compares as one that never stopped.
+    schedule_best: float | None = None
     elapsed_sec: float = 0.0  # training wall-clock time, summed over resumed runs
     losses: list[float] = field(default_factory=list)  # per-step training loss of this process's data
 
@@ -402,10 +405,15 @@ class Trainer:
             self._bad_steps,
         )
         if self._bad_steps >= self.cfg.train.max_bad_steps:
+            latest = self.ckpt_dir / "latest.pt"
+            if self._saved_step is not None:
+                kept = f"{latest} holds step {self._saved_step}: continue from there with train.resume=true"
+            else:
+                kept = f"no checkpoint of this run was written (the first is saved at step {self.cfg.train.valid_every})"
             raise TrainingError(
                 f"{self._bad_steps} steps in a row had a NaN/Inf loss or gradient; stopping. "
-                "Lower train.lr, raise train.warmup_steps, or use train.precision=bf16/fp32 instead of fp16. "
-                f"The last good checkpoint is in {self.ckpt_dir}."
+                "Lower train.lr, raise train.warmup_steps, or use train.precision=bf16/fp32 instead of fp16; "
+                f"{kept}."
             )
         return None
 
@@ -414,9 +422,7 @@ class Trainer:
         """Loss, perplexity, BLEU and chrF on the validation set, decoded like ``nmt.translate`` does."""
         return self.validator.run(self.raw_model, self.state.step)
 
-    def _improved(self, metrics: dict[str, float]) -> bool:
-        value = metrics[self.cfg.train.best_metric]
-        best = self.state.best_score
+    def _better(self, value: float, best: float | None) -> bool:
         if best is None:
             return True
         return value < best if self.cfg.train.best_metric == "loss" else value > best
@@ -495,6 +501,8 @@ class Trainer:
         self._apply_optimizer_settings(state["config"].get("train", {}))
         self.scaler.load_state_dict(state["scaler"])
         self.state = TrainState(**state["train_state"])
+        if "schedule_best" not in state["train_state"]:  # a checkpoint from before the field existed
+            self.state.schedule_best = self.state.best_score
         self.loader.load_state_dict(state["sampler"])
         per_rank = state.get("rng_per_rank")
         set_rng_state(per_rank[self.dist.rank] if per_rank else state["rng"])
@@ -589,9 +597,10 @@ class Trainer:
     def _validate_and_save(self) -> tuple[dict[str, float], bool]:
         """Validate on rank 0, save, and tell every rank whether patience ran out.
 
-        Only validations every ``valid_every`` steps count toward ``train.patience``: the one at the end
-        of a run that stops elsewhere (time limit, max_steps) may update best.pt, but a run continued
-        from there keeps the patience count an uninterrupted run would have. If validation fails, the
+        Only validations every ``valid_every`` steps count toward ``train.patience``, and they are
+        compared with each other only (``TrainState.schedule_best``): the one at the end of a run that
+        stops elsewhere (time limit, max_steps) may update best.pt, but a run continued from there keeps
+        the patience count an uninterrupted run would have. If validation fails, the
         training state is saved before the error propagates.
         """
         t = self.cfg.train
@@ -608,12 +617,16 @@ class Trainer:
                 )
                 error = e
             else:
-                best = self._improved(metrics)
+                value = metrics[t.best_metric]
+                best = self._better(value, self.state.best_score)
                 if best:
-                    self.state.best_score = metrics[t.best_metric]
+                    self.state.best_score = value
                     self.state.best_step = self.state.step
                 if on_schedule:
-                    self.state.bad_validations = 0 if best else self.state.bad_validations + 1
+                    improved = self._better(value, self.state.schedule_best)
+                    if improved:
+                        self.state.schedule_best = value
+                    self.state.bad_validations = 0 if improved else self.state.bad_validations + 1
                 stop = bool(t.patience) and self.state.bad_validations >= t.patience
         self._save_on_every_rank(best, error)
         return metrics, broadcast_flag(stop, self.dist, self.device)

@@ -269,7 +269,7 @@ def test_nan_loss_skips_the_step_then_aborts(fused, toy_dir, tmp_path, monkeypat
     assert "step skipped" in caplog.text
     for k, v in trainer.raw_model.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed by a skipped step"
-    with pytest.raises(TrainingError, match="3 steps in a row"):
+    with pytest.raises(TrainingError, match="3 steps in a row.*; no checkpoint of this run was written"):
         trainer.train_step([next(stream)])
 
 
@@ -657,6 +657,62 @@ def test_tensorboard_after_a_killed_run_resumes_draws_each_step_once(toy_dir, tm
     events = EventAccumulator(str(tmp_path / "run" / "tb"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 11))
+
+
+def test_a_second_training_into_a_run_dir_in_use_is_refused(toy_dir, tmp_path):
+    """Two trainings into one run_dir (a command started twice, a retry while the first still runs)
+    would write over each other's checkpoints: while one holds the folder, the other is refused before
+    it touches anything; once it ends, the folder is free again."""
+    import os
+    import socket
+
+    from nmt.checkpoint import lock_run_dir
+    from nmt.train import run
+
+    cfg = tiny_config(toy_dir, tmp_path / "run", max_steps=2, valid_every=2)
+    (tmp_path / "run").mkdir()
+    held = lock_run_dir(tmp_path / "run")  # as the other training's process holds it
+    try:
+        with pytest.raises(CheckpointError) as refused:
+            run(cfg)
+        holder = f"pid {os.getpid()} on {socket.gethostname()}"
+        assert str(refused.value) == (
+            f"{tmp_path / 'run'} is in use by another training ({holder}); wait for it to end, or train "
+            "into another run_dir."
+        )
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
+    finally:
+        held.close()
+    assert run(cfg) == 0
+    assert run(with_train(cfg, max_steps=4, resume="true")) == 0  # released at the end of each run
+
+
+def test_patience_after_a_resume_from_an_off_schedule_validation_is_as_without_the_stop(toy_dir, tmp_path):
+    """A run stopped at step 25 (time limit, max_steps) validates there, off the valid_every schedule.
+    Its score may make best.pt, but patience compares the scheduled validations with each other only,
+    so the continued run stops where one that never stopped does."""
+    scores = {10: 1.0, 20: 2.0, 25: 5.0, 30: 3.0, 40: 4.0}  # BLEU by step; 25 only when stopped there
+
+    def make(run: str, **changes) -> Trainer:
+        cfg = tiny_config(toy_dir, tmp_path / run, valid_every=10, patience=1, **changes)
+        trainer = make_trainer(cfg)
+        trainer.validator.run = lambda model, step: {
+            "loss": 1.0,
+            "ppl": 2.7,
+            "bleu": scores[step],
+            "chrf": 1.0,
+        }
+        return trainer
+
+    straight = make("straight", max_steps=40).train()
+    assert (straight.state.step, straight.stop_reason) == (40, "reached train.max_steps=40")
+    make("stopped", max_steps=25).train()
+    resumed = make("stopped", max_steps=40, resume="true")
+    resumed.resume(tmp_path / "stopped" / "checkpoints" / "latest.pt")
+    result = resumed.train()
+    assert (result.state.step, result.stop_reason) == (40, "reached train.max_steps=40")
+    assert result.state.bad_validations == straight.state.bad_validations == 0
+    assert (result.state.best_score, result.state.best_step) == (5.0, 25)  # best.pt: the stop's validation
 
 
 def test_a_beam_wider_than_the_vocabulary_fails_before_training(toy_dir, tmp_path):
