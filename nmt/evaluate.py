@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.metrics import bleu as bleu_module
 
-from nmt.data.sources import read_text_lines
+from nmt.data.sources import read_errors_named, read_text_lines, text_lines
 
 if TYPE_CHECKING:
     from nmt.config import Config
@@ -145,10 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        if args.hyp == "-":
-            from nmt.translate import read_lines_from  # as nmt.translate reads its input
-
-            hyps = list(read_lines_from(sys.stdin.buffer))
+        if args.hyp == "-":  # read as a file is
+            with read_errors_named("standard input"):
+                hyps = text_lines(sys.stdin.buffer.read(), "standard input")
         else:
             hyps = read_text_lines(args.hyp)
         refs = read_text_lines(args.ref)

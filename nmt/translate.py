@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from nmt.checkpoint import CheckpointError, checkpoint_file
 from nmt.config import ConfigError, DecodeConfig
-from nmt.data.sources import read_errors_named, read_text_lines
+from nmt.data.sources import looks_like_utf16, read_errors_named, read_text_lines
 from nmt.device import resolve_device, resolve_dtype
 from nmt.evaluate import GivenOnce, bleu_metric, bleu_options, score
 from nmt.files import temp_file_beside
@@ -78,10 +78,10 @@ class LineDecoder:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            utf16 = raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw
             raise ValueError(
                 f"{self.name} line {number} is not valid UTF-8 ({e.reason} at byte {e.start + 1}"
-                f"{'; it looks like UTF-16' if utf16 else ''}); convert it with iconv -f ENCODING -t UTF-8."
+                f"{'; it looks like UTF-16' if looks_like_utf16(raw) else ''}); convert it with iconv -f "
+                "ENCODING -t UTF-8."
             ) from None
         if "\x00" in text:  # valid UTF-8, but never in text: UTF-16 without its mark, or a binary file
             raise ValueError(

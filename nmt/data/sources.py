@@ -145,9 +145,20 @@ def read_text_lines(path: str | Path) -> list[str]:
     opener = gzip.open if path.suffix == ".gz" else open
     with read_errors_named(path), opener(path, "rb") as f:
         raw = f.read()
-    # UTF-16 (a byte-order mark, or NUL bytes: none in UTF-8 text) would otherwise fail with a bare
-    # "invalid UTF-8", or, all ASCII without its mark, pass as text full of NULs.
-    utf16 = raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw
+    return text_lines(raw, path)
+
+
+def looks_like_utf16(raw: bytes) -> bool:
+    """A UTF-16 byte-order mark, or NUL bytes, which UTF-8 text never holds (UTF-16 without its mark,
+    or a binary file)."""
+    return raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw
+
+
+def text_lines(raw: bytes, name: str | Path) -> list[str]:
+    """The lines of ``raw``, read from ``name``, as :func:`read_text_lines` gives them."""
+    # UTF-16 would otherwise fail with a bare "invalid UTF-8", or, all ASCII without its mark, pass
+    # as text full of NULs.
+    utf16 = looks_like_utf16(raw)
     hint = (
         "; it looks like UTF-16: convert it with iconv -f UTF-16 -t UTF-8"
         if utf16
@@ -157,10 +168,10 @@ def read_text_lines(path: str | Path) -> list[str]:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path} line {line}: invalid UTF-8 ({e.reason}){hint}.") from e
+        raise DataError(f"{name} line {line}: invalid UTF-8 ({e.reason}){hint}.") from e
     if utf16:
         line = raw.count(b"\n", 0, raw.index(b"\x00")) + 1
-        raise DataError(f"{path} line {line} holds a NUL byte, which text does not{hint}.")
+        raise DataError(f"{name} line {line} holds a NUL byte, which text does not{hint}.")
     lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()  # the final newline ends the last line, it does not start a new one
