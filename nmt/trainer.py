@@ -575,11 +575,12 @@ class Trainer:
         before the first step, through one all-reduce.
         """
         t = self.cfg.train
-        flags = self._stop_flags(start_time, start_elapsed)
         if self.dist.enabled and self._agreed_stop is not None:
             signalled, time_up = self._agreed_stop
         else:
-            signalled, time_up = any_flags(list(flags), self.dist, self.device)
+            signalled, time_up = any_flags(
+                list(self._stop_flags(start_time, start_elapsed)), self.dist, self.device
+            )
         if signalled:
             return "interrupted by a signal"
         if self.state.step >= t.max_steps:
@@ -677,9 +678,7 @@ class Trainer:
             if pending is not None:  # the host waits for it while the device runs the passes above
                 count(self._read(pending))
                 pending = None
-            step = self._update(
-                work, self._stop_flags(start, start_elapsed) if self.dist.enabled else (False, False)
-            )
+            step = self._update(work, self._stop_flags(start, start_elapsed))
             self.state.elapsed_sec = start_elapsed + time.monotonic() - start
             if not self._due(self.state.step + 1):
                 pending = step  # read once the next step's passes are queued
