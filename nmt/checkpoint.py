@@ -51,7 +51,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
         raise CheckpointError(f"could not write {path}: {folder} is a file, not a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file where a folder should be, no permission
+    except OSError as e:  # no permission
         raise _write_error(path, e, state) from e
     tmp = _write_temp(state, path)
     try:

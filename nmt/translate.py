@@ -343,7 +343,6 @@ def open_output(path: str | None) -> Iterator[TextIO]:
         try:
             with _written(f, path) as out:
                 yield out
-            raw.close()  # unbuffered: everything is written once f is closed
             try:
                 os.replace(tmp, target)
             except OSError as e:
