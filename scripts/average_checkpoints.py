@@ -25,18 +25,26 @@ def check_output(output: Path, inputs: list[Path]) -> None:
         )
     if output.is_dir():
         raise CheckpointError(f"--output {output} is a folder; give a file name, e.g. {output / 'avg.pt'}.")
-    seen: dict[tuple[int, int], Path] = {}  # by file identity: latest.pt and best.pt may be one file
+
+    def identity(path: Path) -> tuple[int, int] | None:  # latest.pt and best.pt may be one file
+        if not path.exists():
+            return None
+        st = path.stat()
+        return st.st_dev, st.st_ino
+
+    written_over, seen = identity(output), {}
     for path in inputs:
-        identity = (path.stat().st_dev, path.stat().st_ino) if path.exists() else None
-        if identity in seen:  # it would count twice in the average
-            again = "" if str(seen[identity]) == str(path) else f" (as {seen[identity]}, the same file)"
+        same = identity(path)
+        if same is None:  # missing: average_checkpoints says so
+            continue
+        if same in seen:  # it would count twice in the average
+            again = "" if str(seen[same]) == str(path) else f" (as {seen[same]}, the same file)"
             raise CheckpointError(f"{path} is given twice{again}; name each checkpoint once.")
-        if identity is not None:
-            seen[identity] = path
-        if output.exists() and path.exists() and output.samefile(path):
+        if same == written_over:
             raise CheckpointError(
                 f"--output {output} is one of the checkpoints being averaged; choose another file."
             )
+        seen[same] = path
 
 
 def main(argv: list[str] | None = None) -> int:
