@@ -204,7 +204,8 @@ def test_cached_decoding_after_reorder_matches_full_forward(variant):
         cache = model.new_cache()
         memory = model.encode(src, src_mask)
         decode_in_chunks(model, tgt[:, :3], memory, src_mask, cache, [1, 1, 1])
-        cache.reorder(order)
+        cache.select_memory(order)
+        cache.reorder_targets(order)
         # Memory is passed reordered as search would, though the cache already holds its keys/values.
         rest = [
             model.decode(tgt[order, t : t + 1], memory[order], src_mask[order], cache) for t in range(3, 8)

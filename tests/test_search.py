@@ -44,9 +44,6 @@ class ScriptedCache:
     def select_memory(self, moves: RowMoves) -> None:
         pass  # the script is read from the memory rows that search passes to decode
 
-    def reorder(self, moves: RowMoves) -> None:
-        self.reorder_targets(moves)
-
 
 class ScriptedModel:
     """Next-token distributions written by hand.

@@ -11,8 +11,8 @@ The two can have different numbers of rows: beam search keeps one memory row per
 ``beam`` target rows per sentence (see :class:`nmt.model.attention.MultiHeadAttention`). So
 there are two ways to move rows: :meth:`KVCache.reorder_targets` after each beam step (row ``i``
 continues the hypothesis that was in row ``indices[i]``) and :meth:`KVCache.select_memory` when
-whole sentences leave the batch. :meth:`KVCache.reorder` does both with the same indices, for
-callers whose memory and target rows are one to one (greedy search, tests).
+whole sentences leave the batch (greedy search, whose memory and target rows are one to one, calls
+both with the same moves).
 
 Every move takes a :class:`RowMoves`: new row ``i`` holds old row ``indices[i]``. When the rows that
 change are never read by another move (search arranges its rows so: a beam continues in its own
@@ -22,6 +22,7 @@ in place; any other mapping gathers every row into a spare buffer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -148,10 +149,6 @@ class LayerCache:
     self_attn: SelfAttentionCache = field(default_factory=SelfAttentionCache)
     cross_attn: CrossAttentionCache = field(default_factory=CrossAttentionCache)
 
-    def reorder(self, indices: Tensor | RowMoves) -> None:
-        self.self_attn.reorder(indices)
-        self.cross_attn.reorder(indices)
-
 
 @dataclass
 class KVCache:
@@ -173,13 +170,6 @@ class KVCache:
         """Number of target positions decoded so far (the position of the next token)."""
         return self.layers[0].self_attn.length if self.layers else 0
 
-    def reorder(self, indices: Tensor | RowMoves) -> None:
-        """Keep row ``indices[i]`` as new row ``i`` (rows may repeat or disappear), target and memory
-        rows alike: for callers whose memory rows and target rows are one to one."""
-        moves = self._plan(indices, lambda layer: layer.self_attn.k)
-        for layer in self.layers:
-            layer.reorder(moves)
-
     def reorder_targets(self, indices: Tensor | RowMoves) -> None:
         """Self-attention only: target row ``i`` continues from old target row ``indices[i]``."""
         moves = self._plan(indices, lambda layer: layer.self_attn.k)
@@ -192,7 +182,10 @@ class KVCache:
         for layer in self.layers:
             layer.cross_attn.reorder(moves)
 
-    def _plan(self, indices: Tensor | RowMoves, buffer) -> Tensor | RowMoves:
-        """One plan for every layer (planning reads the indices on the host)."""
-        filled = buffer(self.layers[0]) if self.layers else None
+    def _plan(
+        self, indices: Tensor | RowMoves, buffer_of: Callable[[LayerCache], Tensor | None]
+    ) -> Tensor | RowMoves:
+        """One plan for every layer, made on the first layer's buffer (planning reads the indices on
+        the host)."""
+        filled = buffer_of(self.layers[0]) if self.layers else None
         return indices if filled is None else as_moves(indices, filled)

@@ -74,10 +74,19 @@ def finish_hypotheses(
     ]
 
 
-def score_step(decoder: IncrementalDecoder, prefix: Tensor, scores: Tensor, step: int, beam: int, **limits):
-    """Top candidates (see :func:`top_candidates`) of the live hypotheses ``prefix`` at ``step``."""
+def score_step(
+    decoder: IncrementalDecoder,
+    prefix: Tensor,
+    scores: Tensor,
+    step: int,
+    beam: int,
+    min_len: int,
+    at_max: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Top candidates (see :func:`top_candidates`) of the live hypotheses ``prefix`` at ``step``
+    (``min_len``, ``at_max``: see :func:`nmt.search.common.apply_constraints`)."""
     log_probs = decoder.log_probs(prefix)  # (N*K, V), normalised before the constraints
-    log_probs = apply_constraints(log_probs, step, limits["min_len"], limits["at_max"])
+    log_probs = apply_constraints(log_probs, step, min_len, at_max)
     return top_candidates(scores, log_probs, beam)
 
 
@@ -110,18 +119,16 @@ def beam_search(
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
     for step in range(limits.steps):
         at_max = limits.at_max(step, scores.size(1))
-        cand = score_step(decoder, prefix, scores, step, beam, min_len=min_len, at_max=at_max)
+        cand = score_step(decoder, prefix, scores, step, beam, min_len, at_max)
         for s, hyp in finish_hypotheses(*cand, prefix, beam, len_penalty):
             finished[sentence[s]].append(hyp)
         keep = [s for s, orig in enumerate(sentence) if len(finished[orig]) < beam and step < limits.host[s]]
         if not keep:
             break
         order = fill_holes(keep)
-        live_scores, rows, live_token = _advance(
-            next_beams(*cand, beam), order, len(sentence), scores.size(1)
-        )
-        if len(order) < len(sentence):
-            kept = torch.tensor(order, device=device)
+        kept = torch.tensor(order, device=device) if len(order) < len(sentence) else None
+        live_scores, rows, live_token = _advance(next_beams(*cand, beam), kept, len(sentence), scores.size(1))
+        if kept is not None:
             decoder.select_memory(kept)
             limits.keep(order, kept)
         decoder.reorder_targets(RowMoves(rows, prefix.size(0)))
@@ -130,16 +137,16 @@ def beam_search(
     return [_best(hyps, nbest) for hyps in finished]
 
 
-def _advance(live: tuple[Tensor, Tensor, Tensor], order: list[int], active: int, width: int):
-    """The next beams of the sentences ``order`` (of ``active``): scores (N', K), the old row each new
-    row continues (N'*K,) for a beam that was ``width`` rows per sentence, and new tokens (N', K).
+def _advance(live: tuple[Tensor, Tensor, Tensor], kept: Tensor | None, active: int, width: int):
+    """The next beams of the sentences ``kept`` (N',) of the ``active`` ones (None: all of them, in
+    order): scores (N', K), the old row each new row continues (N'*K,) for a beam that was ``width``
+    rows per sentence, and new tokens (N', K).
     Once the beam is full, each hypothesis' best continuation stays in its row (:func:`stable_slots`)."""
     live_scores, live_beam, live_token = live  # (N, K) each, in rank order
     if live_beam.size(1) == width:
         slot = stable_slots(live_beam)
         live_scores, live_beam, live_token = (torch.empty_like(x).scatter_(1, slot, x) for x in live)
-    if len(order) < active:
-        kept = torch.tensor(order, device=live_beam.device)
+    if kept is not None:
         live_scores, live_beam, live_token = live_scores[kept], live_beam[kept], live_token[kept]
     else:
         kept = torch.arange(active, device=live_beam.device)

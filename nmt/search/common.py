@@ -20,9 +20,9 @@ class DecodingModel(Protocol):
 
     ``decode`` must accept ``memory``/``src_mask`` with N rows for ``tgt_in`` with N * G rows (row
     ``n`` serving target rows ``n * G`` to ``n * G + G - 1``); search may modify the returned
-    logits and the memory from ``encode`` in place. The cache needs ``reorder`` (target and memory
-    rows together), ``reorder_targets`` and ``select_memory``, each given a
-    :class:`nmt.model.cache.RowMoves` (see nmt.model.cache.KVCache).
+    logits and the memory from ``encode`` in place. The cache needs ``reorder_targets`` (target rows)
+    and ``select_memory`` (memory rows), each given a :class:`nmt.model.cache.RowMoves` (see
+    nmt.model.cache.KVCache).
     """
 
     def encode(self, src: Tensor, src_mask: Tensor) -> Tensor: ...
@@ -37,10 +37,6 @@ class Hypothesis:
     tokens: list[int]  # without BOS and EOS
     score: float  # log_prob / length penalty: what n-best lists are sorted by
     log_prob: float  # sum of the token log-probabilities, EOS included
-
-    @property
-    def length(self) -> int:
-        return len(self.tokens)
 
 
 # ---- lengths and penalties -------------------------------------------------------------------
@@ -63,7 +59,8 @@ def make_hypothesis(tokens: list[int], log_prob: float, alpha: float) -> Hypothe
 
 
 # ---- constraints: scores in, scores out, in place (rows of the active batch) ---------------------
-# They act on logits; a forbidden token gets -inf. Log-probabilities are normalised before this.
+# They act on a step's scores: logits in greedy search, log-probabilities (normalised before the
+# constraints) in beam search. A forbidden token gets -inf.
 
 
 def forbid_tokens(logits: Tensor, token_ids: tuple[int, ...]) -> Tensor:

@@ -47,7 +47,8 @@ def greedy_search(
         ended = (next_token == EOS_ID).tolist()
         if not any(ended):
             continue
-        for row, tokens in zip(_where(ended), prefix[_where(ended), 1:-1].tolist(), strict=True):
+        finished = _where(ended)
+        for row, tokens in zip(finished, prefix[finished, 1:-1].tolist(), strict=True):
             outputs[sentence[row]] = tokens
         keep = _where(ended, False)
         if not keep:
