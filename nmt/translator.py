@@ -63,7 +63,8 @@ class Translator:
     """Decodes with ``model`` and ``tokenizer`` as ``decode_cfg`` says.
 
     ``model`` must already be on ``device`` (default: where its parameters are). ``max_src_len``
-    defaults to ``model.cfg.max_positions`` when the model has a config.
+    defaults to ``model.cfg.max_positions`` when the model has a config. The decoding settings are
+    ``self.cfg``: replace it (``dataclasses.replace(translator.cfg, beam=...)``) to decode otherwise.
     """
 
     def __init__(
@@ -92,12 +93,9 @@ class Translator:
         path: str | os.PathLike,
         device: str | torch.device = "auto",
         dtype: str = "auto",
-        decode_cfg: DecodeConfig | None = None,
     ) -> Translator:
-        """Everything comes from the checkpoint: configuration, tokenizer, weights.
-
-        ``decode_cfg`` replaces the checkpoint's decoding settings (beam size, lengths, batching).
-        """
+        """Everything comes from the checkpoint: configuration (decoding settings included),
+        tokenizer, weights."""
         from nmt.model import Transformer  # the model is needed only here
 
         device = resolve_device(device)
@@ -126,7 +124,7 @@ class Translator:
             device,
             str(torch_dtype).replace("torch.", ""),
         )
-        translator = cls(model, tokenizer, decode_cfg or cfg.decode, device)
+        translator = cls(model, tokenizer, cfg.decode, device)
         translator.config = cfg
         return translator
 
@@ -136,21 +134,14 @@ class Translator:
         self,
         sentences: list[str],
         beam: int | None = None,
-        nbest: int | None = None,
         progress: Callable[[int], None] | None = None,
         first_line: int = 1,
     ) -> list[str]:
-        """The best translation of each sentence, in input order.
-
-        ``nbest`` exists for symmetry with the configuration and must be 1 (or None); use
-        :meth:`translate_nbest` for several hypotheses per sentence. ``progress(n)`` is called
-        after each batch with the number of sentences it held. ``first_line`` is the line number of
-        ``sentences[0]`` in the caller's input, for warnings.
+        """The best translation of each sentence, in input order (:meth:`translate_nbest` gives
+        several per sentence). ``progress(n)`` is called after each batch with the number of
+        sentences it held. ``first_line`` is the line number of ``sentences[0]`` in the caller's
+        input, for warnings.
         """
-        if nbest not in (None, 1):
-            raise ValueError(
-                f"translate returns one string per sentence (nbest={nbest}); use translate_nbest."
-            )
         beam = self.cfg.beam if beam is None else beam
         results = self._translate(sentences, beam, 1, progress, first_line, greedy_ok=True)
         return [best[0].text for best in results]

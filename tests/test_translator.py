@@ -201,8 +201,6 @@ def test_greedy_equals_beam_one_and_nbest_is_sorted(translator):
         assert 1 <= len(hyps) <= 3
         scores = [h.score for h in hyps]
         assert scores == sorted(scores, reverse=True)
-    with pytest.raises(ValueError, match="translate_nbest"):
-        translator.translate(SENTENCES, nbest=2)
 
 
 def test_training_mode_restored_and_dropout_off_while_decoding(checkpoint):
