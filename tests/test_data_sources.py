@@ -16,7 +16,7 @@ from data_fixtures import data_cfg, multi30k_dir, toy_pairs, write_corpus, write
 
 from nmt import files
 from nmt.data import download
-from nmt.data.sources import DataError, load_split, read_split
+from nmt.data.sources import DataError, read_split
 
 MULTI30K = multi30k_dir()
 
@@ -64,13 +64,6 @@ def test_de_en_reads_sides_swapped(tmp_path):
     write_corpus(tmp_path, "jsonl")
     en, de = read_split(data_cfg(tmp_path, format="jsonl"), "train")
     assert read_split(data_cfg(tmp_path, format="jsonl", src_lang="de", tgt_lang="en"), "train") == (de, en)
-
-
-def test_load_split_is_a_dataset(tmp_path):
-    written = write_corpus(tmp_path, "text")
-    ds = load_split(data_cfg(tmp_path), "valid")
-    assert isinstance(ds, datasets.Dataset)
-    assert ds["src"][:] == written["val"][0] and ds["tgt"][:] == written["val"][1]
 
 
 @pytest.mark.parametrize("layout", ["translation", "columns"])

@@ -21,7 +21,7 @@ def corpus():
 
 @pytest.fixture(scope="module")
 def joint(corpus, tmp_path_factory):
-    return Tokenizer.train(*corpus, data_cfg(tmp_path_factory.mktemp("tok")), None)
+    return Tokenizer.train(*corpus, data_cfg(tmp_path_factory.mktemp("tok")))
 
 
 @pytest.fixture
@@ -177,7 +177,7 @@ def test_a_vocabulary_smaller_than_the_alphabet_is_a_clear_error(tmp_path, model
     alphabet = " ".join(letters + [c.upper() for c in letters] + list("abcdefghijklmnopqrstuvwxyz"))
     src = [alphabet] * 20
     with pytest.raises(DataError) as failed:
-        Tokenizer.train(src, src, data_cfg(tmp_path, vocab_size=100, spm_model_type=model_type), None)
+        Tokenizer.train(src, src, data_cfg(tmp_path, vocab_size=100, spm_model_type=model_type))
     assert str(failed.value).startswith("data.vocab_size=100 is smaller than the ") and str(
         failed.value
     ).endswith("raise data.vocab_size or lower data.character_coverage."), failed.value

@@ -10,7 +10,7 @@ from typing import Any
 
 _EXPORTS = {
     "nmt.data.tokenizer": ("PAD_ID", "UNK_ID", "BOS_ID", "EOS_ID", "SPECIAL_IDS", "Tokenizer"),
-    "nmt.data.sources": ("DataError", "read_split", "load_split", "content_hash"),
+    "nmt.data.sources": ("DataError", "read_split", "content_hash"),
     "nmt.data.corpus": ("PreparedData", "FilterStats", "prepare_data", "encode_split", "filter_mask"),
     "nmt.data.batching": (
         "Batch",
@@ -18,7 +18,6 @@ _EXPORTS = {
         "PackedPairs",
         "TokenBatchSampler",
         "collate",
-        "iterate_batches",
         "make_loader",
         "padding_efficiency",
     ),

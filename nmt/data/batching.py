@@ -351,8 +351,3 @@ def make_loader(
         f"{len(loader):,}", f"{len(pairs):,}", max_tokens, world_size, 100 * loader.padding_efficiency(),
     )  # fmt: skip
     return loader
-
-
-def iterate_batches(dataset: datasets.Dataset, sampler: TokenBatchSampler) -> Iterator[Batch]:
-    """Batches of ``dataset`` in ``sampler``'s order (see :class:`BatchLoader` for the resumable form)."""
-    return iter(BatchLoader(PackedPairs.from_dataset(dataset), sampler))

@@ -1,4 +1,4 @@
-"""Reading parallel corpora into ``datasets.Dataset`` objects with columns ``src`` and ``tgt``.
+"""Reading parallel corpora into lists of source and target sentences (:func:`read_split`).
 
 Formats (``cfg.format``), for a split whose file prefix is ``PREFIX`` (``cfg.train``/``valid``/``test``):
 
@@ -26,12 +26,8 @@ import logging
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from nmt.config import DataConfig
-
-if TYPE_CHECKING:
-    import datasets
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +82,6 @@ def read_split(cfg: DataConfig, split: str) -> tuple[list[str], list[str]]:
     if limit:
         src, tgt = src[:limit], tgt[:limit]
     return src, tgt
-
-
-def load_split(cfg: DataConfig, split: str) -> datasets.Dataset:
-    """``read_split`` as an in-memory Arrow ``Dataset`` with string columns ``src`` and ``tgt``."""
-    import datasets  # here, not at the top: importing it takes a second that tokenizer users need not pay
-
-    src, tgt = read_split(cfg, split)
-    return datasets.Dataset.from_dict({"src": src, "tgt": tgt})
 
 
 def content_hash(src: Iterable[str], tgt: Iterable[str]) -> str:

@@ -65,14 +65,8 @@ class Tokenizer:
     # ---- construction -------------------------------------------------------------------------------
 
     @classmethod
-    def train(
-        cls, src_texts: list[str], tgt_texts: list[str], cfg: DataConfig, workdir: Path | None = None
-    ) -> Tokenizer:
-        """Train on the training split (empty lines skipped); joint unless ``cfg.joint_vocab`` is false.
-
-        ``workdir`` is not needed (models are written to memory) and kept for interface stability.
-        """
-        del workdir
+    def train(cls, src_texts: list[str], tgt_texts: list[str], cfg: DataConfig) -> Tokenizer:
+        """Train on the training split (empty lines skipped); joint unless ``cfg.joint_vocab`` is false."""
         if cfg.joint_vocab:
             return cls(_train_model([*src_texts, *tgt_texts], cfg, "joint"))
         return cls(_train_model(src_texts, cfg, cfg.src_lang), _train_model(tgt_texts, cfg, cfg.tgt_lang))
