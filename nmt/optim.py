@@ -16,7 +16,8 @@ from nmt.config import TrainConfig
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay only on matrices (not on biases, norms or embeddings' pad row semantics)."""
+    """AdamW; weight decay on every parameter of two or more dimensions (the linear layers' weights and
+    the embedding tables), none on biases and LayerNorm weights."""
     decay, no_decay = [], []
     for param in model.parameters():
         if not param.requires_grad:

@@ -360,10 +360,14 @@ def save_variant(tmp_path: Path, name: str, change) -> Path:
             lambda s: s["config"]["model"].update(d_model=512, n_heads=8),
             r"model\.d_model=512 vs 256, model\.n_heads=8 vs 4",
         ),
-        (lambda s: s["config"]["data"].update(tgt_lang="fr"), r"b\.pt translates en->fr and .*a\.pt en->de"),
+        (
+            lambda s: s["config"]["data"].update(tgt_lang="fr"),
+            r"b\.pt and .*a\.pt .*data\.tgt_lang='fr' vs 'de'",
+        ),
+        (lambda s: s["config"]["data"].update(vocab_size=999), r"data\.vocab_size=999 vs 8000"),
         (lambda s: s["tokenizer"].update(model=b"\x02"), r"different tokenizers"),
     ],
-    ids=["shape", "broadcastable-shape", "dtype", "model-config", "languages", "tokenizer"],
+    ids=["shape", "broadcastable-shape", "dtype", "model-config", "languages", "vocabulary", "tokenizer"],
 )
 def test_average_refuses_checkpoints_that_are_not_of_one_run(tmp_path, change, message):
     a = save_checkpoint(minimal_state(1.0), tmp_path / "a.pt")
@@ -390,7 +394,7 @@ def test_average_script_reports_a_bad_request_in_one_line(tmp_path, capsys):
     a = tmp_path / "run" / "checkpoints" / "latest.pt"
     assert average_script.main(["--inputs", str(a), str(b), "--output", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "translates en->fr" in err and err.count("\n") == 1
+    assert err.startswith("error: ") and "data.tgt_lang='fr' vs 'de'" in err and err.count("\n") == 1
     assert not out.exists()
 
 
