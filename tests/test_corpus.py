@@ -176,23 +176,6 @@ def test_changes_invalidate_only_what_they_affect(tmp_path, count_work):
     assert count_work["train"] >= 1 and count_work["encode"] == 4
 
 
-def test_tokenizer_dir_and_explicit_tokenizer_take_precedence(tmp_path, count_work):
-    write_corpus(tmp_path)
-    run_dir = tmp_path / "run" / "tokenizer"
-    data = prepare_data(data_cfg(tmp_path), tokenizer_dir=run_dir)
-    assert Tokenizer.load(run_dir).fingerprint() == data.tokenizer.fingerprint()
-    other = Tokenizer.train(*toy_pairs(100, seed=5), data_cfg(tmp_path, spm_model_type="bpe"))
-    other.save(tmp_path / "other")
-    count_work.update(train=0)
-    assert (
-        prepare_data(data_cfg(tmp_path), tokenizer_dir=tmp_path / "other").tokenizer.fingerprint()
-        == other.fingerprint()
-    )
-    restored = Tokenizer.from_state(other.state_dict())
-    assert prepare_data(data_cfg(tmp_path), run_dir, tokenizer=restored).tokenizer is restored
-    assert count_work["train"] == 0
-
-
 def test_run_dir_gets_the_tokenizer_and_resume_takes_the_checkpoints(tmp_path, count_work):
     from nmt.checkpoint import save_checkpoint
     from nmt.config import Config

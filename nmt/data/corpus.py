@@ -41,6 +41,7 @@ from nmt.data.sources import (
     content_hash,
     damaged_cache,
     read_split,
+    resolve_gz,
     split_prefix,
     text_paths,
     writing,
@@ -228,20 +229,16 @@ def _writable(folder: Path) -> bool:
 
 def prepare_data(
     cfg: DataConfig,
-    tokenizer_dir: str | os.PathLike | None = None,
     *,
-    tokenizer: Tokenizer | None = None,
     run_dir: str | os.PathLike | None = None,
     resume_from: str | os.PathLike | None = None,
 ) -> PreparedData:
     """Read, tokenize, filter and encode the training and validation splits (cached between runs).
 
-    The tokenizer is, in order of preference: ``tokenizer``; the one in the checkpoint ``resume_from``;
-    the one saved in ``tokenizer_dir`` (when that folder holds one); else one trained on the training
-    split, or reused from the cache when the same text and settings were seen before. With ``run_dir``
-    the tokenizer used is saved in ``run_dir/tokenizer``; with ``tokenizer_dir``, saved there if absent.
-    With several processes (DDP), run this on rank 0 first and on the other ranks after a barrier: they
-    then only read the caches.
+    The tokenizer is the one in the checkpoint ``resume_from``, else one trained on the training split,
+    or reused from the cache when the same text and settings were seen before. With ``run_dir`` the
+    tokenizer used is saved in ``run_dir/tokenizer``. With several processes (DDP), run this on rank 0
+    first and on the other ranks after a barrier: they then only read the caches.
     """
     if cfg.format == "text" and cfg.download:
         ensure_multi30k(cfg)
@@ -250,12 +247,13 @@ def prepare_data(
     valid_src, valid_ref = read_split(cfg, "valid")
     _warn_if_test_missing(cfg)
     cache_dir = resolve_cache_dir(cfg)
-    tokenizer = tokenizer or _given_tokenizer(tokenizer_dir, resume_from)
-    if tokenizer is None:
+    if resume_from is not None:
+        from nmt.checkpoint import load_checkpoint  # only resumed runs need it
+
+        log.info("tokenizer: from checkpoint %s", resume_from)
+        tokenizer = Tokenizer.from_state(load_checkpoint(resume_from)["tokenizer"])
+    else:
         tokenizer = Tokenizer.load_or_train(train_src, train_tgt, cfg, cache_dir)
-    if tokenizer_dir is not None and not Tokenizer.exists(tokenizer_dir):
-        with writing(f"the tokenizer into {tokenizer_dir}", "make room there"):
-            tokenizer.save(tokenizer_dir)
     if run_dir is not None:
         with writing(
             f"the tokenizer into {Path(run_dir) / 'tokenizer'}", "make room there or set run_dir=PATH"
@@ -270,30 +268,16 @@ def prepare_data(
     )
 
 
-def _given_tokenizer(
-    tokenizer_dir: str | os.PathLike | None, resume_from: str | os.PathLike | None
-) -> Tokenizer | None:
-    if resume_from is not None:
-        from nmt.checkpoint import load_checkpoint  # only resumed runs need it
-
-        log.info("tokenizer: from checkpoint %s", resume_from)
-        return Tokenizer.from_state(load_checkpoint(resume_from)["tokenizer"])
-    if tokenizer_dir is not None and Tokenizer.exists(tokenizer_dir):
-        log.info("tokenizer: loaded from %s", tokenizer_dir)
-        return Tokenizer.load(tokenizer_dir)
-    return None
-
-
 def _warn_if_test_missing(cfg: DataConfig) -> None:
     """The test split is read only at the end of training; say now if it is not there."""
     if cfg.format == "hub":
         return
     prefix = split_prefix(cfg, "test")
     if cfg.format == "text":
-        missing = [p for p in text_paths(cfg, prefix) if not p.exists()]
+        paths = text_paths(cfg, prefix)
     else:
-        path = Path(cfg.dir) / f"{prefix}.{cfg.format}"
-        missing = [] if path.exists() or path.with_name(path.name + ".gz").exists() else [path]
+        paths = [resolve_gz(Path(cfg.dir) / f"{prefix}.{cfg.format}")]
+    missing = [p for p in paths if not p.exists()]
     if missing:
         log.warning(
             "test split files missing: %s (training continues; testing will fail)",

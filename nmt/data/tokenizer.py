@@ -141,10 +141,6 @@ class Tokenizer:
             return cls((folder / "spm.model").read_bytes())
         return cls((folder / "spm.src.model").read_bytes(), (folder / "spm.tgt.model").read_bytes())
 
-    @staticmethod
-    def exists(folder: str | os.PathLike) -> bool:
-        return (Path(folder) / "tokenizer.json").is_file()
-
     # ---- properties ---------------------------------------------------------------------------------
 
     @property
