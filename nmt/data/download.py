@@ -16,7 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from nmt.config import DataConfig
-from nmt.data.sources import DataError, split_prefix
+from nmt.data.sources import DataError, resolve_gz, split_prefix
 from nmt.files import temp_file_beside
 
 log = logging.getLogger(__name__)
@@ -61,14 +61,9 @@ def missing_multi30k_files(cfg: DataConfig) -> list[str]:
     for split in ("train", "valid", "test"):
         for lang in (cfg.src_lang, cfg.tgt_lang):
             plain = f"{split_prefix(cfg, split)}.{lang}"
-            if f"{plain}.gz" in MULTI30K_SHA256 and not _present(folder, plain):
+            if f"{plain}.gz" in MULTI30K_SHA256 and not resolve_gz(folder / plain).exists():
                 missing.append(f"{plain}.gz")
     return missing
-
-
-def _present(folder: Path, plain: str) -> bool:
-    """Whether the text file ``plain`` is in ``folder``, plain or gzipped."""
-    return (folder / plain).exists() or (folder / f"{plain}.gz").exists()
 
 
 def _foreign_files(folder: Path) -> list[str]:
@@ -116,7 +111,7 @@ def ensure_multi30k(cfg: DataConfig) -> list[Path]:
         return []
     train = split_prefix(cfg, "train")
     for lang in (cfg.src_lang, cfg.tgt_lang):
-        if lang not in MULTI30K_LANGUAGES and not _present(folder, f"{train}.{lang}"):
+        if lang not in MULTI30K_LANGUAGES and not resolve_gz(folder / f"{train}.{lang}").exists():
             # Before anything is downloaded: the other language's files alone would not make a corpus.
             raise DownloadError(
                 f"Multi30k can be downloaded in {', '.join(MULTI30K_LANGUAGES)}, not {lang!r}; put the "

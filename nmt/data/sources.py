@@ -97,10 +97,11 @@ def content_hash(src: Iterable[str], tgt: Iterable[str]) -> str:
 
 def text_paths(cfg: DataConfig, prefix: str) -> list[Path]:
     """Where the text-format files of a split are, whether or not they exist (``.gz`` when only it does)."""
-    return [_resolve(Path(cfg.dir) / f"{prefix}.{lang}") for lang in (cfg.src_lang, cfg.tgt_lang)]
+    return [resolve_gz(Path(cfg.dir) / f"{prefix}.{lang}") for lang in (cfg.src_lang, cfg.tgt_lang)]
 
 
-def _resolve(path: Path) -> Path:
+def resolve_gz(path: Path) -> Path:
+    """``path``, or ``path.gz`` when only that exists (the name to read, or to report as missing)."""
     gz = path.with_name(path.name + ".gz")
     return gz if not path.exists() and gz.exists() else path
 
@@ -190,7 +191,7 @@ def _read_text_pair(cfg: DataConfig, prefix: str) -> tuple[list[str], list[str]]
 
 
 def _format_path(cfg: DataConfig, prefix: str, ext: str) -> Path:
-    path = _resolve(Path(cfg.dir) / f"{prefix}.{ext}")
+    path = resolve_gz(Path(cfg.dir) / f"{prefix}.{ext}")
     if not path.exists():
         raise _missing(path, cfg, ext)
     return path
