@@ -3,7 +3,8 @@
 Hydra composes YAML from ``configs/`` on top of these dataclasses (registered as the schema
 ``base_config``), so a misspelled key is an error. Entry points turn the composed config into
 plain dataclasses once with :func:`to_config`; nothing below the CLI sees a ``DictConfig``.
-Every check a config value needs happens in ``__post_init__``, before any expensive work.
+Every check of a section's own values happens in its ``__post_init__``, before any expensive work;
+checks across sections that only training needs are in :meth:`Config.check_for_training`.
 """
 
 from __future__ import annotations
@@ -102,12 +103,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _one_of("model.activation", self.activation, ("relu", "gelu"))
         _one_of("model.positions", self.positions, ("sinusoidal", "learned"))
-        for name in ("enc_layers", "dec_layers"):  # deeper than the deepest published (1,000 layers in all)
-            value = getattr(self, name)
-            _check(value <= 1000, f"model.{name}={value} must be in [1, 1000].")
-        for name in ("d_model", "n_heads", "enc_layers", "dec_layers", "ffn_dim", "max_positions"):
+        for name in ("d_model", "n_heads", "ffn_dim", "max_positions"):
             value = getattr(self, name)
             _check(0 < value <= 1_000_000, f"model.{name}={value} must be a positive integer.")
+        for name in ("enc_layers", "dec_layers"):  # deeper than the deepest published (1,000 layers in all)
+            value = getattr(self, name)
+            _check(0 < value <= 1000, f"model.{name}={value} must be in [1, 1000].")
         _check(
             self.d_model % self.n_heads == 0,
             f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}.",
@@ -246,6 +247,7 @@ class Config:
             "data.dir is empty; give the corpus folder.",
         )
         # Every micro-batch of a step is held at once: past this, memory runs out before the first update.
+        # (Checked here, not in TrainConfig, so that a checkpoint trained with more still loads.)
         accum = self.train.accum_steps
         _check(accum <= 1024, f"train.accum_steps={accum} must be in [1, 1024].")
         _check(

@@ -57,7 +57,7 @@ def test_a_key_forced_in_with_plus_is_still_checked(override, key):
         ("model.n_heads=5", "divisible"),
         ("model.enc_layers=1000000", r"model.enc_layers=1000000 must be in \[1, 1000\]\."),
         ("model.dec_layers=2000000", r"model.dec_layers=2000000 must be in \[1, 1000\]\."),
-        ("model.dec_layers=0", r"model.dec_layers=0 must be a positive integer\."),
+        ("model.dec_layers=0", r"model.dec_layers=0 must be in \[1, 1000\]\."),
         ("data.max_tokens=10", "data.max_tokens=10"),
         ("train.lr=5", "train.lr=5"),
         ("decode.beam=0", "decode.beam"),
