@@ -8,7 +8,10 @@ A checkpoint is a plain dict of tensors and Python primitives (no pickled object
     model           model state_dict (unwrapped from DDP / torch.compile)
     # training checkpoints add:
     optimizer, scheduler, scaler, train_state (step, epoch, best metric, ...),
-    sampler (position in the epoch), rng (python/numpy/torch/cuda states)
+    sampler (position in the epoch), rng (rank 0's python/numpy/torch/cuda states),
+    rng_per_rank (every rank's, in rank order), world_size (the ranks that trained it)
+    # average_checkpoints() writes the first four and:
+    averaged_from (the averaged files)
 
 Everything needed to translate travels in the first four keys. A training run keeps its checkpoints
 in ``RUN_DIR/checkpoints/``: ``latest.pt``, linked as ``step_N.pt`` (the last ``train.keep_last``) and
@@ -439,9 +442,7 @@ def find_resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
         if not latest.exists():
             raise CheckpointError(f"train.resume={cfg.train.resume.lower()} but {latest} does not exist.")
         return latest
-    path = Path(cfg.train.resume)
-    if path.is_dir():
-        path = path / "checkpoints" / "latest.pt"
+    path = checkpoint_file(cfg.train.resume)
     if not path.is_file():
         raise CheckpointError(f"train.resume={cfg.train.resume}: no checkpoint at {path}.")
     # Step files are hard links of latest.pt, so the latest step's step_N.pt is the same file.
