@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-log = logging.getLogger("nmt.trainer")
+log = logging.getLogger(__name__)
 
 
 def rng_state() -> dict[str, Any]:

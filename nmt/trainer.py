@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -53,7 +53,14 @@ from nmt.runtime import (
 )
 from nmt.validation import Validator, perplexity
 
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from nmt.data.corpus import PreparedData
+
 log = logging.getLogger(__name__)
+
+INTERRUPTED = "interrupted by a signal"  # the stop reason when a signal (on any rank) ends the run
 
 
 class TrainingError(RuntimeError):
@@ -169,7 +176,12 @@ class Trainer:
     """Owns the model, optimizer and data stream of one run; ``train()`` runs until a stop rule fires."""
 
     def __init__(
-        self, cfg: Config, data: Any, run_dir: Path, dist: DistInfo | None = None, writer: Any = None
+        self,
+        cfg: Config,
+        data: PreparedData,
+        run_dir: Path,
+        dist: DistInfo | None = None,
+        writer: SummaryWriter | None = None,
     ):
         cfg.check_for_training()
         self.cfg, self.data, self.run_dir = cfg, data, Path(run_dir)
@@ -248,7 +260,7 @@ class Trainer:
         self._agreed_stop: tuple[bool, bool] | None = None  # DDP: stop flags, as of the last step read
         self._saved_step: int | None = None  # the step latest.pt holds, once this run wrote or resumed it
 
-    def log_to(self, writer: Any) -> None:
+    def log_to(self, writer: SummaryWriter | None) -> None:
         """Send TensorBoard scalars and validation reports to ``writer`` (rank 0 only) from now on."""
         self.writer = self.validator.writer = writer if self.dist.is_main else None
 
@@ -582,7 +594,7 @@ class Trainer:
                 list(self._stop_flags(start_time, start_elapsed)), self.dist, self.device
             )
         if signalled:
-            return "interrupted by a signal"
+            return INTERRUPTED
         if self.state.step >= t.max_steps:
             return f"reached train.max_steps={t.max_steps}"
         if t.max_epochs and self._epochs_done() >= t.max_epochs:
@@ -701,13 +713,13 @@ class Trainer:
                 count(self._read(pending))
                 pending = None
         progress.close()
-        if self.state.step % t.valid_every != 0 and reason != "interrupted by a signal":
+        if self.state.step % t.valid_every != 0 and reason != INTERRUPTED:
             metrics, _ = self._validate_and_save()
         elif self.state.step % t.valid_every != 0:
             self._save_on_every_rank(best=False)  # interrupted: keep the exact position, validate later
         log.info("training stopped at step %d: %s", self.state.step, reason)
         best = self.ckpt_dir / "best.pt"
-        stopped_by = (self._stop_signal or signal.SIGTERM) if reason == "interrupted by a signal" else None
+        stopped_by = (self._stop_signal or signal.SIGTERM) if reason == INTERRUPTED else None
         return TrainResult(self.state, reason, best if best.exists() else None, metrics, stopped_by)
 
     def _log_train(self, stats: dict[str, float]) -> None:

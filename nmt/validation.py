@@ -12,7 +12,7 @@ import copy
 import logging
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.compute as pc
@@ -25,7 +25,13 @@ from nmt.device import resolve_dtype
 from nmt.evaluate import bleu_options, score
 from nmt.translator import Translator
 
-log = logging.getLogger("nmt.trainer")  # validation lines keep the name they have always had in logs
+if TYPE_CHECKING:
+    import datasets
+    from torch.utils.tensorboard import SummaryWriter
+
+    from nmt.data.corpus import PreparedData
+
+log = logging.getLogger(__name__)
 
 BatchLoss = Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]  # sums of loss and NLL of a batch
 
@@ -42,10 +48,10 @@ class Validator:
     def __init__(
         self,
         cfg: Config,
-        data: Any,
+        data: PreparedData,
         device: torch.device,
         batch_loss: BatchLoss,
-        writer: Any = None,
+        writer: SummaryWriter | None = None,
         warn: bool = True,
     ):
         self.cfg, self.data, self.device = cfg, data, device
@@ -75,7 +81,7 @@ class Validator:
         nll = sum(pair[1] for pair in pairs)
         return loss / max(tokens, 1), nll / max(tokens, 1)
 
-    def _pairs_that_fit(self, warn: bool) -> Any:
+    def _pairs_that_fit(self, warn: bool) -> datasets.Dataset:
         """The validation pairs the model can read whole. Validation data is not length-filtered, and a
         pair longer than ``model.max_positions`` cannot be scored teacher-forced; it is left out of the
         loss (with a warning), while BLEU still covers it (its source truncated, as nmt.translate does)."""

@@ -591,7 +591,7 @@ def test_validation_loss_leaves_out_pairs_the_model_cannot_read(toy_dir, tmp_pat
         data=dataclasses.replace(cfg.data, max_len=limit - 1),
     )
     trainer = make_trainer(short)
-    with caplog.at_level("WARNING", logger="nmt.trainer"):
+    with caplog.at_level("WARNING", logger="nmt.validation"):
         loss, nll = trainer.validator.loss()
     assert math.isfinite(loss) and math.isfinite(nll)
     assert "validation loss leaves out" in caplog.text
@@ -607,7 +607,7 @@ def test_validation_loss_leaves_out_pairs_the_model_cannot_read(toy_dir, tmp_pat
 
 def test_validation_bleu_uses_the_configured_tokenizer(toy_dir, tmp_path, caplog):
     trainer = make_trainer(tiny_config(toy_dir, tmp_path / "run", bleu_tokenize="char"))
-    with caplog.at_level("INFO", logger="nmt.trainer"):
+    with caplog.at_level("INFO", logger="nmt.validation"):
         trainer.validate()
     assert "tok:char" in caplog.text and "tok:13a" not in caplog.text
 
