@@ -41,10 +41,12 @@ def run(cfg: Config) -> int:
     from torch.utils.tensorboard import SummaryWriter
 
     from nmt.checkpoint import find_resume_checkpoint
+    from nmt.device import resolve_device
     from nmt.distributed import barrier, init_distributed, shutdown_distributed
     from nmt.runtime import keep_freed_memory_in_heap
-    from nmt.trainer import Trainer, resolve_device
+    from nmt.trainer import Trainer
 
+    # Checked again by the Trainer, which can be built on its own; here they fail before the data is read.
     cfg.check_for_training()
     device = resolve_device(cfg.train.device, "train.device")
     if device.type == "cpu" and keep_freed_memory_in_heap():
@@ -230,7 +232,7 @@ def main(dcfg: DictConfig) -> None:
         code = run(cfg)
     except (ConfigError, DataError, TrainingError, CheckpointError) as e:
         message = str(e)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: which process, on which machine
+        if under_torchrun():  # which process, on which machine
             message = f"rank {os.environ.get('RANK', '?')} on {socket.gethostname()}: {message}"
         log.error("%s", message)
         print(f"error: {message}", file=sys.stderr)
@@ -240,9 +242,14 @@ def main(dcfg: DictConfig) -> None:
         sys.exit(130)
     if code == 0 and sweep:
         return  # on to the sweep's next job
-    if code == 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if code == 0 and under_torchrun():
         exit_finished_worker()
     sys.exit(code)
+
+
+def under_torchrun() -> bool:
+    """Started by torchrun (or another launcher that sets WORLD_SIZE) as one of several processes."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 class RunDirCheck(Callback):
@@ -272,7 +279,7 @@ def sweep_job(cfg: Config) -> Config:
     """One job of a sweep (``-m``): it trains in its own folder, run_dir/<job number>, with its log
     beside. With train.resume=true a job that never started (an earlier one stopped the sweep) starts
     now, so the same command continues the whole sweep."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process group per process: jobs cannot share it
+    if under_torchrun():  # one process group per process: jobs cannot share it
         raise ConfigError(
             "a sweep (-m) runs its jobs one after another in one process, and a torchrun process cannot "
             "set up its process group twice; start one torchrun per setting instead."

@@ -460,7 +460,9 @@ def main(argv: list[str] | None = None) -> int:
         for signum in (signal.SIGTERM, signal.SIGHUP):
             if signal.getsignal(signum) == signal.SIG_DFL:  # not when the caller chose otherwise (nohup)
                 handlers[signum] = signal.signal(signum, _stop)
-    written: list[str] = []  # the output file, once renamed into place
+    # Filled in by _translate once the output file is in place: a list, not a return value, so that it
+    # survives a Ctrl-C that comes after that (while the scores are printed).
+    written: list[str] = []
     try:
         return _translate(args, written)
     except (KeyboardInterrupt, _Stopped) as e:
