@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from nmt.checkpoint import CheckpointError, checkpoint_file
 from nmt.config import ConfigError, DecodeConfig
-from nmt.data.sources import looks_like_utf16, read_errors_named, read_text_lines
+from nmt.data.sources import encoding_advice, read_errors_named, read_text_lines
 from nmt.device import resolve_device, resolve_dtype
 from nmt.evaluate import GivenOnce, bleu_metric, bleu_options, score
 from nmt.files import temp_file_beside
@@ -79,14 +79,12 @@ class LineDecoder:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise ValueError(
-                f"{self.name} line {number} is not valid UTF-8 ({e.reason} at byte {e.start + 1}"
-                f"{'; it looks like UTF-16' if looks_like_utf16(raw) else ''}); convert it with iconv -f "
-                "ENCODING -t UTF-8."
+                f"{self.name} line {number} is not valid UTF-8 ({e.reason} at byte {e.start + 1}); "
+                f"{encoding_advice(raw)}."
             ) from None
-        if "\x00" in text:  # valid UTF-8, but never in text: UTF-16 without its mark, or a binary file
+        if "\x00" in text:  # valid UTF-8, but never in text
             raise ValueError(
-                f"{self.name} line {number} holds a NUL byte, which text does not; is it UTF-16 or a binary "
-                "file? Convert it with iconv -f ENCODING -t UTF-8."
+                f"{self.name} line {number} holds a NUL byte, which text does not; {encoding_advice(raw)}."
             )
         return text
 
@@ -500,8 +498,12 @@ def _translate(args: argparse.Namespace, written: list[str]) -> int:
                 translator, source, out, args.nbest, total, args.input or "standard input", refs is not None
             )
             # Scored before the output file is put in place: references that do not fit (standard
-            # input of another length, nothing at all) leave it as it was.
-            scores = score(hyps, refs, lowercase=args.lowercase, **scoring) if refs is not None else None
+            # input of another length) leave it as it was.
+            scores = None
+            if refs is not None and (hyps or refs):
+                scores = score(hyps, refs, lowercase=args.lowercase, **scoring)
+            elif refs is not None:
+                log.warning("nothing to score: the input and %s are empty", args.ref)
         if args.output is not None:
             written.append(args.output)
         if scores is not None:

@@ -129,6 +129,15 @@ def test_empty_file(tmp_path, content):
         read_split(data_cfg(tmp_path), "train")
 
 
+def test_a_file_with_carriage_returns_alone_for_line_ends_is_named(tmp_path):
+    write_lines(tmp_path / "train.en", ["one", "two", "three"])
+    (tmp_path / "train.de").write_bytes(b"eins\rzwei\rdrei\r")  # classic Mac OS: one line for Python's split
+    with pytest.raises(DataError, match=r"train\.de ends its lines with a carriage return alone"):
+        read_split(data_cfg(tmp_path), "train")
+    (tmp_path / "train.de").write_bytes(b"eins\r\nzwei\r\ndrei\r\n")  # CRLF is fine
+    assert read_split(data_cfg(tmp_path), "train")[1] == ["eins", "zwei", "drei"]
+
+
 def test_invalid_utf8_names_file_and_line(tmp_path):
     write_lines(tmp_path / "train.en", ["one", "two", "three"])
     (tmp_path / "train.de").write_bytes(b"eins\nzwei\ndr\xe4i\n")  # latin-1 a-umlaut on line 3
@@ -144,6 +153,14 @@ def test_a_utf16_file_is_named_as_such(tmp_path, encoding):
     (tmp_path / "train.de").write_bytes("eins\nzwei\n".encode(encoding))
     with pytest.raises(DataError, match=r"train\.de line 1\b.*it looks like UTF-16: convert it with iconv"):
         read_split(data_cfg(tmp_path), "train")
+
+
+def test_a_stray_nul_in_utf8_text_is_not_taken_for_utf16(tmp_path):
+    write_lines(tmp_path / "train.en", ["one", "two", "three"])
+    (tmp_path / "train.de").write_bytes(b"eins\nzwei\x00\ndrei\n")
+    with pytest.raises(DataError, match=r"train\.de line 2 holds a NUL byte.*; is it a binary file\?") as e:
+        read_split(data_cfg(tmp_path), "train")
+    assert "UTF-16" not in str(e.value)
 
 
 def test_invalid_utf8_inside_gzip(tmp_path):
@@ -188,6 +205,22 @@ def test_jsonl_bad_rows_name_line(tmp_path):
         read_split(data_cfg(tmp_path, format="jsonl"), "train")
     write_lines(tmp_path / "train.jsonl", [rows[0], rows[2]])
     with pytest.raises(DataError, match=r"train\.jsonl line 2: expected .*\"de\""):
+        read_split(data_cfg(tmp_path, format="jsonl"), "train")
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        # Valid JSON; the escape names half of a surrogate pair, which no UTF-8 text can hold.
+        ('{"en": "bad \\ud800 half", "de": "b"}', r"the escape of '\\ud800' is half of a UTF-16 surrogate pair"),
+        ('{"en": "a", "de": "b", "id": ' + "9" * 5000 + "}", r"JSON that cannot be read \(Exceeds the limit"),
+        ("[" * 100_000 + "]" * 100_000, r"JSON that cannot be read \(maximum recursion depth"),
+    ],
+    ids=["lone-surrogate", "huge-number", "deep-nesting"],
+)
+def test_jsonl_that_python_cannot_hold_names_the_line(tmp_path, row, message):
+    write_lines(tmp_path / "train.jsonl", [json.dumps({"en": "a", "de": "b"}), row])
+    with pytest.raises(DataError, match=r"train\.jsonl line 2: " + message):
         read_split(data_cfg(tmp_path, format="jsonl"), "train")
 
 

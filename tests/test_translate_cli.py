@@ -352,14 +352,19 @@ def test_a_byte_order_mark_is_not_translated(checkpoint, tmp_path):
             b"\n".join([b"the dog", "a café".encode("latin-1"), b"the cat"]) + b"\n",
             r"line 2 is not valid UTF-8 \(unexpected end of data at byte 6\); convert it with iconv",
         ),
-        ("the dog\nthe cat\n".encode("utf-16"), r"line 1 is not valid UTF-8 .*; it looks like UTF-16\)"),
+        (
+            "the dog\nthe cat\n".encode("utf-16"),
+            r"line 1 is not valid UTF-8 .*\); it looks like UTF-16: convert it with iconv -f UTF-16",
+        ),
         # Without its mark, ASCII text in UTF-16 is valid UTF-8 with a NUL after every letter.
         (
             "the dog\nthe cat\n".encode("utf-16-le"),
-            r"line 1 holds a NUL byte, which text does not; is it UTF-16",
+            r"line 1 holds a NUL byte, which text does not; it looks like UTF-16",
         ),
+        # One NUL in a UTF-8 line: not UTF-16, and iconv from UTF-16 would garble it.
+        (b"the dog\nthe\x00 cat\n", r"line 2 holds a NUL byte, which text does not; is it a binary file\?"),
     ],
-    ids=["latin-1", "utf-16", "utf-16-without-mark"],
+    ids=["latin-1", "utf-16", "utf-16-without-mark", "stray-nul"],
 )
 def test_input_that_is_not_utf8_fails_before_anything_is_written(
     checkpoint, tmp_path, capsys, content, message
@@ -487,10 +492,12 @@ def test_replacing_an_output_file_keeps_its_permissions(checkpoint, tmp_path):
 
 @pytest.mark.parametrize("case", ["stdin-of-another-length", "empty"])
 def test_references_that_do_not_fit_leave_the_output_as_it_was(
-    case, checkpoint, tmp_path, capsys, monkeypatch
+    case, checkpoint, tmp_path, capsys, caplog, monkeypatch
 ):
-    """Scoring fails (standard input of another length than --ref, or nothing at all to score): the
-    run exits 1 and the output file keeps its previous translations, as with any other failure."""
+    """Scoring fails (standard input of another length than --ref): the run exits 1 and the output
+    file keeps its previous translations, as with any other failure. An empty input with an empty
+    --ref is not a failure: its translation (no lines) is written, with a warning that nothing was
+    scored."""
     import io
 
     ref, out = tmp_path / "ref.de", tmp_path / "out.de"
@@ -499,10 +506,14 @@ def test_references_that_do_not_fit_leave_the_output_as_it_was(
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("".join(f"{x}\n" for x in lines).encode())))
     out.write_text("previous\n", encoding="utf-8")
     args = ["--ckpt", str(checkpoint), "--device", "cpu", "--output", str(out), "--ref", str(ref)]
-    assert main(args) == 1
+    assert main(args) == (1 if case != "empty" else 0)
     err = capsys.readouterr().err
-    assert ("2 hypotheses but" in err) if case != "empty" else ("nothing to score" in err)
-    assert out.read_text(encoding="utf-8") == "previous\n"
+    if case == "empty":
+        assert "nothing to score" in caplog.text and "BLEU" not in err
+        assert out.read_text(encoding="utf-8") == ""
+    else:
+        assert "2 hypotheses but" in err
+        assert out.read_text(encoding="utf-8") == "previous\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.de", "ref.de"]  # no temporary file left
 
 

@@ -137,34 +137,38 @@ def read_text_lines(path: str | Path) -> list[str]:
     return text_lines(raw, path)
 
 
-def looks_like_utf16(raw: bytes) -> bool:
-    """A UTF-16 byte-order mark, or NUL bytes, which UTF-8 text never holds (UTF-16 without its mark,
-    or a binary file)."""
-    return raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw
+def encoding_advice(raw: bytes) -> str:
+    """What to do with ``raw`` (a file, or one line of it) that is not UTF-8 text or holds NUL bytes.
+
+    UTF-16 either fails as UTF-8 or, for ASCII text without its byte-order mark, decodes as text with a
+    NUL after every letter; a NUL here and there is a binary file, or a stray byte in a text."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or 4 * raw.count(b"\x00") >= len(raw) > 0:
+        return "it looks like UTF-16: convert it with iconv -f UTF-16 -t UTF-8"
+    if b"\x00" in raw:
+        return "is it a binary file? If it is text, delete the NUL bytes (tr -d '\\000')"
+    return "convert it with iconv -f ENCODING -t UTF-8"
 
 
 def text_lines(raw: bytes, name: str | Path) -> list[str]:
     """The lines of ``raw``, read from ``name``, as :func:`read_text_lines` gives them."""
-    # UTF-16 would otherwise fail with a bare "invalid UTF-8", or, all ASCII without its mark, pass
-    # as text full of NULs.
-    utf16 = looks_like_utf16(raw)
-    hint = (
-        "; it looks like UTF-16: convert it with iconv -f UTF-16 -t UTF-8"
-        if utf16
-        else "; convert the file to UTF-8"
-    )
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{name} line {line}: invalid UTF-8 ({e.reason}){hint}.") from e
-    if utf16:
+        raise DataError(f"{name} line {line}: invalid UTF-8 ({e.reason}); {encoding_advice(raw)}.") from e
+    if "\x00" in text:  # valid UTF-8, but never in text
         line = raw.count(b"\n", 0, raw.index(b"\x00")) + 1
-        raise DataError(f"{name} line {line} holds a NUL byte, which text does not{hint}.")
+        raise DataError(f"{name} line {line} holds a NUL byte, which text does not; {encoding_advice(raw)}.")
     lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()  # the final newline ends the last line, it does not start a new one
-    return [line[:-1] if line.endswith("\r") else line for line in lines]
+    lines = [line[:-1] if line.endswith("\r") else line for line in lines]
+    if len(lines) == 1 and "\r" in lines[0]:
+        raise DataError(
+            f"{name} ends its lines with a carriage return alone (classic Mac OS), so it reads as one line; "
+            "convert it with tr '\\r' '\\n'."
+        )
+    return lines
 
 
 def read_lines(path: Path) -> list[str]:
@@ -228,6 +232,8 @@ def _read_jsonl(cfg: DataConfig, prefix: str) -> tuple[list[str], list[str]]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path} line {number}: invalid JSON ({e.msg}).") from e
+        except (ValueError, RecursionError) as e:  # valid JSON that Python will not hold: a huge number, deep nesting
+            raise DataError(f"{path} line {number}: JSON that cannot be read ({e}).") from e
         pair = _pair_from_row(row, cfg)
         if pair is None:
             raise DataError(
@@ -235,6 +241,14 @@ def _read_jsonl(cfg: DataConfig, prefix: str) -> tuple[list[str], list[str]]:
                 f'"{cfg.tgt_lang}": ...}}}} or {{"{cfg.src_lang}": ..., "{cfg.tgt_lang}": ...}} '
                 "with string values."
             )
+        for text in pair:  # JSON's \uXXXX escapes can name half of a surrogate pair, which is not text
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise DataError(
+                    f"{path} line {number}: the escape of {ascii(text[e.start])} is half of a UTF-16 "
+                    "surrogate pair, not a character; fix or remove it."
+                ) from None
         src.append(pair[0])
         tgt.append(pair[1])
     return src, tgt
