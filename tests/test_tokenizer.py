@@ -181,3 +181,12 @@ def test_a_vocabulary_smaller_than_the_alphabet_is_a_clear_error(tmp_path, model
     assert str(failed.value).startswith("data.vocab_size=100 is smaller than the ") and str(
         failed.value
     ).endswith("raise data.vocab_size or lower data.character_coverage."), failed.value
+
+
+def test_a_corpus_of_lines_too_long_for_sentencepiece_is_a_clear_error(tmp_path):
+    from nmt.data.sources import DataError
+
+    # SentencePiece skips lines of over 4,192 bytes; with none left it failed with an internal check.
+    long_lines = [" ".join(["word"] * 1000) + f" {i}" for i in range(20)]
+    with pytest.raises(DataError, match=r"no line of the joint corpus is short enough for SentencePiece"):
+        Tokenizer.train(long_lines, long_lines, data_cfg(tmp_path, vocab_size=100))

@@ -226,6 +226,11 @@ def _train_model(texts: list[str], cfg: DataConfig, name: str) -> bytes:
                 "corpus needs (plus the special tokens); raise data.vocab_size or lower "
                 "data.character_coverage."
             ) from None
+        if "sentences_.empty()" in str(e):  # SentencePiece skips lines of over 4,192 bytes
+            raise DataError(
+                f"no line of the {name} corpus is short enough for SentencePiece to train on (at most 4,192 "
+                "bytes); a corpus needs sentences, one per line."
+            ) from None
         if "Vocabulary size too high" not in str(e):
             raise
         log.warning(
