@@ -9,7 +9,8 @@ A checkpoint is a plain dict of tensors and Python primitives (no pickled object
     # training checkpoints add:
     optimizer, scheduler, scaler, train_state (step, epoch, best metric, ...),
     sampler (position in the epoch), rng (rank 0's python/numpy/torch/cuda states),
-    rng_per_rank (every rank's, in rank order), world_size (the ranks that trained it)
+    rng_per_rank (every rank's, in rank order), world_size (the ranks that trained it),
+    data (per split, a hash of the encoded training and validation data)
     # average_checkpoints() writes the first four and:
     averaged_from (the averaged files)
 

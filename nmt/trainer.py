@@ -457,6 +457,7 @@ class Trainer:
             # Each rank draws its own dropout masks, so each resumes from its own RNG state.
             "rng_per_rank": rng_states,
             "world_size": self.dist.world_size,
+            "data": dict(self.data.split_keys),  # what it was trained and validated on
         }
 
     def save(self, best: bool) -> Path | None:
@@ -516,6 +517,7 @@ class Trainer:
         if "schedule_best" not in state["train_state"]:  # a checkpoint from before the field existed
             self.state.schedule_best = self.state.best_score
         self.loader.load_state_dict(state["sampler"])
+        self._warn_if_data_changed(state.get("data"), path)
         per_rank = state.get("rng_per_rank")
         set_rng_state(per_rank[self.dist.rank] if per_rank else state["rng"])
         if Path(path).resolve() == (self.ckpt_dir / "latest.pt").resolve():
@@ -525,6 +527,28 @@ class Trainer:
     def weight_checksum(self) -> float:
         """A float64 sum of every weight, in a fixed order: equal weights give equal sums."""
         return float(sum(p.detach().double().sum() for p in self.raw_model.parameters()))
+
+    def _warn_if_data_changed(self, saved: dict[str, str] | None, path: str | os.PathLike) -> None:
+        """Resuming on other data is allowed (fine-tuning goes that way), but it is no longer the same
+        run: say so. (Checkpoints written before the keys were kept have nothing to compare.)"""
+        if not saved or not self.dist.is_main:
+            return
+        changed = [
+            split for split in ("train", "valid") if saved.get(split) != self.data.split_keys.get(split)
+        ]
+        if not changed:
+            return
+        log.warning(
+            "%s was trained on other %s data than this run reads (their text, or data.max_len or "
+            "max_len_ratio, changed): training goes on with the new data, so it does not continue the run "
+            "exactly%s",
+            path,
+            " and ".join({"train": "training", "valid": "validation"}[s] for s in changed),
+            "; validation scores from here on are not comparable with the best so far (best.pt, "
+            "train.patience)"
+            if "valid" in changed
+            else "",
+        )
 
     def _apply_optimizer_settings(self, saved: dict[str, Any]) -> None:
         """Give the restored optimizer and schedule this config's lr, betas, eps and weight decay.

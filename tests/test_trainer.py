@@ -803,3 +803,29 @@ def test_a_checkpoint_from_before_bleu_tokenize_resumes_as_13a(toy_dir, tmp_path
         check_resume_config(cfg, saved, "old.pt")
     check_resume_config(with_train(cfg, bleu_tokenize="13a"), saved, "old.pt")
     check_resume_config(with_train(cfg, best_metric="loss"), saved, "old.pt")  # BLEU is not compared then
+
+
+def test_resuming_on_changed_data_says_so(toy_dir, tmp_path, caplog):
+    """Training data edited in place, with as many lines (so as many batches), used to resume without
+    a word; the same data resume silently."""
+    cfg = tiny_config(toy_dir, tmp_path / "run", max_steps=2, valid_every=2)
+    make_trainer(cfg).train()
+    resumed = with_train(cfg, max_steps=4, resume="true")
+    checkpoint = find_resume_checkpoint(resumed, Path(cfg.run_dir))
+
+    def resume() -> str:
+        caplog.clear()
+        data = prepare_data(resumed.data, run_dir=Path(cfg.run_dir), resume_from=checkpoint)
+        with caplog.at_level("WARNING", logger="nmt.trainer"):
+            Trainer(resumed, data, Path(cfg.run_dir)).resume(checkpoint)
+        return caplog.text
+
+    assert "other" not in resume()
+    train_de = toy_dir / "train.de"
+    lines = train_de.read_text(encoding="utf-8").splitlines()
+    train_de.write_text("".join(line[::-1] + "\n" for line in lines), encoding="utf-8")
+    assert "was trained on other training data than this run reads" in resume()
+    val_de = toy_dir / "val.de"
+    val_de.write_text(val_de.read_text(encoding="utf-8").replace("a", "e"), encoding="utf-8")
+    warning = resume()
+    assert "other training and validation data" in warning and "not comparable" in warning

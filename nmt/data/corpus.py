@@ -26,7 +26,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import datasets
@@ -102,8 +102,13 @@ class PreparedData:
     valid_ref: list[str]
     train_stats: FilterStats
     cache_dir: Path
-    # Equal on two machines when they encoded the same text with the same tokenizer and filter.
-    fingerprint: str = ""
+    # Per split, a hash of its text, the tokenizer and the filter: equal keys mean equal encoded data.
+    split_keys: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        """Equal on two machines when they encoded the same text with the same tokenizer and filter."""
+        return "-".join(self.split_keys[split] for split in ("train", "valid"))
 
 
 def filter_mask(
@@ -264,7 +269,14 @@ def prepare_data(
     valid, _, valid_key = cached_encode_split(tokenizer, valid_src, valid_ref, cache_dir, "valid")
     log.info("valid: %s pairs (not filtered); %s", f"{len(valid):,}", tokenizer.describe())
     return PreparedData(
-        tokenizer, train, valid, valid_src, valid_ref, stats, cache_dir, f"{train_key}-{valid_key}"
+        tokenizer,
+        train,
+        valid,
+        valid_src,
+        valid_ref,
+        stats,
+        cache_dir,
+        {"train": train_key, "valid": valid_key},
     )
 
 

@@ -232,7 +232,8 @@ def _read_jsonl(cfg: DataConfig, prefix: str) -> tuple[list[str], list[str]]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path} line {number}: invalid JSON ({e.msg}).") from e
-        except (ValueError, RecursionError) as e:  # valid JSON that Python will not hold: a huge number, deep nesting
+        # Valid JSON that Python will not hold: a number of over 4,300 digits, deep nesting.
+        except (ValueError, RecursionError) as e:
             raise DataError(f"{path} line {number}: JSON that cannot be read ({e}).") from e
         pair = _pair_from_row(row, cfg)
         if pair is None:
