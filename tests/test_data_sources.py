@@ -193,6 +193,15 @@ def test_tsv_wrong_column_count_names_line(tmp_path):
         read_split(data_cfg(tmp_path, format="tsv"), "train")
 
 
+@pytest.mark.parametrize("header", ["en\tde", "EN\tDE", "source\ttarget", "src\ttgt"])
+def test_a_tsv_header_is_not_taken_for_a_sentence_pair(tmp_path, header):
+    write_lines(tmp_path / "train.tsv", [header, "a\tb"])
+    with pytest.raises(DataError, match=r"train\.tsv line 1 looks like a header .*tail -n \+2"):
+        read_split(data_cfg(tmp_path, format="tsv"), "train")
+    write_lines(tmp_path / "train.tsv", ["a\tb", header])  # further down it is a pair like any other
+    assert read_split(data_cfg(tmp_path, format="tsv"), "train")[0] == ["a", header.split("\t")[0]]
+
+
 def test_tsv_empty_column_is_an_empty_side_not_an_error(tmp_path):
     write_lines(tmp_path / "train.tsv", ["a\tb", "c\t", "\td", "\t"])
     assert read_split(data_cfg(tmp_path, format="tsv"), "train") == (["a", "c", "", ""], ["b", "", "d", ""])
@@ -212,7 +221,10 @@ def test_jsonl_bad_rows_name_line(tmp_path):
     "row, message",
     [
         # Valid JSON; the escape names half of a surrogate pair, which no UTF-8 text can hold.
-        ('{"en": "bad \\ud800 half", "de": "b"}', r"the escape of '\\ud800' is half of a UTF-16 surrogate pair"),
+        (
+            '{"en": "bad \\ud800 half", "de": "b"}',
+            r"the escape of '\\ud800' is half of a UTF-16 surrogate pair",
+        ),
         ('{"en": "a", "de": "b", "id": ' + "9" * 5000 + "}", r"JSON that cannot be read \(Exceeds the limit"),
         ("[" * 100_000 + "]" * 100_000, r"JSON that cannot be read \(maximum recursion depth"),
     ],

@@ -4,7 +4,7 @@ Formats (``cfg.format``), for a split whose file prefix is ``PREFIX`` (``cfg.tra
 
 * ``text``: ``DIR/PREFIX.SRC`` and ``DIR/PREFIX.TGT``, one sentence a line, optionally gzipped
   (``PREFIX.SRC.gz`` is used when the plain file is absent);
-* ``tsv``: ``DIR/PREFIX.tsv``, ``source<TAB>target`` a line, no header, no quoting;
+* ``tsv``: ``DIR/PREFIX.tsv``, ``source<TAB>target`` a line, no header (a first line such as ``en<TAB>de`` is refused), no quoting;
 * ``jsonl``: ``DIR/PREFIX.jsonl``, one object a line, either ``{"translation": {SRC: ..., TGT: ...}}``
   (the Hugging Face layout) or flat ``{SRC: ..., TGT: ...}``;
 * ``hub``: ``datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=PREFIX)`` with a ``translation``
@@ -215,9 +215,19 @@ def _read_tsv(cfg: DataConfig, prefix: str) -> tuple[list[str], list[str]]:
                 f"{path} line {number}: expected 2 tab-separated columns "
                 f"({cfg.src_lang}<TAB>{cfg.tgt_lang}), found {len(columns)}."
             )
+        if number == 1 and _is_header(columns, cfg):
+            raise DataError(
+                f"{path} line 1 looks like a header ({line.strip()!r}); the file holds sentence pairs only: "
+                "remove that line (tail -n +2)."
+            )
         src.append(columns[0].strip())
         tgt.append(columns[1].strip())
     return src, tgt
+
+
+def _is_header(columns: list[str], cfg: DataConfig) -> bool:
+    names = tuple(c.strip().lower() for c in columns)
+    return names in {(cfg.src_lang.lower(), cfg.tgt_lang.lower()), ("source", "target"), ("src", "tgt")}
 
 
 def _read_jsonl(cfg: DataConfig, prefix: str) -> tuple[list[str], list[str]]:
