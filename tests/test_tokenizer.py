@@ -29,9 +29,9 @@ def count_trainings(monkeypatch):
     calls = []
     real = tokenizer_module._run_trainer
 
-    def counting(sentences, cfg, hard_vocab_limit):
+    def counting(sentences, cfg):
         calls.append(len(sentences))
-        return real(sentences, cfg, hard_vocab_limit)
+        return real(sentences, cfg)
 
     monkeypatch.setattr(tokenizer_module, "_run_trainer", counting)
     return calls
@@ -148,12 +148,20 @@ def test_cache_retrains_when_data_or_settings_change(corpus, tmp_path, count_tra
     assert len(list((tmp_path / "cache").glob("tokenizer-*"))) == 3
 
 
-def test_too_large_vocabulary_falls_back_with_a_warning(corpus, tmp_path, caplog, count_trainings):
+def test_too_large_vocabulary_gives_a_smaller_one_with_a_warning(corpus, tmp_path, caplog, count_trainings):
     with caplog.at_level(logging.WARNING, logger="nmt.data.tokenizer"):
         tok = Tokenizer.train(*corpus, data_cfg(tmp_path, vocab_size=5000))
-    assert "too small for data.vocab_size=5000" in caplog.text
-    assert count_trainings == [400, 400]  # hard limit refused, then the soft limit
     assert 4 < tok.src_vocab_size < 5000
+    assert (
+        f"too small for data.vocab_size=5000: the vocabulary has {tok.src_vocab_size:,} pieces" in caplog.text
+    )
+    assert count_trainings == [400]  # trained once (a hard limit failed at the end, and trained again)
+
+
+def test_a_vocabulary_the_corpus_supports_is_trained_to_its_size(corpus, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="nmt.data.tokenizer"):
+        tok = Tokenizer.train(*corpus, data_cfg(tmp_path, vocab_size=120))
+    assert tok.src_vocab_size == 120 and "too small" not in caplog.text
 
 
 def test_empty_lines_are_not_training_sentences(tmp_path, count_trainings):

@@ -188,6 +188,7 @@ def cached_encode_split(
             raise damaged_cache(folder, e) from e
         log.info("%s: reusing encoded split %s", name, folder)
         return dataset, stats, key
+    log.info("%s: encoding %s pairs", name, f"{len(src):,}")
     dataset, stats = encode_split(tokenizer, src, tgt, cfg)
     _save_atomic(dataset, stats, folder)
     return datasets.load_from_disk(str(folder)), stats, key  # memory-mapped, like a cached run

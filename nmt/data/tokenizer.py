@@ -216,8 +216,17 @@ def _train_model(texts: list[str], cfg: DataConfig, name: str) -> bytes:
     sentences = [t for t in texts if t]
     if not sentences:
         raise DataError(f"no non-empty sentences to train the {name} SentencePiece model on.")
+    sample = f", a sample of {MAX_TRAIN_SENTENCES:,}" if len(sentences) > MAX_TRAIN_SENTENCES else ""
+    log.info(
+        "tokenizer: training the %s SentencePiece model (%s, %s pieces) on %s sentences%s",
+        name,
+        cfg.spm_model_type,
+        f"{cfg.vocab_size:,}",
+        f"{len(sentences):,}",
+        sample,
+    )
     try:
-        return _run_trainer(sentences, cfg, hard_vocab_limit=True)
+        model = _run_trainer(sentences, cfg)
     except RuntimeError as e:
         chars = re.search(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)", str(e))
         if chars:
@@ -231,20 +240,23 @@ def _train_model(texts: list[str], cfg: DataConfig, name: str) -> bytes:
                 f"no line of the {name} corpus is short enough for SentencePiece to train on (at most 4,192 "
                 "bytes); a corpus needs sentences, one per line."
             ) from None
-        if "Vocabulary size too high" not in str(e):
-            raise
+        raise
+    pieces = spm.SentencePieceProcessor(model_proto=model).get_piece_size()
+    if pieces < cfg.vocab_size:
         log.warning(
-            "the %s corpus (%s sentences) is too small for data.vocab_size=%d; training with a soft limit "
-            "instead, the vocabulary will be smaller (%s)",
+            "the %s corpus (%s sentences) is too small for data.vocab_size=%d: the vocabulary has %s pieces",
             name,
             f"{len(sentences):,}",
             cfg.vocab_size,
-            str(e).split("] ")[-1],
+            f"{pieces:,}",
         )
-        return _run_trainer(sentences, cfg, hard_vocab_limit=False)
+    return model
 
 
-def _run_trainer(sentences: list[str], cfg: DataConfig, hard_vocab_limit: bool) -> bytes:
+def _run_trainer(sentences: list[str], cfg: DataConfig) -> bytes:
+    """``cfg.vocab_size`` is a soft limit: a corpus too small for it gives fewer pieces. (Where it is
+    big enough, the pieces and their scores are those of a hard limit, which would fail, at the end of
+    the training, on a small corpus.)"""
     model = io.BytesIO()
     spm.set_random_generator_seed(TRAIN_SEED)
     spm.SentencePieceTrainer.train(
@@ -257,7 +269,7 @@ def _run_trainer(sentences: list[str], cfg: DataConfig, hard_vocab_limit: bool) 
         unk_id=UNK_ID,
         bos_id=BOS_ID,
         eos_id=EOS_ID,
-        hard_vocab_limit=hard_vocab_limit,
+        hard_vocab_limit=False,
         num_threads=TRAIN_THREADS,
         input_sentence_size=MAX_TRAIN_SENTENCES,
         shuffle_input_sentence=True,
