@@ -136,6 +136,10 @@ def test_a_file_with_carriage_returns_alone_for_line_ends_is_named(tmp_path):
         read_split(data_cfg(tmp_path), "train")
     (tmp_path / "train.de").write_bytes(b"eins\r\nzwei\r\ndrei\r\n")  # CRLF is fine
     assert read_split(data_cfg(tmp_path), "train")[1] == ["eins", "zwei", "drei"]
+    # A one-line file with a stray CR inside its sentence is a sentence (and so is a one-line --ref).
+    write_lines(tmp_path / "val.en", ["A man says hello."])
+    (tmp_path / "val.de").write_bytes(b"Ein Mann\rsagt hallo.\n")
+    assert read_split(data_cfg(tmp_path), "valid")[1] == ["Ein Mann\rsagt hallo."]
 
 
 def test_invalid_utf8_names_file_and_line(tmp_path):
@@ -145,12 +149,22 @@ def test_invalid_utf8_names_file_and_line(tmp_path):
         read_split(data_cfg(tmp_path), "train")
 
 
-@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le"], ids=["with-bom", "without-bom"])
-def test_a_utf16_file_is_named_as_such(tmp_path, encoding):
+@pytest.mark.parametrize(
+    "encoding, text",
+    [
+        ("utf-16", "eins\nzwei\n"),
+        ("utf-16-le", "eins\nzwei\n"),
+        # Few NULs (spaces, punctuation, line ends), but all at odd offsets: still UTF-16.
+        ("utf-16-le", "Привет, мир.\nКак дела?\n"),
+        ("utf-16-be", "Γειά σου, κόσμε.\nΤι κάνεις;\n"),
+    ],
+    ids=["with-bom", "without-bom", "cyrillic-without-bom", "greek-big-endian"],
+)
+def test_a_utf16_file_is_named_as_such(tmp_path, encoding, text):
     """UTF-16 without its byte-order mark decodes as UTF-8 when its text is ASCII: it would train on
     text full of NULs (or fail on a line count doubled by the NULs) without the check."""
     write_lines(tmp_path / "train.en", ["one", "two"])
-    (tmp_path / "train.de").write_bytes("eins\nzwei\n".encode(encoding))
+    (tmp_path / "train.de").write_bytes(text.encode(encoding))
     with pytest.raises(DataError, match=r"train\.de line 1\b.*it looks like UTF-16: convert it with iconv"):
         read_split(data_cfg(tmp_path), "train")
 
@@ -158,7 +172,10 @@ def test_a_utf16_file_is_named_as_such(tmp_path, encoding):
 def test_a_stray_nul_in_utf8_text_is_not_taken_for_utf16(tmp_path):
     write_lines(tmp_path / "train.en", ["one", "two", "three"])
     (tmp_path / "train.de").write_bytes(b"eins\nzwei\x00\ndrei\n")
-    with pytest.raises(DataError, match=r"train\.de line 2 holds a NUL byte.*; is it a binary file\?") as e:
+    with pytest.raises(
+        DataError,
+        match=r"train\.de line 2 holds a NUL byte.*; is it a binary file, or text in another encoding\?",
+    ) as e:
         read_split(data_cfg(tmp_path), "train")
     assert "UTF-16" not in str(e.value)
 
@@ -196,7 +213,7 @@ def test_tsv_wrong_column_count_names_line(tmp_path):
 @pytest.mark.parametrize("header", ["en\tde", "EN\tDE", "source\ttarget", "src\ttgt"])
 def test_a_tsv_header_is_not_taken_for_a_sentence_pair(tmp_path, header):
     write_lines(tmp_path / "train.tsv", [header, "a\tb"])
-    with pytest.raises(DataError, match=r"train\.tsv line 1 looks like a header .*tail -n \+2"):
+    with pytest.raises(DataError, match=r"train\.tsv line 1 looks like a header .*remove that line\."):
         read_split(data_cfg(tmp_path, format="tsv"), "train")
     write_lines(tmp_path / "train.tsv", ["a\tb", header])  # further down it is a pair like any other
     assert read_split(data_cfg(tmp_path, format="tsv"), "train")[0] == ["a", header.split("\t")[0]]
@@ -225,7 +242,10 @@ def test_jsonl_bad_rows_name_line(tmp_path):
             '{"en": "bad \\ud800 half", "de": "b"}',
             r"the escape of '\\ud800' is half of a UTF-16 surrogate pair",
         ),
-        ('{"en": "a", "de": "b", "id": ' + "9" * 5000 + "}", r"JSON that cannot be read \(Exceeds the limit"),
+        (
+            '{"en": "a", "de": "b", "id": ' + "9" * 5000 + "}",
+            r"JSON that cannot be read \(a number of over 4,300 digits\); remove it",
+        ),
         ("[" * 100_000 + "]" * 100_000, r"JSON that cannot be read \(maximum recursion depth"),
     ],
     ids=["lone-surrogate", "huge-number", "deep-nesting"],

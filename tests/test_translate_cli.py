@@ -362,7 +362,10 @@ def test_a_byte_order_mark_is_not_translated(checkpoint, tmp_path):
             r"line 1 holds a NUL byte, which text does not; it looks like UTF-16",
         ),
         # One NUL in a UTF-8 line: not UTF-16, and iconv from UTF-16 would garble it.
-        (b"the dog\nthe\x00 cat\n", r"line 2 holds a NUL byte, which text does not; is it a binary file\?"),
+        (
+            b"the dog\nthe\x00 cat\n",
+            r"line 2 holds a NUL byte, which text does not; is it a binary file, or text in another encoding\?",
+        ),
     ],
     ids=["latin-1", "utf-16", "utf-16-without-mark", "stray-nul"],
 )

@@ -27,6 +27,8 @@ import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
+
 from nmt.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -138,15 +140,26 @@ def read_text_lines(path: str | Path) -> list[str]:
 
 
 def encoding_advice(raw: bytes) -> str:
-    """What to do with ``raw`` (a file, or one line of it) that is not UTF-8 text or holds NUL bytes.
-
-    UTF-16 either fails as UTF-8 or, for ASCII text without its byte-order mark, decodes as text with a
-    NUL after every letter; a NUL here and there is a binary file, or a stray byte in a text."""
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or 4 * raw.count(b"\x00") >= len(raw) > 0:
+    """What to do with ``raw`` (a file, or one line of it) that is not UTF-8 text or holds NUL bytes."""
+    if looks_like_utf16(raw):
         return "it looks like UTF-16: convert it with iconv -f UTF-16 -t UTF-8"
-    if b"\x00" in raw:
-        return "is it a binary file? If it is text, delete the NUL bytes (tr -d '\\000')"
+    if b"\x00" in raw:  # a stray byte in a text, or a binary file: deleting NULs would garble UTF-16
+        return "is it a binary file, or text in another encoding? Convert it with iconv -f ENCODING -t UTF-8"
     return "convert it with iconv -f ENCODING -t UTF-8"
+
+
+def looks_like_utf16(raw: bytes) -> bool:
+    """A UTF-16 byte-order mark, or NUL bytes nearly all at even or nearly all at odd offsets: the high
+    bytes of the ASCII characters (spaces, punctuation, Latin letters) that UTF-16 text holds in any
+    script. NULs at random offsets (a binary file) or everywhere (a zero-filled file) are not UTF-16."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return True
+    zeros = np.frombuffer(raw, dtype=np.uint8) == 0
+    count = int(zeros.sum())
+    if count < 2 or count == len(raw):
+        return False
+    even = int(zeros[0::2].sum())
+    return max(even, count - even) >= 0.95 * count
 
 
 def text_lines(raw: bytes, name: str | Path) -> list[str]:
@@ -162,13 +175,7 @@ def text_lines(raw: bytes, name: str | Path) -> list[str]:
     lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()  # the final newline ends the last line, it does not start a new one
-    lines = [line[:-1] if line.endswith("\r") else line for line in lines]
-    if len(lines) == 1 and "\r" in lines[0]:
-        raise DataError(
-            f"{name} ends its lines with a carriage return alone (classic Mac OS), so it reads as one line; "
-            "convert it with tr '\\r' '\\n'."
-        )
-    return lines
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 def read_lines(path: Path) -> list[str]:
@@ -176,6 +183,11 @@ def read_lines(path: Path) -> list[str]:
     lines = read_text_lines(path)
     if not any(line.strip() for line in lines):
         raise DataError(f"{path} is empty; every split needs at least one sentence.")
+    if len(lines) == 1 and lines[0].count("\r") >= 2:  # one sentence with two stray CRs is far less likely
+        raise DataError(
+            f"{path} ends its lines with a carriage return alone (classic Mac OS), so it reads as one line; "
+            "convert its line ends to newlines (tr '\\r' '\\n')."
+        )
     return lines
 
 
@@ -218,7 +230,7 @@ def _read_tsv(cfg: DataConfig, prefix: str) -> tuple[list[str], list[str]]:
         if number == 1 and _is_header(columns, cfg):
             raise DataError(
                 f"{path} line 1 looks like a header ({line.strip()!r}); the file holds sentence pairs only: "
-                "remove that line (tail -n +2)."
+                "remove that line."
             )
         src.append(columns[0].strip())
         tgt.append(columns[1].strip())
@@ -244,7 +256,8 @@ def _read_jsonl(cfg: DataConfig, prefix: str) -> tuple[list[str], list[str]]:
             raise DataError(f"{path} line {number}: invalid JSON ({e.msg}).") from e
         # Valid JSON that Python will not hold: a number of over 4,300 digits, deep nesting.
         except (ValueError, RecursionError) as e:
-            raise DataError(f"{path} line {number}: JSON that cannot be read ({e}).") from e
+            reason = "a number of over 4,300 digits" if "integer string conversion" in str(e) else str(e)
+            raise DataError(f"{path} line {number}: JSON that cannot be read ({reason}); remove it.") from e
         pair = _pair_from_row(row, cfg)
         if pair is None:
             raise DataError(
