@@ -436,3 +436,18 @@ def test_expected_checksums_match_the_shared_copy():
     for name, expected in download.MULTI30K_TEXT_SHA256.items():  # as gunzip leaves them
         text = gzip.decompress((MULTI30K / f"{name}.gz").read_bytes())
         assert hashlib.sha256(text).hexdigest() == expected, name
+
+
+def test_large_corpus_script_joins_random_pairs_and_copies_the_rest(tmp_path):
+    from script_loader import load_script
+
+    small, big = tmp_path / "small", tmp_path / "big"
+    written = write_corpus(small, sizes={"train": 60, "val": 5, "test_2016_flickr": 5})
+    load_script("large_corpus").main(["--data-dir", str(small), "--pairs", "250", "--out", str(big)])
+    src, tgt = read_split(data_cfg(big), "train")
+    pairs = list(zip(*written["train"], strict=True))
+    joined = {(f"{a} {c}", f"{b} {d}") for a, b in pairs for c, d in pairs}
+    assert len(src) == len(tgt) == 250 and set(zip(src, tgt, strict=True)) <= joined
+    assert len(set(src)) > 200  # random pairs, not one repeated
+    assert read_split(data_cfg(big), "valid") == written["val"]
+    assert read_split(data_cfg(big, test="test_2016_flickr"), "test") == written["test_2016_flickr"]
