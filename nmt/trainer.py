@@ -539,9 +539,9 @@ class Trainer:
         if not changed:
             return
         log.warning(
-            "%s was trained on other %s data than this run reads (their text, or data.max_len or "
-            "max_len_ratio, changed): training goes on with the new data, so it does not continue the run "
-            "exactly%s",
+            "%s was trained on other %s data than this run reads (their text, the length filter or "
+            "data.train_limit/valid_limit changed): training goes on with the new data, so it does not "
+            "continue the run exactly%s",
             path,
             " and ".join({"train": "training", "valid": "validation"}[s] for s in changed),
             "; validation scores from here on are not comparable with the best so far (best.pt, "

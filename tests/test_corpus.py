@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import urllib.error
 import urllib.request
 
@@ -121,6 +122,21 @@ def test_nothing_left_after_filtering(tmp_path):
     write_corpus(tmp_path, sizes={"val": 3})
     with pytest.raises(DataError, match="no training pairs left after filtering"):
         prepare_data(data_cfg(tmp_path))
+
+
+def test_a_test_split_that_cannot_be_read_is_named_before_training(tmp_path, caplog):
+    """It is scored only after training: a malformed or missing one is said at once, not hours later."""
+    write_corpus(tmp_path)
+    write_lines(tmp_path / "test.de", ["nur eine Zeile"])
+    with caplog.at_level(logging.WARNING, logger="nmt.data.corpus"):
+        prepare_data(data_cfg(tmp_path))
+    assert re.search(r"test split: .*test\.en has \d+ lines but .*test\.de has 1;", caplog.text), caplog.text
+    assert "scoring the test split will fail" in caplog.text
+    caplog.clear()
+    (tmp_path / "test.de").unlink()
+    with caplog.at_level(logging.WARNING, logger="nmt.data.corpus"):
+        prepare_data(data_cfg(tmp_path))
+    assert "test split: missing text file" in caplog.text
 
 
 def test_limits(tmp_path):

@@ -821,6 +821,11 @@ def test_resuming_on_changed_data_says_so(toy_dir, tmp_path, caplog):
         return caplog.text
 
     assert "other" not in resume()
+    # A filter setting that keeps the same pairs is the same data.
+    resumed = dataclasses.replace(
+        resumed, data=dataclasses.replace(resumed.data, max_len=resumed.data.max_len + 8)
+    )
+    assert "other" not in resume()
     train_de = toy_dir / "train.de"
     lines = train_de.read_text(encoding="utf-8").splitlines()
     train_de.write_text("".join(line[::-1] + "\n" for line in lines), encoding="utf-8")

@@ -41,9 +41,6 @@ from nmt.data.sources import (
     content_hash,
     damaged_cache,
     read_split,
-    resolve_gz,
-    split_prefix,
-    text_paths,
     writing,
 )
 from nmt.data.tokenizer import Tokenizer
@@ -102,7 +99,7 @@ class PreparedData:
     valid_ref: list[str]
     train_stats: FilterStats
     cache_dir: Path
-    # Per split, a hash of its text, the tokenizer and the filter: equal keys mean equal encoded data.
+    # Per split, :func:`encoded_key`: equal keys mean equal encoded pairs.
     split_keys: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -166,10 +163,8 @@ def cached_encode_split(
     cache_dir: Path,
     name: str,
     cfg: DataConfig | None = None,
-) -> tuple[datasets.Dataset, FilterStats, str]:
-    """:func:`encode_split` through the Arrow cache: reused when text, tokenizer and filter are unchanged.
-
-    Also returns the cache key, a hash of those three: equal keys mean equal encoded splits."""
+) -> tuple[datasets.Dataset, FilterStats]:
+    """:func:`encode_split` through the Arrow cache: reused when text, tokenizer and filter are unchanged."""
     filter_settings = None if cfg is None else {"max_len": cfg.max_len, "max_len_ratio": cfg.max_len_ratio}
     key_parts = [
         ENCODING_VERSION,
@@ -187,11 +182,28 @@ def cached_encode_split(
         except (OSError, ValueError, TypeError) as e:
             raise damaged_cache(folder, e) from e
         log.info("%s: reusing encoded split %s", name, folder)
-        return dataset, stats, key
+        return dataset, stats
     log.info("%s: encoding %s pairs", name, f"{len(src):,}")
     dataset, stats = encode_split(tokenizer, src, tgt, cfg)
     _save_atomic(dataset, stats, folder)
-    return datasets.load_from_disk(str(folder)), stats, key  # memory-mapped, like a cached run
+    return datasets.load_from_disk(str(folder)), stats  # memory-mapped, like a cached run
+
+
+def encoded_key(dataset: datasets.Dataset) -> str:
+    """A hash of an encoded split's pairs themselves: their ids and the lines they came from, in order.
+    Equal keys mean the same data to train or validate on, however the cache was built."""
+    table = dataset.with_format("arrow")[:]
+    digests = []
+    for name in ("src_ids", "tgt_ids"):
+        lengths, values = hashlib.sha256(), hashlib.sha256()
+        for chunk in table.column(name).chunks:  # chunk by chunk: the same data in other chunks hashes alike
+            offsets = chunk.offsets.to_numpy(zero_copy_only=False)
+            lengths.update(np.diff(offsets).astype(np.int64).tobytes())
+            values.update(chunk.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]].tobytes())
+        digests += [lengths.hexdigest(), values.hexdigest()]
+    index = np.asarray(table.column("index").to_numpy(), dtype=np.int64)
+    digests.append(hashlib.sha256(index.tobytes()).hexdigest())
+    return hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
 
 
 def _save_atomic(dataset: datasets.Dataset, stats: FilterStats, folder: Path) -> None:
@@ -251,7 +263,7 @@ def prepare_data(
     # Read everything first so that a bad file fails before any training of the tokenizer.
     train_src, train_tgt = read_split(cfg, "train")
     valid_src, valid_ref = read_split(cfg, "valid")
-    _warn_if_test_missing(cfg)
+    _check_test_split(cfg)
     cache_dir = resolve_cache_dir(cfg)
     if resume_from is not None:
         from nmt.checkpoint import load_checkpoint  # only resumed runs need it
@@ -265,9 +277,9 @@ def prepare_data(
             f"the tokenizer into {Path(run_dir) / 'tokenizer'}", "make room there or set run_dir=PATH"
         ):
             tokenizer.save(Path(run_dir) / "tokenizer")
-    train, stats, train_key = cached_encode_split(tokenizer, train_src, train_tgt, cache_dir, "train", cfg)
+    train, stats = cached_encode_split(tokenizer, train_src, train_tgt, cache_dir, "train", cfg)
     log.info("train: %s", stats.format())
-    valid, _, valid_key = cached_encode_split(tokenizer, valid_src, valid_ref, cache_dir, "valid")
+    valid, _ = cached_encode_split(tokenizer, valid_src, valid_ref, cache_dir, "valid")
     log.info("valid: %s pairs (not filtered); %s", f"{len(valid):,}", tokenizer.describe())
     return PreparedData(
         tokenizer,
@@ -277,22 +289,16 @@ def prepare_data(
         valid_ref,
         stats,
         cache_dir,
-        {"train": train_key, "valid": valid_key},
+        {"train": encoded_key(train), "valid": encoded_key(valid)},
     )
 
 
-def _warn_if_test_missing(cfg: DataConfig) -> None:
-    """The test split is read only at the end of training; say now if it is not there."""
+def _check_test_split(cfg: DataConfig) -> None:
+    """The test split is scored only after training (scripts/recipe.py); say now if it cannot be read.
+    (Not for a hub dataset: that would download it.)"""
     if cfg.format == "hub":
         return
-    prefix = split_prefix(cfg, "test")
-    if cfg.format == "text":
-        paths = text_paths(cfg, prefix)
-    else:
-        paths = [resolve_gz(Path(cfg.dir) / f"{prefix}.{cfg.format}")]
-    missing = [p for p in paths if not p.exists()]
-    if missing:
-        log.warning(
-            "test split files missing: %s (training continues; testing will fail)",
-            ", ".join(map(str, missing)),
-        )
+    try:
+        read_split(cfg, "test")
+    except DataError as e:
+        log.warning("test split: %s (training goes on; scoring the test split will fail)", e)
