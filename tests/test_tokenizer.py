@@ -158,10 +158,38 @@ def test_too_large_vocabulary_gives_a_smaller_one_with_a_warning(corpus, tmp_pat
     assert count_trainings == [400]  # trained once (a hard limit failed at the end, and trained again)
 
 
-def test_a_vocabulary_the_corpus_supports_is_trained_to_its_size(corpus, tmp_path, caplog):
+@pytest.mark.parametrize("model_type", ["unigram", "bpe"])
+def test_a_vocabulary_the_corpus_supports_is_what_a_hard_limit_gives(corpus, tmp_path, caplog, model_type):
+    """Trained with a soft limit (once, whatever the corpus), a vocabulary the corpus supports has the
+    pieces and scores SentencePiece gives with a hard limit."""
+    import io
+
+    import sentencepiece as spm
+
+    cfg = data_cfg(tmp_path, vocab_size=120, spm_model_type=model_type)
     with caplog.at_level(logging.WARNING, logger="nmt.data.tokenizer"):
-        tok = Tokenizer.train(*corpus, data_cfg(tmp_path, vocab_size=120))
-    assert tok.src_vocab_size == 120 and "too small" not in caplog.text
+        soft = spm.SentencePieceProcessor(model_proto=Tokenizer.train(*corpus, cfg).state_dict()["src_model"])
+    assert "too small" not in caplog.text
+    hard = io.BytesIO()
+    spm.set_random_generator_seed(tokenizer_module.TRAIN_SEED)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([t for t in [*corpus[0], *corpus[1]] if t]),
+        model_writer=hard,
+        vocab_size=120,
+        model_type=model_type,
+        character_coverage=cfg.character_coverage,
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        num_threads=tokenizer_module.TRAIN_THREADS,
+        input_sentence_size=tokenizer_module.MAX_TRAIN_SENTENCES,
+        shuffle_input_sentence=True,
+        minloglevel=2,
+    )
+    hard = spm.SentencePieceProcessor(model_proto=hard.getvalue())
+    pieces = lambda sp: [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]  # noqa: E731
+    assert len(pieces(soft)) == 120 and pieces(soft) == pieces(hard)
 
 
 def test_empty_lines_are_not_training_sentences(tmp_path, count_trainings):

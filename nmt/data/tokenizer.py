@@ -37,7 +37,7 @@ SPECIAL_IDS = frozenset((PAD_ID, UNK_ID, BOS_ID, EOS_ID))
 TRAIN_SEED = 1
 TRAIN_THREADS = 2
 # Bump when training settings change in a way the config does not show, so old caches are not reused.
-TOKENIZER_VERSION = 1
+TOKENIZER_VERSION = 2  # 2: trained with a soft vocabulary limit (the model bytes record it)
 # SentencePiece holds its training sentences in memory; above this many it samples (with TRAIN_SEED).
 MAX_TRAIN_SENTENCES = 5_000_000
 STATE_VERSION = 1
