@@ -445,7 +445,10 @@ def find_resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
         return latest
     path = checkpoint_file(cfg.train.resume)
     if not path.is_file():
-        raise CheckpointError(f"train.resume={cfg.train.resume}: no checkpoint at {path}.")
+        where = "holds neither checkpoints/latest.pt nor latest.pt" if Path(cfg.train.resume).is_dir() else ""
+        raise CheckpointError(
+            f"train.resume={cfg.train.resume}: " + (where or f"no checkpoint at {path}") + "."
+        )
     # Step files are hard links of latest.pt, so the latest step's step_N.pt is the same file.
     if latest.exists() and not os.path.samefile(path, latest):
         raise CheckpointError(

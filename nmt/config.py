@@ -3,8 +3,9 @@
 Hydra composes YAML from ``configs/`` on top of these dataclasses (registered as the schema
 ``base_config``), so a misspelled key is an error. Entry points turn the composed config into
 plain dataclasses once with :func:`to_config`; nothing below the CLI sees a ``DictConfig``.
-Every check of a section's own values happens in its ``__post_init__``, before any expensive work;
-checks across sections that only training needs are in :meth:`Config.check_for_training`.
+Each value is checked in its section's ``__post_init__``, before any expensive work; what only
+training needs (values across sections, and a few single ones a checkpoint may hold otherwise) is
+checked in :meth:`Config.check_for_training`.
 """
 
 from __future__ import annotations
