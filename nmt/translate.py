@@ -80,11 +80,11 @@ class LineDecoder:
         except UnicodeDecodeError as e:
             raise ValueError(
                 f"{self.name} line {number} is not valid UTF-8 ({e.reason} at byte {e.start + 1}); "
-                f"{encoding_advice(raw)}."
+                f"{encoding_advice(raw, at_file_start=number == 1)}."
             ) from None
         if "\x00" in text:  # valid UTF-8, but never in text
             raise ValueError(
-                f"{self.name} line {number} holds a NUL byte, which text does not; {encoding_advice(raw)}."
+                f"{self.name} line {number} holds a NUL byte, which text does not; {encoding_advice(raw, at_file_start=number == 1)}."
             )
         return text
 

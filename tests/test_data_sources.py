@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 
 import datasets
+import numpy as np
 import pytest
 from data_fixtures import data_cfg, multi30k_dir, toy_pairs, write_corpus, write_lines
 
@@ -131,9 +132,10 @@ def test_empty_file(tmp_path, content):
 
 def test_a_file_with_carriage_returns_alone_for_line_ends_is_named(tmp_path):
     write_lines(tmp_path / "train.en", ["one", "two", "three"])
-    (tmp_path / "train.de").write_bytes(b"eins\rzwei\rdrei\r")  # classic Mac OS: one line for Python's split
-    with pytest.raises(DataError, match=r"train\.de ends its lines with a carriage return alone"):
-        read_split(data_cfg(tmp_path), "train")
+    for content in (b"eins\rzwei\rdrei\r", b"eins\rzwei\r"):  # classic Mac OS: no line feed at all
+        (tmp_path / "train.de").write_bytes(content)
+        with pytest.raises(DataError, match=r"train\.de ends its lines with a carriage return alone"):
+            read_split(data_cfg(tmp_path), "train")
     (tmp_path / "train.de").write_bytes(b"eins\r\nzwei\r\ndrei\r\n")  # CRLF is fine
     assert read_split(data_cfg(tmp_path), "train")[1] == ["eins", "zwei", "drei"]
     # A one-line file with a stray CR inside its sentence is a sentence (and so is a one-line --ref).
@@ -150,34 +152,57 @@ def test_invalid_utf8_names_file_and_line(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "encoding, text",
+    "encoding, text, codec",
     [
-        ("utf-16", "eins\nzwei\n"),
-        ("utf-16-le", "eins\nzwei\n"),
-        # Few NULs (spaces, punctuation, line ends), but all at odd offsets: still UTF-16.
-        ("utf-16-le", "Привет, мир.\nКак дела?\n"),
-        ("utf-16-be", "Γειά σου, κόσμε.\nΤι κάνεις;\n"),
+        ("utf-16", "eins\nzwei\n", "UTF-16"),
+        ("utf-16-le", "eins\nzwei\n", "UTF-16LE"),
+        # Few NULs (spaces, punctuation, line ends), all at odd offsets, high bytes 0x00 and 0x04.
+        ("utf-16-le", "Привет, мир.\nКак дела?\n", "UTF-16LE"),
+        ("utf-16-be", "Γειά σου, κόσμε.\nΤι κάνεις;\n", "UTF-16BE"),
     ],
     ids=["with-bom", "without-bom", "cyrillic-without-bom", "greek-big-endian"],
 )
-def test_a_utf16_file_is_named_as_such(tmp_path, encoding, text):
+def test_a_utf16_file_is_named_as_such_with_its_byte_order(tmp_path, encoding, text, codec):
     """UTF-16 without its byte-order mark decodes as UTF-8 when its text is ASCII: it would train on
-    text full of NULs (or fail on a line count doubled by the NULs) without the check."""
+    text full of NULs (or fail on a line count doubled by the NULs) without the check. Without a mark,
+    iconv must be told the byte order (it guesses one, differently on different systems)."""
     write_lines(tmp_path / "train.en", ["one", "two"])
     (tmp_path / "train.de").write_bytes(text.encode(encoding))
-    with pytest.raises(DataError, match=r"train\.de line 1\b.*it looks like UTF-16: convert it with iconv"):
+    with pytest.raises(
+        DataError, match=rf"train\.de line 1\b.*UTF-16.*: convert it with iconv -f {codec} -t"
+    ):
         read_split(data_cfg(tmp_path), "train")
 
 
-def test_a_stray_nul_in_utf8_text_is_not_taken_for_utf16(tmp_path):
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"eins\nzwei\x00\ndrei\n",  # one stray NUL
+        b"eins\x00\nzwei\x00\ndrei\x00\n",  # NULs before the line ends: all at one parity
+        b"a tab\x00separated\x00line\x00and\x00more\n",  # NUL as a field separator
+        b"\x00" * 64,  # a zero-filled file
+    ],
+    ids=["stray", "before-line-ends", "separator", "zero-filled"],
+)
+def test_nul_bytes_in_utf8_text_are_not_taken_for_utf16(tmp_path, content):
+    """Told it is UTF-16, a user would convert it from UTF-16 and garble it."""
     write_lines(tmp_path / "train.en", ["one", "two", "three"])
-    (tmp_path / "train.de").write_bytes(b"eins\nzwei\x00\ndrei\n")
-    with pytest.raises(
-        DataError,
-        match=r"train\.de line 2 holds a NUL byte.*; is it a binary file, or text in another encoding\?",
-    ) as e:
+    (tmp_path / "train.de").write_bytes(content)
+    with pytest.raises(DataError, match=r"train\.de line \d+ holds a NUL byte.*; is it a binary file") as e:
         read_split(data_cfg(tmp_path), "train")
     assert "UTF-16" not in str(e.value)
+
+
+def test_random_stray_nuls_in_utf8_text_are_never_taken_for_utf16():
+    from nmt.data.sources import utf16_codec
+
+    text = "".join(f"Ein Mann mit Hut geht über die Straße, Nummer {i}.\n" for i in range(100)).encode()
+    rng = np.random.default_rng(0)
+    for count in (2, 3, 4, 5, 10):
+        for _ in range(200):
+            damaged = np.frombuffer(text, dtype=np.uint8).copy()
+            damaged[rng.integers(0, len(damaged), count)] = 0
+            assert utf16_codec(damaged.tobytes()) is None
 
 
 def test_invalid_utf8_inside_gzip(tmp_path):

@@ -354,17 +354,19 @@ def test_a_byte_order_mark_is_not_translated(checkpoint, tmp_path):
         ),
         (
             "the dog\nthe cat\n".encode("utf-16"),
-            r"line 1 is not valid UTF-8 .*\); it looks like UTF-16: convert it with iconv -f UTF-16",
+            r"line 1 is not valid UTF-8 .*\); it is UTF-16 \(it starts with a byte-order mark\): convert it with "
+            r"iconv -f UTF-16 -t UTF-8",
         ),
         # Without its mark, ASCII text in UTF-16 is valid UTF-8 with a NUL after every letter.
         (
             "the dog\nthe cat\n".encode("utf-16-le"),
-            r"line 1 holds a NUL byte, which text does not; it looks like UTF-16",
+            r"line 1 holds a NUL byte, which text does not; it looks like UTF-16 without a byte-order mark: "
+            r"convert it with iconv -f UTF-16LE -t UTF-8",
         ),
         # One NUL in a UTF-8 line: not UTF-16, and iconv from UTF-16 would garble it.
         (
             b"the dog\nthe\x00 cat\n",
-            r"line 2 holds a NUL byte, which text does not; is it a binary file, or text in another encoding\?",
+            r"line 2 holds a NUL byte, which text does not; is it a binary file, text in another encoding",
         ),
     ],
     ids=["latin-1", "utf-16", "utf-16-without-mark", "stray-nul"],

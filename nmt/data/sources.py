@@ -139,27 +139,51 @@ def read_text_lines(path: str | Path) -> list[str]:
     return text_lines(raw, path)
 
 
-def encoding_advice(raw: bytes) -> str:
-    """What to do with ``raw`` (a file, or one line of it) that is not UTF-8 text or holds NUL bytes."""
-    if looks_like_utf16(raw):
-        return "it looks like UTF-16: convert it with iconv -f UTF-16 -t UTF-8"
-    if b"\x00" in raw:  # a stray byte in a text, or a binary file: deleting NULs would garble UTF-16
-        return "is it a binary file, or text in another encoding? Convert it with iconv -f ENCODING -t UTF-8"
+def encoding_advice(raw: bytes, at_file_start: bool = True) -> str:
+    """What to do with ``raw`` (a file, or one line of it) that is not UTF-8 text or holds NUL bytes;
+    ``at_file_start``: whether ``raw`` begins where the file does. Nothing it says garbles the file
+    if the guess is wrong."""
+    utf16 = utf16_codec(raw)
+    if utf16 == "UTF-16":
+        return "it is UTF-16 (it starts with a byte-order mark): convert it with iconv -f UTF-16 -t UTF-8"
+    if utf16 is not None:
+        # A line after the first starts with the second byte of the newline before it, which may
+        # turn the byte order round.
+        codec = utf16 if at_file_start else "UTF-16LE (or UTF-16BE)"
+        return f"it looks like UTF-16 without a byte-order mark: convert it with iconv -f {codec} -t UTF-8"
+    if b"\x00" in raw:
+        return (
+            "is it a binary file, text in another encoding (convert it with iconv -f ENCODING -t UTF-8), "
+            "or UTF-8 with stray NUL bytes (delete them)?"
+        )
     return "convert it with iconv -f ENCODING -t UTF-8"
 
 
-def looks_like_utf16(raw: bytes) -> bool:
-    """A UTF-16 byte-order mark, or NUL bytes nearly all at even or nearly all at odd offsets: the high
-    bytes of the ASCII characters (spaces, punctuation, Latin letters) that UTF-16 text holds in any
-    script. NULs at random offsets (a binary file) or everywhere (a zero-filled file) are not UTF-16."""
+def utf16_codec(raw: bytes) -> str | None:
+    """ "UTF-16" for a UTF-16 byte-order mark; "UTF-16LE" or "UTF-16BE" for text that looks like UTF-16
+    without one; else None.
+
+    Without a mark: the characters of one script share their high byte (0x00 for ASCII spaces,
+    digits and punctuation, 0x04 for Cyrillic, 0x03 for Greek, ...), so in UTF-16 the NUL bytes sit
+    (nearly) all at odd offsets (little-endian) or all at even ones (big-endian), and two values make
+    up most of the bytes at those offsets. UTF-8 text with a few stray NULs, or a binary file, has
+    letters or anything at all there. (Scripts whose characters span many high bytes, such as
+    Chinese, are not recognised: they get the general advice.)
+    """
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return True
-    zeros = np.frombuffer(raw, dtype=np.uint8) == 0
+        return "UTF-16"
+    data = np.frombuffer(raw, dtype=np.uint8)[: len(raw) // 2 * 2]
+    zeros = data == 0
     count = int(zeros.sum())
-    if count < 2 or count == len(raw):
-        return False
-    even = int(zeros[0::2].sum())
-    return max(even, count - even) >= 0.95 * count
+    if count < 2 or count == len(data):
+        return None
+    odd = int(zeros[1::2].sum())
+    if max(odd, count - odd) < 0.95 * count:
+        return None
+    high = data[1::2] if odd > count - odd else data[0::2]
+    if np.sort(np.bincount(high, minlength=256))[-2:].sum() < 0.8 * len(high):
+        return None
+    return "UTF-16LE" if odd > count - odd else "UTF-16BE"
 
 
 def text_lines(raw: bytes, name: str | Path) -> list[str]:
@@ -172,6 +196,11 @@ def text_lines(raw: bytes, name: str | Path) -> list[str]:
     if "\x00" in text:  # valid UTF-8, but never in text
         line = raw.count(b"\n", 0, raw.index(b"\x00")) + 1
         raise DataError(f"{name} line {line} holds a NUL byte, which text does not; {encoding_advice(raw)}.")
+    if "\n" not in text and text.count("\r") >= 2:  # no line feed at all: one stray CR is a sentence's
+        raise DataError(
+            f"{name} ends its lines with a carriage return alone (classic Mac OS), so it reads as one line; "
+            "convert its line ends to newlines (tr '\\r' '\\n')."
+        )
     lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()  # the final newline ends the last line, it does not start a new one
@@ -183,11 +212,6 @@ def read_lines(path: Path) -> list[str]:
     lines = read_text_lines(path)
     if not any(line.strip() for line in lines):
         raise DataError(f"{path} is empty; every split needs at least one sentence.")
-    if len(lines) == 1 and lines[0].count("\r") >= 2:  # one sentence with two stray CRs is far less likely
-        raise DataError(
-            f"{path} ends its lines with a carriage return alone (classic Mac OS), so it reads as one line; "
-            "convert its line ends to newlines (tr '\\r' '\\n')."
-        )
     return lines
 
 
