@@ -10,7 +10,7 @@ A checkpoint is a plain dict of tensors and Python primitives (no pickled object
     optimizer, scheduler, scaler, train_state (step, epoch, best metric, ...),
     sampler (position in the epoch), rng (rank 0's python/numpy/torch/cuda states),
     rng_per_rank (every rank's, in rank order), world_size (the ranks that trained it),
-    data (per split, a hash of the encoded training and validation data)
+    encoded_data (per split, a hash of the training and validation data: PreparedData.split_keys)
     # average_checkpoints() writes the first four and:
     averaged_from (the averaged files)
 
@@ -445,10 +445,7 @@ def find_resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
         return latest
     path = checkpoint_file(cfg.train.resume)
     if not path.is_file():
-        where = "holds neither checkpoints/latest.pt nor latest.pt" if Path(cfg.train.resume).is_dir() else ""
-        raise CheckpointError(
-            f"train.resume={cfg.train.resume}: " + (where or f"no checkpoint at {path}") + "."
-        )
+        raise CheckpointError(f"train.resume={cfg.train.resume}: no checkpoint at {path}.")
     # Step files are hard links of latest.pt, so the latest step's step_N.pt is the same file.
     if latest.exists() and not os.path.samefile(path, latest):
         raise CheckpointError(

@@ -457,7 +457,7 @@ class Trainer:
             # Each rank draws its own dropout masks, so each resumes from its own RNG state.
             "rng_per_rank": rng_states,
             "world_size": self.dist.world_size,
-            "data": dict(self.data.split_keys),  # what it was trained and validated on
+            "encoded_data": dict(self.data.split_keys),  # what it was trained and validated on
         }
 
     def save(self, best: bool) -> Path | None:
@@ -517,7 +517,7 @@ class Trainer:
         if "schedule_best" not in state["train_state"]:  # a checkpoint from before the field existed
             self.state.schedule_best = self.state.best_score
         self.loader.load_state_dict(state["sampler"])
-        self._warn_if_data_changed(state.get("data"), path)
+        self._warn_if_data_changed(state.get("encoded_data"), path)
         per_rank = state.get("rng_per_rank")
         set_rng_state(per_rank[self.dist.rank] if per_rank else state["rng"])
         if Path(path).resolve() == (self.ckpt_dir / "latest.pt").resolve():

@@ -338,11 +338,9 @@ def test_resume_from_a_path_to_the_runs_own_latest_checkpoint_continues_it(tmp_p
 
 
 def test_resume_from_a_path_that_holds_no_checkpoint_says_where_it_looked(tmp_path):
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(
-        CheckpointError, match=r"empty: holds neither checkpoints/latest\.pt nor latest\.pt\.$"
-    ):
-        find_resume_checkpoint(resume_config(tmp_path / "empty"), tmp_path / "new")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"no checkpoint at .*run/checkpoints/latest\.pt\.$"):
+        find_resume_checkpoint(resume_config(tmp_path / "run"), tmp_path / "new")
     with pytest.raises(CheckpointError, match=r"no checkpoint at .*missing\.pt\.$"):
         find_resume_checkpoint(resume_config(tmp_path / "missing.pt"), tmp_path / "new")
 

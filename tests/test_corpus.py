@@ -139,6 +139,25 @@ def test_a_test_split_that_cannot_be_read_is_named_before_training(tmp_path, cap
     assert "test split: missing text file" in caplog.text
 
 
+def test_split_keys_follow_the_data_not_the_cache(tmp_path):
+    written = write_corpus(tmp_path)
+    first = prepare_data(data_cfg(tmp_path))
+    # Rebuilt from scratch, or with a filter setting that keeps the same pairs: the same data.
+    assert prepare_data(data_cfg(tmp_path, cache_dir=str(tmp_path / "other"))).split_keys == first.split_keys
+    assert prepare_data(data_cfg(tmp_path, max_len=40)).split_keys == first.split_keys
+    assert prepare_data(data_cfg(tmp_path, train_limit=299)).split_keys["train"] != first.split_keys["train"]
+    # References that differ only in characters the tokenizer does not know encode alike, but BLEU
+    # scores them differently: the validation key changes.
+    src, ref = written["val"]
+    keys, ids = [], []
+    for mark in ("★", "☆"):
+        write_lines(tmp_path / "val.de", [ref[0] + " " + mark, *ref[1:]])
+        data = prepare_data(data_cfg(tmp_path))
+        keys.append(data.split_keys["valid"])
+        ids.append(data.valid["tgt_ids"][0])
+    assert ids[0] == ids[1] and keys[0] != keys[1]
+
+
 def test_limits(tmp_path):
     write_corpus(tmp_path)
     data = prepare_data(data_cfg(tmp_path, train_limit=50, valid_limit=5))

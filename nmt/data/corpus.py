@@ -41,6 +41,7 @@ from nmt.data.sources import (
     content_hash,
     damaged_cache,
     read_split,
+    split_prefix,
     writing,
 )
 from nmt.data.tokenizer import Tokenizer
@@ -189,11 +190,11 @@ def cached_encode_split(
     return datasets.load_from_disk(str(folder)), stats  # memory-mapped, like a cached run
 
 
-def encoded_key(dataset: datasets.Dataset) -> str:
-    """A hash of an encoded split's pairs themselves: their ids and the lines they came from, in order.
-    Equal keys mean the same data to train or validate on, however the cache was built."""
+def encoded_key(dataset: datasets.Dataset, *extra: str) -> str:
+    """A hash of an encoded split's pairs themselves (their ids and the lines they came from, in order)
+    and of ``extra``. Equal keys mean the same data to train or validate on, however the cache was built."""
     table = dataset.with_format("arrow")[:]
-    digests = []
+    digests = list(extra)
     for name in ("src_ids", "tgt_ids"):
         lengths, values = hashlib.sha256(), hashlib.sha256()
         for chunk in table.column(name).chunks:  # chunk by chunk: the same data in other chunks hashes alike
@@ -289,15 +290,19 @@ def prepare_data(
         valid_ref,
         stats,
         cache_dir,
-        {"train": encoded_key(train), "valid": encoded_key(valid)},
+        # Validation also scores BLEU on the reference text, which ids do not show in full (UNKs).
+        {"train": encoded_key(train), "valid": encoded_key(valid, content_hash(valid_src, valid_ref))},
     )
 
 
 def _check_test_split(cfg: DataConfig) -> None:
     """The test split is scored only after training (scripts/recipe.py); say now if it cannot be read.
     (Not for a hub dataset: that would download it.)"""
-    if cfg.format == "hub":
-        return
+    if cfg.format == "hub" or split_prefix(cfg, "test") in (
+        split_prefix(cfg, "train"),
+        split_prefix(cfg, "valid"),
+    ):
+        return  # a hub dataset would be downloaded; a split read already needs no second reading
     try:
         read_split(cfg, "test")
     except DataError as e:
