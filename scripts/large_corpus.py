@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     src = read_text_lines(resolve_gz(data / f"train.{args.src_lang}"))
     tgt = read_text_lines(resolve_gz(data / f"train.{args.tgt_lang}"))
+    if len(src) != len(tgt):
+        raise SystemExit(f"error: the training files of {data} have {len(src):,} and {len(tgt):,} lines.")
     rng = np.random.default_rng(args.seed)
     first, second = rng.integers(0, len(src), args.pairs), rng.integers(0, len(src), args.pairs)
     with (
