@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from nmt.checkpoint import CheckpointError, checkpoint_file
 from nmt.config import ConfigError, DecodeConfig
-from nmt.data.sources import encoding_advice, read_errors_named, read_text_lines
+from nmt.data.sources import carriage_return_line_ends, encoding_advice, read_errors_named, read_text_lines
 from nmt.device import resolve_device, resolve_dtype
 from nmt.evaluate import GivenOnce, bleu_metric, bleu_options, score
 from nmt.files import temp_file_beside
@@ -99,6 +99,8 @@ def read_lines_from(stream: BinaryIO, name: str = "standard input") -> Iterator[
                 raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
             elif number == 1 and raw == b"\xef\xbb\xbf":
                 return
+            elif number == 1 and raw.count(b"\r") >= 2:  # the whole input, without a line feed
+                raise ValueError(carriage_return_line_ends(name))
             yield decode(raw, number)
 
 

@@ -368,8 +368,10 @@ def test_a_byte_order_mark_is_not_translated(checkpoint, tmp_path):
             b"the dog\nthe\x00 cat\n",
             r"line 2 holds a NUL byte, which text does not; is it a binary file, text in another encoding",
         ),
+        # Classic Mac OS line ends: three sentences would be translated as one line.
+        (b"the dog\rthe cat\ra bird\r", r"ends its lines with a carriage return alone"),
     ],
-    ids=["latin-1", "utf-16", "utf-16-without-mark", "stray-nul"],
+    ids=["latin-1", "utf-16", "utf-16-without-mark", "stray-nul", "cr-line-ends"],
 )
 def test_input_that_is_not_utf8_fails_before_anything_is_written(
     checkpoint, tmp_path, capsys, content, message

@@ -186,6 +186,14 @@ def utf16_codec(raw: bytes) -> str | None:
     return "UTF-16LE" if odd > count - odd else "UTF-16BE"
 
 
+def carriage_return_line_ends(name: str | Path) -> str:
+    """The error for text with no line feed and two or more carriage returns."""
+    return (
+        f"{name} ends its lines with a carriage return alone (classic Mac OS), so it reads as one line; "
+        "convert its line ends to newlines (tr '\\r' '\\n')."
+    )
+
+
 def text_lines(raw: bytes, name: str | Path) -> list[str]:
     """The lines of ``raw``, read from ``name``, as :func:`read_text_lines` gives them."""
     try:
@@ -197,10 +205,7 @@ def text_lines(raw: bytes, name: str | Path) -> list[str]:
         line = raw.count(b"\n", 0, raw.index(b"\x00")) + 1
         raise DataError(f"{name} line {line} holds a NUL byte, which text does not; {encoding_advice(raw)}.")
     if "\n" not in text and text.count("\r") >= 2:  # no line feed at all: one stray CR is a sentence's
-        raise DataError(
-            f"{name} ends its lines with a carriage return alone (classic Mac OS), so it reads as one line; "
-            "convert its line ends to newlines (tr '\\r' '\\n')."
-        )
+        raise DataError(carriage_return_line_ends(name))
     lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()  # the final newline ends the last line, it does not start a new one
