@@ -49,7 +49,13 @@ from tqdm import tqdm
 
 from nmt.checkpoint import CheckpointError, checkpoint_file
 from nmt.config import ConfigError, DecodeConfig
-from nmt.data.sources import carriage_return_line_ends, encoding_advice, read_errors_named, read_text_lines
+from nmt.data.sources import (
+    carriage_return_error,
+    carriage_return_line_ends,
+    encoding_advice,
+    read_errors_named,
+    read_text_lines,
+)
 from nmt.device import resolve_device, resolve_dtype
 from nmt.evaluate import GivenOnce, bleu_metric, bleu_options, score
 from nmt.files import temp_file_beside
@@ -66,26 +72,39 @@ LINE_BREAKS = str.maketrans({c: " " for c in "\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028
 
 
 class LineDecoder:
-    """Input lines (bytes, without their line ending) as text; a line that is not valid UTF-8 is an
-    error naming it, before anything of it is translated."""
+    """Input lines as text; a line that is not valid UTF-8 is an error naming it, before anything of
+    it is translated. The advice on the encoding is worked out from the input's first bytes, not from
+    the line alone: UTF-16 splits at every byte 0x0A, which many characters hold."""
+
+    HEAD_BYTES = 1 << 16
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.head = bytearray()  # the input's first bytes, as read
 
     def __call__(self, raw: bytes, number: int) -> str:
-        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]  # a UTF-8 byte-order mark is not part of the first sentence
+        """``raw``: line ``number`` as read, with its line ending."""
+        if len(self.head) < self.HEAD_BYTES:
+            self.head += raw
+        if raw.endswith(b"\n"):
+            raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+        if number == 1:
+            raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is not part of the sentence
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise ValueError(
                 f"{self.name} line {number} is not valid UTF-8 ({e.reason} at byte {e.start + 1}); "
-                f"{encoding_advice(raw, at_file_start=number == 1)}."
+                f"{encoding_advice(bytes(self.head))}."
             ) from None
         if "\x00" in text:  # valid UTF-8, but never in text
             raise ValueError(
-                f"{self.name} line {number} holds a NUL byte, which text does not; {encoding_advice(raw, at_file_start=number == 1)}."
+                f"{self.name} line {number} holds a NUL byte, which text does not; "
+                f"{encoding_advice(bytes(self.head))}."
             )
+        # Classic Mac OS line ends (or a first line with two stray CRs, which no sentence has).
+        if number == 1 and carriage_return_line_ends(text + "\n"):
+            raise ValueError(carriage_return_error(self.name))
         return text
 
 
@@ -95,12 +114,8 @@ def read_lines_from(stream: BinaryIO, name: str = "standard input") -> Iterator[
     decode = LineDecoder(name)
     with read_errors_named(name):
         for number, raw in enumerate(stream, start=1):
-            if raw.endswith(b"\n"):
-                raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
-            elif number == 1 and raw == b"\xef\xbb\xbf":
+            if number == 1 and raw == b"\xef\xbb\xbf":
                 return
-            elif number == 1 and raw.count(b"\r") >= 2:  # the whole input, without a line feed
-                raise ValueError(carriage_return_line_ends(name))
             yield decode(raw, number)
 
 

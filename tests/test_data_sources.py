@@ -132,7 +132,7 @@ def test_empty_file(tmp_path, content):
 
 def test_a_file_with_carriage_returns_alone_for_line_ends_is_named(tmp_path):
     write_lines(tmp_path / "train.en", ["one", "two", "three"])
-    for content in (b"eins\rzwei\rdrei\r", b"eins\rzwei\r"):  # classic Mac OS: no line feed at all
+    for content in (b"eins\rzwei\rdrei\r", b"eins\rzwei\r", b"eins\rzwei\rdrei\r\n"):  # classic Mac OS
         (tmp_path / "train.de").write_bytes(content)
         with pytest.raises(DataError, match=r"train\.de ends its lines with a carriage return alone"):
             read_split(data_cfg(tmp_path), "train")
@@ -168,29 +168,47 @@ def test_a_utf16_file_is_named_as_such_with_its_byte_order(tmp_path, encoding, t
     iconv must be told the byte order (it guesses one, differently on different systems)."""
     write_lines(tmp_path / "train.en", ["one", "two"])
     (tmp_path / "train.de").write_bytes(text.encode(encoding))
-    with pytest.raises(
-        DataError, match=rf"train\.de line 1\b.*UTF-16.*: convert it with iconv -f {codec} -t"
-    ):
+    # Its line feeds are not where the bytes 0x0A are: no line is named.
+    advice = rf"UTF-16.*: convert it with iconv -f {codec} -t UTF-8"
+    with pytest.raises(DataError, match=rf"train\.de(: | holds ).*{advice}"):
+        read_split(data_cfg(tmp_path), "train")
+
+
+STRAY = r"it is UTF-8 text with stray NUL bytes: delete them"
+GENERAL = r"convert it with iconv -f ENCODING -t UTF-8"
+
+
+@pytest.mark.parametrize(
+    "content, advice",
+    [
+        (b"eins\nzwei\x00\ndrei\n", STRAY),  # one stray NUL
+        (b"eins\x00\nzwei\x00\ndrei\x00\n", STRAY),  # NULs before the line ends: all at one parity
+        (b"a tab\x00separated\x00line\x00and\x00more\n", STRAY),  # NUL as a field separator
+        ("Спасибо\x00!\x00\n".encode(), STRAY),  # short, with its NULs at one parity
+        (b"\x00" * 64, GENERAL),  # a zero-filled file
+    ],
+    ids=["stray", "before-line-ends", "separator", "short-cyrillic", "zero-filled"],
+)
+def test_nul_bytes_in_utf8_text_are_not_taken_for_utf16(tmp_path, content, advice):
+    """Told it is UTF-16, a user would convert it from UTF-16 and garble it."""
+    write_lines(tmp_path / "train.en", ["one", "two", "three"])
+    (tmp_path / "train.de").write_bytes(content)
+    with pytest.raises(DataError, match=rf"train\.de line \d+ holds a NUL byte.*; {advice}"):
         read_split(data_cfg(tmp_path), "train")
 
 
 @pytest.mark.parametrize(
-    "content",
-    [
-        b"eins\nzwei\x00\ndrei\n",  # one stray NUL
-        b"eins\x00\nzwei\x00\ndrei\x00\n",  # NULs before the line ends: all at one parity
-        b"a tab\x00separated\x00line\x00and\x00more\n",  # NUL as a field separator
-        b"\x00" * 64,  # a zero-filled file
-    ],
-    ids=["stray", "before-line-ends", "separator", "zero-filled"],
+    "text, encoding",
+    [("สวัสดี ช้าง ชม\nช่วย\n", "utf-16-le"), ("你好，世界。\n", "utf-16-le"), ("hello world\n", "utf-32")],
+    ids=["thai-utf16", "chinese-utf16", "utf32"],
 )
-def test_nul_bytes_in_utf8_text_are_not_taken_for_utf16(tmp_path, content):
-    """Told it is UTF-16, a user would convert it from UTF-16 and garble it."""
-    write_lines(tmp_path / "train.en", ["one", "two", "three"])
-    (tmp_path / "train.de").write_bytes(content)
-    with pytest.raises(DataError, match=r"train\.de line \d+ holds a NUL byte.*; is it a binary file") as e:
+def test_text_in_another_encoding_is_never_told_to_delete_its_nuls(tmp_path, text, encoding):
+    """Deleting the NULs of UTF-16 or UTF-32 text leaves garbage that may even read as text."""
+    write_lines(tmp_path / "train.en", ["one", "two"])
+    (tmp_path / "train.de").write_bytes(text.encode(encoding))
+    with pytest.raises(DataError, match=r"convert it with iconv -f (UTF-16LE|ENCODING|UTF-32) -t UTF-8") as e:
         read_split(data_cfg(tmp_path), "train")
-    assert "UTF-16" not in str(e.value)
+    assert "delete" not in str(e.value)
 
 
 def test_random_stray_nuls_in_utf8_text_are_never_taken_for_utf16():

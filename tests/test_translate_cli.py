@@ -366,12 +366,23 @@ def test_a_byte_order_mark_is_not_translated(checkpoint, tmp_path):
         # One NUL in a UTF-8 line: not UTF-16, and iconv from UTF-16 would garble it.
         (
             b"the dog\nthe\x00 cat\n",
-            r"line 2 holds a NUL byte, which text does not; is it a binary file, text in another encoding",
+            r"line 2 holds a NUL byte, which text does not; it is UTF-8 text with stray NUL bytes: delete them",
         ),
         # Classic Mac OS line ends: three sentences would be translated as one line.
         (b"the dog\rthe cat\ra bird\r", r"ends its lines with a carriage return alone"),
+        (
+            b"the dog\rthe cat\ra bird\r\n",
+            r"ends its lines with a carriage return alone",
+        ),  # an editor's final LF
+        # Thai in UTF-16 splits at its letter U+0E0A (bytes 0A 0E): line 1 alone is too short to tell
+        # the byte order, but its NULs are never said to be stray ones to delete.
+        (
+            "สวัสดี ช้าง ชม\nช่วย ด้วย\n".encode("utf-16-le"),
+            r"line 1 holds a NUL byte, which text does not; convert it with iconv -f ENCODING -t UTF-8 \(for "
+            r"UTF-16 without a byte-order mark, ENCODING is UTF-16LE or UTF-16BE\)",
+        ),
     ],
-    ids=["latin-1", "utf-16", "utf-16-without-mark", "stray-nul", "cr-line-ends"],
+    ids=["latin-1", "utf-16", "utf-16-without-mark", "stray-nul", "cr-line-ends", "cr-and-lf", "thai-utf-16"],
 )
 def test_input_that_is_not_utf8_fails_before_anything_is_written(
     checkpoint, tmp_path, capsys, content, message
@@ -399,7 +410,8 @@ def test_standard_input_that_is_not_utf8_stops_at_the_line(checkpoint):
     assert out.decode().split("\n") == [*expected, ""]
     assert err.decode().endswith(
         "nmt.translate: error: standard input line 3 is not valid UTF-8 (unexpected end of data at byte 6); "
-        "convert it with iconv -f ENCODING -t UTF-8.\n"
+        "convert it with iconv -f ENCODING -t UTF-8 (for UTF-16 without a byte-order mark, ENCODING is UTF-16LE or "
+        "UTF-16BE).\n"
     ), err
 
 

@@ -139,24 +139,32 @@ def read_text_lines(path: str | Path) -> list[str]:
     return text_lines(raw, path)
 
 
-def encoding_advice(raw: bytes, at_file_start: bool = True) -> str:
-    """What to do with ``raw`` (a file, or one line of it) that is not UTF-8 text or holds NUL bytes;
-    ``at_file_start``: whether ``raw`` begins where the file does. Nothing it says garbles the file
-    if the guess is wrong."""
+def encoding_advice(raw: bytes) -> str:
+    """What to do with ``raw`` (the start of a file) that is not UTF-8 text or holds NUL bytes. It
+    names a conversion only when the encoding is known or clear, and suggests deleting NUL bytes only
+    when what is left is UTF-8 text: a wrong guess must not garble the file."""
+    if raw.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+        return "it is UTF-32 (it starts with a byte-order mark): convert it with iconv -f UTF-32 -t UTF-8"
     utf16 = utf16_codec(raw)
     if utf16 == "UTF-16":
         return "it is UTF-16 (it starts with a byte-order mark): convert it with iconv -f UTF-16 -t UTF-8"
     if utf16 is not None:
-        # A line after the first starts with the second byte of the newline before it, which may
-        # turn the byte order round.
-        codec = utf16 if at_file_start else "UTF-16LE (or UTF-16BE)"
-        return f"it looks like UTF-16 without a byte-order mark: convert it with iconv -f {codec} -t UTF-8"
-    if b"\x00" in raw:
-        return (
-            "is it a binary file, text in another encoding (convert it with iconv -f ENCODING -t UTF-8), "
-            "or UTF-8 with stray NUL bytes (delete them)?"
-        )
-    return "convert it with iconv -f ENCODING -t UTF-8"
+        return f"it looks like UTF-16 without a byte-order mark: convert it with iconv -f {utf16} -t UTF-8"
+    if b"\x00" in raw and raw.strip(b"\x00") and _is_text(raw.replace(b"\x00", b"")):
+        return "it is UTF-8 text with stray NUL bytes: delete them (tr -d '\\000')"
+    return (
+        "convert it with iconv -f ENCODING -t UTF-8 (for UTF-16 without a byte-order mark, ENCODING is "
+        "UTF-16LE or UTF-16BE)"
+    )
+
+
+def _is_text(raw: bytes) -> bool:
+    """Valid UTF-8 without control characters other than tab, CR and LF."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return not any(ord(c) < 32 and c not in "\t\r\n" for c in text)
 
 
 def utf16_codec(raw: bytes) -> str | None:
@@ -167,9 +175,12 @@ def utf16_codec(raw: bytes) -> str | None:
     digits and punctuation, 0x04 for Cyrillic, 0x03 for Greek, ...), so in UTF-16 the NUL bytes sit
     (nearly) all at odd offsets (little-endian) or all at even ones (big-endian), and two values make
     up most of the bytes at those offsets. UTF-8 text with a few stray NULs, or a binary file, has
-    letters or anything at all there. (Scripts whose characters span many high bytes, such as
+    letters or anything at all there; and UTF-8 text with non-ASCII letters stays valid UTF-8 once its
+    NULs are deleted, which UTF-16 does not. (Scripts whose characters span many high bytes, such as
     Chinese, are not recognised: they get the general advice.)
     """
+    if raw.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):  # UTF-32
+        return None
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         return "UTF-16"
     data = np.frombuffer(raw, dtype=np.uint8)[: len(raw) // 2 * 2]
@@ -183,11 +194,21 @@ def utf16_codec(raw: bytes) -> str | None:
     high = data[1::2] if odd > count - odd else data[0::2]
     if np.sort(np.bincount(high, minlength=256))[-2:].sum() < 0.8 * len(high):
         return None
+    rest = raw.replace(b"\x00", b"")
+    if _is_text(rest) and not rest.isascii():  # UTF-8 letters with stray NULs among them
+        return None
     return "UTF-16LE" if odd > count - odd else "UTF-16BE"
 
 
-def carriage_return_line_ends(name: str | Path) -> str:
-    """The error for text with no line feed and two or more carriage returns."""
+def carriage_return_line_ends(text: str) -> bool:
+    """Whether ``text`` (a whole file, or what is known of it) has classic Mac OS line ends: two or
+    more carriage returns not followed by a line feed, and at most one line feed (which an editor adds
+    at the end). One stray CR in a sentence, or CRs in a file of many lines, are text."""
+    bare = text.count("\r") - text.count("\r\n")
+    return bare >= 2 and text.count("\n") <= 1
+
+
+def carriage_return_error(name: str | Path) -> str:
     return (
         f"{name} ends its lines with a carriage return alone (classic Mac OS), so it reads as one line; "
         "convert its line ends to newlines (tr '\\r' '\\n')."
@@ -195,21 +216,29 @@ def carriage_return_line_ends(name: str | Path) -> str:
 
 
 def text_lines(raw: bytes, name: str | Path) -> list[str]:
-    """The lines of ``raw``, read from ``name``, as :func:`read_text_lines` gives them."""
+    """The lines of ``raw``, read from ``name``, as :func:`read_text_lines` gives them. (Where the
+    bytes look like UTF-16, the error names no line: its line feeds are not where the bytes 0x0A are.)"""
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{name} line {line}: invalid UTF-8 ({e.reason}); {encoding_advice(raw)}.") from e
+        where = _where(raw, e.start, name)
+        raise DataError(f"{where}: invalid UTF-8 ({e.reason}); {encoding_advice(raw)}.") from e
     if "\x00" in text:  # valid UTF-8, but never in text
-        line = raw.count(b"\n", 0, raw.index(b"\x00")) + 1
-        raise DataError(f"{name} line {line} holds a NUL byte, which text does not; {encoding_advice(raw)}.")
-    if "\n" not in text and text.count("\r") >= 2:  # no line feed at all: one stray CR is a sentence's
-        raise DataError(carriage_return_line_ends(name))
+        where = _where(raw, raw.index(b"\x00"), name)
+        raise DataError(f"{where} holds a NUL byte, which text does not; {encoding_advice(raw)}.")
+    if carriage_return_line_ends(text):
+        raise DataError(carriage_return_error(name))
     lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()  # the final newline ends the last line, it does not start a new one
     return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def _where(raw: bytes, offset: int, name: str | Path) -> str:
+    if utf16_codec(raw):
+        return str(name)
+    line = raw.count(b"\n", 0, offset) + 1
+    return f"{name} line {line}"
 
 
 def read_lines(path: Path) -> list[str]:
