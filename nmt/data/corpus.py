@@ -163,13 +163,15 @@ def cached_encode_split(
     tgt: list[str],
     cache_dir: Path,
     name: str,
+    text_hash: str,
     cfg: DataConfig | None = None,
 ) -> tuple[datasets.Dataset, FilterStats]:
-    """:func:`encode_split` through the Arrow cache: reused when text, tokenizer and filter are unchanged."""
+    """:func:`encode_split` through the Arrow cache: reused when text (``text_hash``, its
+    :func:`nmt.data.sources.content_hash`), tokenizer and filter are unchanged."""
     filter_settings = None if cfg is None else {"max_len": cfg.max_len, "max_len_ratio": cfg.max_len_ratio}
     key_parts = [
         ENCODING_VERSION,
-        content_hash(src, tgt),
+        text_hash,
         tokenizer.fingerprint(),
         filter_settings,
         RATIO_FLOOR,
@@ -266,21 +268,23 @@ def prepare_data(
     valid_src, valid_ref = read_split(cfg, "valid")
     _check_test_split(cfg)
     cache_dir = resolve_cache_dir(cfg)
+    # Each split's text is hashed once, for the caches' keys and the validation key (2.4 s for 4.5M pairs).
+    train_hash, valid_hash = content_hash(train_src, train_tgt), content_hash(valid_src, valid_ref)
     if resume_from is not None:
         from nmt.checkpoint import load_checkpoint  # only resumed runs need it
 
         log.info("tokenizer: from checkpoint %s", resume_from)
         tokenizer = Tokenizer.from_state(load_checkpoint(resume_from)["tokenizer"])
     else:
-        tokenizer = Tokenizer.load_or_train(train_src, train_tgt, cfg, cache_dir)
+        tokenizer = Tokenizer.load_or_train(train_src, train_tgt, cfg, cache_dir, data_hash=train_hash)
     if run_dir is not None:
         with writing(
             f"the tokenizer into {Path(run_dir) / 'tokenizer'}", "make room there or set run_dir=PATH"
         ):
             tokenizer.save(Path(run_dir) / "tokenizer")
-    train, stats = cached_encode_split(tokenizer, train_src, train_tgt, cache_dir, "train", cfg)
+    train, stats = cached_encode_split(tokenizer, train_src, train_tgt, cache_dir, "train", train_hash, cfg)
     log.info("train: %s", stats.format())
-    valid, _ = cached_encode_split(tokenizer, valid_src, valid_ref, cache_dir, "valid")
+    valid, _ = cached_encode_split(tokenizer, valid_src, valid_ref, cache_dir, "valid", valid_hash)
     log.info("valid: %s pairs (not filtered); %s", f"{len(valid):,}", tokenizer.describe())
     return PreparedData(
         tokenizer,
@@ -291,7 +295,7 @@ def prepare_data(
         stats,
         cache_dir,
         # Validation also scores BLEU on the reference text, which ids do not show in full (UNKs).
-        {"train": encoded_key(train), "valid": encoded_key(valid, content_hash(valid_src, valid_ref))},
+        {"train": encoded_key(train), "valid": encoded_key(valid, valid_hash)},
     )
 
 
