@@ -139,11 +139,15 @@ def read_text_lines(path: str | Path) -> list[str]:
     return text_lines(raw, path)
 
 
+UTF16_MARKS = (b"\xff\xfe", b"\xfe\xff")  # byte-order marks, little- and big-endian
+UTF32_MARKS = (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")
+
+
 def encoding_advice(raw: bytes) -> str:
     """What to do with ``raw`` (the start of a file) that is not UTF-8 text or holds NUL bytes. It
     names a conversion only when the encoding is known or clear, and suggests deleting NUL bytes only
     when what is left is UTF-8 text: a wrong guess must not garble the file."""
-    if raw.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+    if raw.startswith(UTF32_MARKS):
         return "it is UTF-32 (it starts with a byte-order mark): convert it with iconv -f UTF-32 -t UTF-8"
     utf16 = utf16_codec(raw)
     if utf16 == "UTF-16":
@@ -179,9 +183,9 @@ def utf16_codec(raw: bytes) -> str | None:
     NULs are deleted, which UTF-16 does not. (Scripts whose characters span many high bytes, such as
     Chinese, are not recognised: they get the general advice.)
     """
-    if raw.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):  # UTF-32
+    if raw.startswith(UTF32_MARKS):  # whose little-endian mark begins with UTF-16's
         return None
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+    if raw.startswith(UTF16_MARKS):
         return "UTF-16"
     data = np.frombuffer(raw, dtype=np.uint8)[: len(raw) // 2 * 2]
     zeros = data == 0
