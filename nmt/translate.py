@@ -282,10 +282,12 @@ def load_translator(args: argparse.Namespace) -> Translator:
     # nbest goes to translate_nbest
     translator.cfg = replace(translator.cfg, **decode_overrides(args), nbest=1)
     vocab = translator.tokenizer.tgt_vocab_size
-    if translator.cfg.beam >= vocab:  # else it fails at the first sentence
+    beam = max(translator.cfg.beam, args.nbest)  # as translate_nbest will search
+    if beam >= vocab:  # else it fails at the first sentence
+        flag = "--beam" if beam == translator.cfg.beam else "--nbest"
         raise ConfigError(
-            f"--beam {translator.cfg.beam} needs more than {translator.cfg.beam} target tokens and {args.ckpt} "
-            f"has {vocab}; lower --beam."
+            f"{flag} {beam} needs more than {beam} target tokens (a beam of {beam}) and {args.ckpt} has "
+            f"{vocab}; lower {flag}."
         )
     if translator.device.type == "cpu":
         keep_freed_memory_in_heap()  # the (rows, vocabulary) tensors of each step reuse the last's memory

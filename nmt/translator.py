@@ -32,7 +32,7 @@ from nmt.checkpoint import CheckpointError, config_from_checkpoint, load_checkpo
 from nmt.config import Config, DecodeConfig
 from nmt.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
 from nmt.device import avoid_per_shape_attention_kernels, resolve_device, resolve_dtype
-from nmt.search import Hypothesis, beam_search, greedy_search
+from nmt.search import Hypothesis, beam_search, greedy_search, position_cap
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,7 @@ class Translator:
         model_cfg = getattr(model, "cfg", None)
         self.max_positions: int | None = getattr(model_cfg, "max_positions", None)
         self.max_src_len = max_src_len or self.max_positions
-        # The decoder reads BOS plus every generated token, so outputs get one position less.
-        self.max_len_cap = None if self.max_positions is None else self.max_positions - 1
+        self.max_len_cap = position_cap(model, None)
         self.config: Config | None = None  # the checkpoint's, when loaded from one (from_checkpoint)
 
     @classmethod

@@ -4,6 +4,7 @@ one sentence at a time) must agree."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -299,6 +300,128 @@ def test_transformer_log_prob_matches_teacher_forcing():
         log_probs = torch.log_softmax(model(src, tgt[:, :-1]).float(), dim=-1)[0]  # (T, V)
     expected = log_probs.gather(1, tgt[0, 1:, None]).sum().item()
     assert hyp.log_prob == pytest.approx(expected, abs=1e-4)
+
+
+def test_output_lengths_are_capped_by_the_model_positions_by_default():
+    from nmt.model import Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=16, n_heads=2, enc_layers=1, dec_layers=1, ffn_dim=32, max_positions=8)
+    model = Transformer(cfg, 20, 20).eval()
+    src = torch.tensor([[5, 6, 7, 8, 9, 10, 11, EOS_ID]])
+    # max_len 26 tokens, but BOS + 7 fill the 8 positions; min_len forbids EOS until it is forced.
+    kwargs = dict(max_len_a=2.0, max_len_b=10, min_len=100)
+    assert len(greedy_search(model, src, src != PAD_ID, **kwargs)[0]) == 7
+    hyps = beam_search(model, src, src != PAD_ID, beam=3, nbest=3, **kwargs)[0]
+    assert [len(h.tokens) for h in hyps] == [7, 7, 7]
+
+
+# ---- against a plain reference: one sentence, one hypothesis at a time, no cache, float64 --------
+
+
+@torch.no_grad()
+def reference_log_probs(model, src_ids: tuple[int, ...], prefix: tuple[int, ...]) -> torch.Tensor:
+    src = torch.tensor([src_ids])
+    logits = model.decode(torch.tensor([[BOS_ID, *prefix]]), encoded(model, src_ids), src != PAD_ID)
+    return torch.log_softmax(logits[0, -1].double(), dim=-1)
+
+
+@functools.cache
+def encoded(model, src_ids: tuple[int, ...]) -> torch.Tensor:
+    src = torch.tensor([src_ids])
+    return model.encode(src, src != PAD_ID)
+
+
+def constrained(log_probs: torch.Tensor, step: int, max_len: int, min_len: int) -> torch.Tensor:
+    """The rules of nmt.search's docstring, written out for one hypothesis."""
+    log_probs[[PAD_ID, BOS_ID]] = -math.inf
+    if step == max_len:  # EOS is forced, with its own score
+        eos = log_probs[EOS_ID].item()
+        log_probs[:] = -math.inf
+        log_probs[EOS_ID] = eos
+    elif step < min_len:
+        log_probs[EOS_ID] = -math.inf
+    return log_probs
+
+
+def reference_greedy(model, src_ids, max_len, min_len) -> list[int]:
+    tokens: tuple[int, ...] = ()
+    for step in range(max_len + 1):
+        best = int(constrained(reference_log_probs(model, src_ids, tokens), step, max_len, min_len).argmax())
+        if best == EOS_ID:
+            return list(tokens)
+        tokens += (best,)
+    raise AssertionError("EOS is forced at max_len")
+
+
+def reference_beam(model, src_ids, beam, alpha, max_len, min_len) -> list[tuple[list[int], float]]:
+    """(tokens, score) of every finished hypothesis, best first."""
+    live: list[tuple[tuple[int, ...], float]] = [((), 0.0)]
+    finished = []
+    for step in range(max_len + 1):
+        candidates = []  # (total log-probability, prefix, next token)
+        for tokens, total in live:
+            log_probs = constrained(reference_log_probs(model, src_ids, tokens), step, max_len, min_len)
+            values, ids = log_probs.topk(2 * beam)
+            candidates += [(total + v, tokens, t) for v, t in zip(values.tolist(), ids.tolist(), strict=True)]
+        candidates = sorted(candidates, key=lambda c: -c[0])[: 2 * beam]
+        for total, tokens, token in candidates[:beam]:
+            if token == EOS_ID and total > -math.inf:
+                finished.append((list(tokens), total / length_penalty(len(tokens) + 1, alpha)))
+        if len(finished) >= beam or step == max_len:
+            return sorted(finished, key=lambda h: -h[1])
+        live = [(tokens + (token,), total) for total, tokens, token in candidates if token != EOS_ID][:beam]
+    raise AssertionError("unreachable")
+
+
+def eos_prone_transformer(seed: int, eos_bonus: float):
+    """A random float64 Transformer whose hypotheses end at many different lengths."""
+    from nmt.model import Transformer
+
+    class EosProne(Transformer):
+        def decode(self, *args, **kwargs):
+            logits = super().decode(*args, **kwargs)
+            logits[..., EOS_ID] += eos_bonus
+            return logits
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(
+        d_model=32, n_heads=4, enc_layers=2, dec_layers=2, ffn_dim=64, dropout=0.0, max_positions=64
+    )
+    return EosProne(cfg, 40, 40).double().eval()
+
+
+@pytest.mark.parametrize(
+    "seed, eos_bonus, beam, nbest, alpha, min_len",
+    [
+        (1, 3, 1, 1, 0.0, 0),
+        (2, 2, 3, 2, 1.0, 1),
+        (3, 2, 5, 5, 0.0, 3),
+        (4, 3, 4, 1, 2.0, 0),
+        (0, 2, 6, 3, 0.6, 2),
+    ],
+)
+def test_batched_search_equals_a_plain_reference(seed, eos_bonus, beam, nbest, alpha, min_len):
+    model = eos_prone_transformer(seed, eos_bonus)
+    src, mask = random_batch(seed)
+    max_len_a, max_len_b = 1.0, 3
+    got = beam_search(
+        model, src, mask, beam=beam, nbest=nbest, len_penalty=alpha, min_len=min_len,
+        max_len_a=max_len_a, max_len_b=max_len_b,
+    )  # fmt: skip
+    greedy = greedy_search(model, src, mask, min_len=min_len, max_len_a=max_len_a, max_len_b=max_len_b)
+    lengths, ended_early = set(), False
+    for i, hyps in enumerate(got):
+        src_ids = tuple(src[i, : int(mask[i].sum())].tolist())
+        max_len = int(max_len_a * len(src_ids) + max_len_b)
+        expected = reference_beam(model, src_ids, beam, alpha, max_len, min_len)[:nbest]
+        assert [h.tokens for h in hyps] == [tokens for tokens, _ in expected]
+        assert [h.score for h in hyps] == pytest.approx([score for _, score in expected], abs=1e-4)
+        assert greedy[i] == reference_greedy(model, src_ids, max_len, min_len)
+        lengths.update(len(h.tokens) for h in hyps)
+        ended_early |= any(len(h.tokens) < max_len for h in hyps) or len(greedy[i]) < max_len
+    # Hypotheses ended by EOS at different steps, so finishing and dropping rows were exercised.
+    assert len(lengths) > 2 and ended_early
 
 
 # ---- selection over the vocabulary -----------------------------------------------------------

@@ -36,7 +36,9 @@ finished hypotheses, and the first ``beam`` that do not end in EOS stay alive. A
 done once it has collected ``beam`` finished hypotheses (or reached its maximum length). This
 is not an exact bound: with ``len_penalty > 0`` a live hypothesis could in principle still
 overtake a finished one later, but it is the standard, well-understood behaviour and it stops
-early.
+early. Nor is beam search's best always at least greedy search's output by its own score: the
+greedy prefix can fall out of the beam at some step when ``beam`` others score higher there.
+Lengths are capped by the model's positions unless ``max_len_cap`` says otherwise.
 """
 
 from nmt.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
@@ -49,6 +51,7 @@ from nmt.search.common import (
     fill_holes,
     length_penalty,
     max_output_lengths,
+    position_cap,
 )
 from nmt.search.greedy import greedy_search
 from nmt.search.topk import row_top_k
@@ -66,6 +69,7 @@ __all__ = [
     "greedy_search",
     "length_penalty",
     "max_output_lengths",
+    "position_cap",
     "next_beams",
     "row_top_k",
     "stable_slots",

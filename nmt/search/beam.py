@@ -19,6 +19,7 @@ from nmt.search.common import (
     fill_holes,
     make_hypothesis,
     max_output_lengths,
+    position_cap,
 )
 from nmt.search.topk import row_top_k
 
@@ -104,13 +105,17 @@ def beam_search(
     max_len_cap: int | None = None,
     use_cache: bool = True,
 ) -> list[list[Hypothesis]]:
-    """Beam search; returns for each of the B sentences its ``nbest`` best hypotheses, best first."""
+    """Beam search; returns for each of the B sentences its ``nbest`` best hypotheses, best first.
+
+    ``max_len_cap`` bounds every output length; by default the model's positions do (``position_cap``).
+    """
     if not 1 <= nbest <= beam:
         raise ValueError(f"nbest={nbest} must be between 1 and beam={beam}.")
     if src.size(0) == 0:
         return []
     batch, device = src.size(0), src.device
-    limits = LengthLimits(max_output_lengths(src_mask, max_len_a, max_len_b, max_len_cap))
+    cap = position_cap(model, max_len_cap)
+    limits = LengthLimits(max_output_lengths(src_mask, max_len_a, max_len_b, cap))
     memory = model.encode(src, src_mask)  # (N, S, D): one row per sentence, shared by its beams
     decoder = IncrementalDecoder(model, memory, src_mask, use_cache, capacity=limits.steps)
     scores = torch.zeros(batch, 1, device=device)  # (N, K): one live hypothesis (BOS) per sentence

@@ -49,6 +49,15 @@ def max_output_lengths(src_mask: Tensor, max_len_a: float, max_len_b: int, cap: 
     return max_len.clamp(min=0, max=cap)
 
 
+def position_cap(model: DecodingModel, cap: int | None) -> int | None:
+    """``cap``, or where it is None the longest output the model's positions allow: the decoder reads
+    BOS and every generated token, so ``cfg.max_positions - 1`` (None for a model without a config)."""
+    if cap is not None:
+        return cap
+    positions = getattr(getattr(model, "cfg", None), "max_positions", None)
+    return None if positions is None else positions - 1
+
+
 def length_penalty(length: int, alpha: float) -> float:
     """GNMT length penalty ((5 + length) / 6) ** alpha; ``length`` counts EOS."""
     return ((5.0 + length) / 6.0) ** alpha

@@ -14,6 +14,7 @@ from nmt.search.common import (
     bos_prefix,
     fill_holes,
     max_output_lengths,
+    position_cap,
 )
 
 
@@ -30,11 +31,12 @@ def greedy_search(
 ) -> list[list[int]]:
     """Most probable token at every step. ``src``/``src_mask`` are (B, S); returns B token lists.
 
-    ``max_len_cap`` bounds every output length (e.g. by the model's number of positions).
+    ``max_len_cap`` bounds every output length; by default the model's positions do (``position_cap``).
     """
     if src.size(0) == 0:
         return []
-    limits = LengthLimits(max_output_lengths(src_mask, max_len_a, max_len_b, max_len_cap))
+    cap = position_cap(model, max_len_cap)
+    limits = LengthLimits(max_output_lengths(src_mask, max_len_a, max_len_b, cap))
     memory = model.encode(src, src_mask)
     decoder = IncrementalDecoder(model, memory, src_mask, use_cache, capacity=limits.steps)
     outputs: list[list[int]] = [[] for _ in range(src.size(0))]
