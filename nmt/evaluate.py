@@ -6,7 +6,9 @@ and ``ko-mecab`` for Korean (those two need ``pip install "sacrebleu[ja]"`` or `
 13a splits no Chinese or Japanese words, and would score a near-perfect Chinese translation near 0.
 ``tokenize`` names another (``intl``, ``char``, ``flores200``, ...). Published Multi30k results are
 usually lowercased BLEU: pass ``lowercase=True``. As with ``sacrebleu -lc`` it lowercases BLEU only;
-chrF stays cased. The signatures record every choice: quote them with the numbers.
+chrF stays cased. The signatures record every choice: quote them with the numbers. Scores equal
+``sacrebleu REF -i HYP -m bleu chrf`` but for one case: a UTF-8 byte-order mark that starts a file is
+dropped here, where sacreBLEU's command line keeps it as part of the first word.
 
     python -m nmt.evaluate --hyp hyp.de --ref test_2016_flickr.de.gz [--lowercase] [--tgt-lang zh]
 """

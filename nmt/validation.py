@@ -3,7 +3,9 @@ chrF of the model's translations of it, and their report (log lines, TensorBoard
 
 The translations come from :class:`nmt.translator.Translator` with the run's ``decode`` settings, the
 same code path as ``python -m nmt.translate``, and are scored on detokenized text with sacreBLEU, so
-a validation BLEU is what translating the file and scoring it would give.
+a validation BLEU is what translating the file and scoring it would give. (In float32 exactly; in bf16,
+on a GPU, a few sentences can come out otherwise when the batch size differs, since the rounding of
+a matrix product depends on its shape.)
 """
 
 from __future__ import annotations
