@@ -621,11 +621,20 @@ class Trainer:
             return INTERRUPTED
         if self.state.step >= t.max_steps:
             return f"reached train.max_steps={t.max_steps}"
+        if self._patience_out():  # a run that early stopping ended, resumed with the same patience
+            return self._patience_reason()
         if t.max_epochs and self._epochs_done() >= t.max_epochs:
             return f"reached train.max_epochs={t.max_epochs}"
         if time_up:
             return f"reached train.max_time_min={t.max_time_min}"
         return None
+
+    def _patience_out(self) -> bool:
+        t = self.cfg.train
+        return bool(t.patience) and self.state.bad_validations >= t.patience
+
+    def _patience_reason(self) -> str:
+        return f"no improvement in {self.cfg.train.patience} validations (train.patience)"
 
     def _epochs_done(self) -> int:
         """Epochs whose every batch has been taken (the stream moves to the next epoch only when asked)."""
@@ -664,7 +673,7 @@ class Trainer:
                     if improved:
                         self.state.schedule_best = value
                     self.state.bad_validations = 0 if improved else self.state.bad_validations + 1
-                stop = bool(t.patience) and self.state.bad_validations >= t.patience
+                stop = self._patience_out()
         self._save_on_every_rank(best, error)
         return metrics, broadcast_flag(stop, self.dist, self.device)
 
@@ -730,7 +739,7 @@ class Trainer:
                     metrics, patience_out = self._validate_and_save()
                     window_start = time.monotonic()  # validation time is not training throughput
                     if patience_out:
-                        reason = f"no improvement in {t.patience} validations (train.patience)"
+                        reason = self._patience_reason()
                         break
             reason = self._should_stop(start, start_elapsed)
             if reason is not None and pending is not None:

@@ -567,6 +567,32 @@ def test_patience_counts_only_scheduled_validations_so_a_resumed_run_stops_where
     assert resumed.state.best_step == full.state.best_step == 10
 
 
+def test_a_run_that_early_stopping_ended_stays_ended_when_resumed(toy_dir, tmp_path, monkeypatch):
+    """Resumed with the same patience (a sweep continued with train.resume=true), it stops at once
+    instead of training on; a larger patience lets it go on."""
+    validations = []
+
+    def validate(self):
+        validations.append(self.state.step)
+        return {"loss": 1.0, "ppl": 2.7, "bleu": 5.0, "chrf": 20.0}
+
+    monkeypatch.setattr(Trainer, "validate", validate)
+    cfg = tiny_config(toy_dir, tmp_path / "run", max_steps=100, valid_every=10, patience=1)
+    assert make_trainer(cfg).train().state.step == 20  # best at 10, no improvement at 20
+    latest = Path(cfg.run_dir) / "checkpoints" / "latest.pt"
+    saved = latest.stat().st_mtime_ns
+    validations.clear()
+    for patience, steps in ((1, 20), (2, 30)):
+        resumed_cfg = with_train(cfg, resume="true", patience=patience)
+        trainer = make_trainer(resumed_cfg)
+        trainer.resume(find_resume_checkpoint(resumed_cfg, Path(cfg.run_dir)))
+        result = trainer.train()
+        assert result.stop_reason == f"no improvement in {patience} validations (train.patience)"
+        assert result.state.step == steps
+        if patience == 1:
+            assert validations == [] and latest.stat().st_mtime_ns == saved  # nothing trained or rewritten
+
+
 def test_a_failing_validation_saves_the_training_state_first(toy_dir, tmp_path, monkeypatch):
     def broken(self):
         raise RuntimeError("validation broke")
