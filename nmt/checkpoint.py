@@ -424,6 +424,17 @@ def lock_run_dir(run_dir: Path) -> IO[str] | None:
     return f
 
 
+def run_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The checkpoint a run in ``ckpt_dir`` continues from: latest.pt, or where that is missing, the
+    newest step_N.pt (a first save killed between linking step_N.pt and writing latest.pt leaves
+    only that); None when the folder holds neither."""
+    latest = ckpt_dir / "latest.pt"
+    if latest.exists():
+        return latest
+    steps = step_checkpoints(ckpt_dir) if ckpt_dir.is_dir() else []
+    return steps[-1] if steps else None
+
+
 def find_resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
     """Which checkpoint ``train.resume`` names, or None for a fresh run (refusing to overwrite one).
 
@@ -432,17 +443,22 @@ def find_resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
     overwritten, or its step_N.pt files mixed with those of the new branch.
     """
     latest = run_dir / "checkpoints" / "latest.pt"
+    held = run_checkpoint(run_dir / "checkpoints")
     if not cfg.train.resume_requested:
-        if latest.exists():
+        if held is not None:
             raise CheckpointError(
-                f"{run_dir} already holds a run (checkpoints/latest.pt). Continue it with train.resume=true, "
+                f"{run_dir} already holds a run (checkpoints/{held.name}). Continue it with train.resume=true, "
                 "or start a new one elsewhere with run_dir=PATH (or name=NEW_NAME)."
             )
         return None
     if cfg.train.resume_latest:
-        if not latest.exists():
+        if held is None:
             raise CheckpointError(f"train.resume={cfg.train.resume.lower()} but {latest} does not exist.")
-        return latest
+        if held != latest:
+            log.warning(
+                "%s is missing (a save was cut short, or it was deleted); resuming from %s", latest, held
+            )
+        return held
     path = checkpoint_file(cfg.train.resume)
     if not path.is_file():
         raise CheckpointError(f"train.resume={cfg.train.resume}: no checkpoint at {path}.")

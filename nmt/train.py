@@ -284,9 +284,11 @@ def sweep_job(cfg: Config) -> Config:
             "a sweep (-m) runs its jobs one after another in one process, and a torchrun process cannot "
             "set up its process group twice; start one torchrun per setting instead."
         )
+    from nmt.checkpoint import run_checkpoint
+
     run_dir = HydraConfig.get().runtime.output_dir
     train = cfg.train
-    if train.resume_latest and not (Path(run_dir) / "checkpoints" / "latest.pt").exists():
+    if train.resume_latest and run_checkpoint(Path(run_dir) / "checkpoints") is None:
         log.info("job %s of the sweep has no checkpoint yet: it starts now", HydraConfig.get().job.num)
         train = dataclasses.replace(train, resume="")
     return dataclasses.replace(cfg, run_dir=run_dir, train=train)

@@ -255,6 +255,25 @@ def test_a_save_killed_midway_leaves_latest_complete_and_best_no_older_than_it_r
     assert all(saved_step(ckpt_dir / name) == 20 for name in ("best.pt", "latest.pt", "step_00000020.pt"))
 
 
+def test_a_first_save_killed_before_latest_is_resumed_from_its_step_file_and_never_overwritten(
+    tmp_path, monkeypatch, caplog
+):
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    crash_when_replacing(monkeypatch, "latest.pt")
+    with pytest.raises(CheckpointError, match="simulated"):
+        save_run_checkpoint(run_state(10, best_step=10), ckpt_dir, 10, keep_last=5, best=True)
+    monkeypatch.undo()
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["best.pt", "step_00000010.pt"]
+
+    # A fresh run into the folder would overwrite step_00000010.pt: refused, as over a latest.pt.
+    with pytest.raises(CheckpointError, match=r"already holds a run \(checkpoints/step_00000010\.pt\)"):
+        find_resume_checkpoint(Config(), tmp_path / "run")
+    with caplog.at_level("WARNING", logger="nmt.checkpoint"):
+        found = find_resume_checkpoint(resume_config("true"), tmp_path / "run")
+    assert found == ckpt_dir / "step_00000010.pt" and saved_step(found) == 10
+    assert "latest.pt is missing" in caplog.text
+
+
 def test_a_saved_run_checkpoint_is_linked_under_all_its_names(tmp_path):
     ckpt_dir = tmp_path / "checkpoints"
     for step in (10, 20, 30):
