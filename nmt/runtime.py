@@ -1,4 +1,5 @@
-"""Process-level plumbing of a training run: random number generators, the allocator, signals, progress.
+"""Process-level plumbing of a training run: random number generators, the allocator, signals, progress,
+TensorBoard events.
 
 Kept apart from :mod:`nmt.trainer` so that the trainer reads as the training loop alone.
 """
@@ -11,8 +12,10 @@ import math
 import random
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -160,8 +163,6 @@ def seed_everything(seed: int) -> None:
 
 
 def install_signal_handlers(handler: Any) -> dict[int, Any]:
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         return {}
     return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -212,6 +213,65 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class EventLog:
+    """A run's TensorBoard events, through ``SummaryWriter``. Once a write fails (a full disk, a removed
+    run_dir) the curves stop, not the run: the failure is logged once, later writes are dropped, and
+    training goes on (on a full disk its next checkpoint stops it, naming the space it needs).
+
+    Creating it writes the first event file, so a folder that cannot be written fails here, at once.
+    """
+
+    def __init__(self, log_dir: Path, purge_step: int | None = None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.log_dir = log_dir
+        self._writer: SummaryWriter | None = SummaryWriter(str(log_dir), purge_step=purge_step)
+        _silence_event_writer_thread()
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self._call("add_scalar", tag, value, step)
+
+    def add_text(self, tag: str, text: str, step: int) -> None:
+        self._call("add_text", tag, text, step)
+
+    def flush(self) -> None:
+        self._call("flush")
+
+    def close(self) -> None:
+        self._call("close")
+        self._writer = None
+
+    def _call(self, method: str, *args: Any) -> None:
+        if self._writer is None:
+            return
+        try:
+            getattr(self._writer, method)(*args)
+        except OSError as e:
+            self._writer = None
+            log.warning(
+                "TensorBoard events can no longer be written to %s (%s); training goes on without them",
+                self.log_dir,
+                e.strerror or e,
+            )
+
+
+def _silence_event_writer_thread() -> None:
+    """TensorBoard writes events from a thread of its own; a failed write ends that thread with a
+    traceback on stderr, and the next call in the main thread raises the same error, which
+    :class:`EventLog` reports. Keep the thread's traceback out of the terminal."""
+    previous = threading.excepthook
+    if getattr(previous, "_nmt_event_writer", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if issubclass(args.exc_type, OSError) and type(args.thread).__name__ == "_AsyncWriterThread":
+            return
+        previous(args)
+
+    hook._nmt_event_writer = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 def format_duration(seconds: float) -> str:

@@ -28,6 +28,7 @@ from nmt.config import Config, ConfigError, register_schema, to_config
 if TYPE_CHECKING:
     from nmt.data import PreparedData
     from nmt.distributed import DistInfo
+    from nmt.runtime import EventLog
     from nmt.trainer import Trainer
 
 log = logging.getLogger("nmt.train")
@@ -38,8 +39,6 @@ register_schema()
 def run(cfg: Config) -> int:
     """Train one run described by ``cfg``. Returns the process exit code: 0 when a stopping rule ended
     it, 128 + the signal's number (130 Ctrl-C, 143 SIGTERM) when a signal did, after saving."""
-    from torch.utils.tensorboard import SummaryWriter
-
     from nmt.checkpoint import find_resume_checkpoint
     from nmt.device import resolve_device
     from nmt.distributed import barrier, init_distributed, shutdown_distributed
@@ -82,12 +81,8 @@ def run(cfg: Config) -> int:
         # Only now: a resume that is refused leaves the run's config.yaml and TensorBoard log as they were.
         # purge_step: points a killed run logged after its last checkpoint are dropped, not drawn twice.
         purge = trainer.state.step + 1 if resume_from is not None else None
-        writer = SummaryWriter(str(run_dir / "tb"), purge_step=purge) if dist.is_main else None
-        if writer is not None:
-            config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
-            (run_dir / "config.yaml").write_text(config_yaml)
-            writer.add_text("config", "```\n" + config_yaml + "\n```", 0)
-            trainer.log_to(writer)
+        writer = start_run_files(cfg, run_dir, purge) if dist.is_main else None
+        trainer.log_to(writer)
         start_step = trainer.state.step
         result = trainer.train()
         if dist.enabled:
@@ -118,6 +113,29 @@ def run(cfg: Config) -> int:
     return 0 if result.signal is None else 128 + int(result.signal)
 
 
+def start_run_files(cfg: Config, run_dir: Path, purge_step: int | None) -> EventLog:
+    """Write the run's config.yaml and open its TensorBoard log; a run_dir that cannot take them (a full
+    disk) stops the run now, before it trains steps it could not save."""
+    from nmt.files import temp_file_beside
+    from nmt.runtime import EventLog
+    from nmt.trainer import TrainingError
+
+    config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    try:
+        writer = EventLog(run_dir / "tb", purge_step)
+        fd, tmp = temp_file_beside(run_dir / "config.yaml")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(config_yaml)
+        os.replace(tmp, run_dir / "config.yaml")
+    except OSError as e:
+        raise TrainingError(
+            f"cannot write the run's files in {run_dir} ({e.strerror or e}); nothing was trained: fix that and "
+            "run the same command again."
+        ) from None
+    writer.add_text("config", "```\n" + config_yaml + "\n```", 0)
+    return writer
+
+
 def hold_run_dir(run_dir: Path, dist: DistInfo) -> IO[str] | None:
     """Rank 0 creates ``run_dir`` and holds it (:func:`nmt.checkpoint.lock_run_dir`) for the whole run,
     before looking for a checkpoint to resume: a second training into the same folder is refused. The
@@ -130,6 +148,7 @@ def hold_run_dir(run_dir: Path, dist: DistInfo) -> IO[str] | None:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             lock = lock_run_dir(run_dir)
+            writable_checkpoints(run_dir / "checkpoints")
         except OSError as e:
             error = CheckpointError(f"cannot create the run directory {run_dir} ({e.strerror or e}).")
         except CheckpointError as e:
@@ -140,6 +159,22 @@ def hold_run_dir(run_dir: Path, dist: DistInfo) -> IO[str] | None:
     if failure is not None:
         raise CheckpointError(f"rank 0 stopped: {failure}")
     return lock
+
+
+def writable_checkpoints(ckpt_dir: Path) -> None:
+    """A run's existing checkpoints folder that cannot be written (read-only, another owner's) would
+    fail only at the first save, valid_every steps later: find out now."""
+    from nmt.checkpoint import CheckpointError
+
+    if not ckpt_dir.is_dir():
+        return  # created at the first save, in a run_dir that RunDirCheck found writable
+    try:
+        tempfile.TemporaryFile(dir=ckpt_dir).close()
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot write checkpoints into {ckpt_dir} ({e.strerror or e}); fix that, or train into another "
+            "run_dir."
+        ) from None
 
 
 def prepare_data_main_first(

@@ -42,6 +42,7 @@ from nmt.loss import label_smoothed_nll
 from nmt.model import Transformer
 from nmt.optim import build_optimizer, build_scheduler, is_fused, lr_multiplier
 from nmt.runtime import (
+    EventLog,
     Progress,
     compile_loss,
     compile_model,
@@ -54,12 +55,15 @@ from nmt.runtime import (
 from nmt.validation import Validator, perplexity
 
 if TYPE_CHECKING:
-    from torch.utils.tensorboard import SummaryWriter
-
     from nmt.data.corpus import PreparedData
 
 log = logging.getLogger(__name__)
 
+# The train settings that a resumed run may change, each with a warning: it no longer continues exactly.
+TRAJECTORY_SETTINGS = (
+    "lr", "betas", "adam_eps", "weight_decay", "schedule", "warmup_steps", "min_lr", "accum_steps", "clip_norm",
+    "label_smoothing", "precision",
+)  # fmt: skip
 INTERRUPTED = "interrupted by a signal"  # the stop reason when a signal (on any rank) ends the run
 
 
@@ -181,7 +185,7 @@ class Trainer:
         data: PreparedData,
         run_dir: Path,
         dist: DistInfo | None = None,
-        writer: SummaryWriter | None = None,
+        writer: EventLog | None = None,
     ):
         cfg.check_for_training()
         self.cfg, self.data, self.run_dir = cfg, data, Path(run_dir)
@@ -260,7 +264,7 @@ class Trainer:
         self._agreed_stop: tuple[bool, bool] | None = None  # DDP: stop flags, as of the last step read
         self._saved_step: int | None = None  # the step latest.pt holds, once this run wrote or resumed it
 
-    def log_to(self, writer: SummaryWriter | None) -> None:
+    def log_to(self, writer: EventLog | None) -> None:
         """Send TensorBoard scalars and validation reports to ``writer`` (rank 0 only) from now on."""
         self.writer = self.validator.writer = writer if self.dist.is_main else None
 
@@ -551,17 +555,23 @@ class Trainer:
         )
 
     def _apply_optimizer_settings(self, saved: dict[str, Any]) -> None:
-        """Give the restored optimizer and schedule this config's lr, betas, eps and weight decay.
+        """Give the restored optimizer and schedule this config's lr, betas, eps and weight decay, and
+        warn about every changed setting of :data:`TRAJECTORY_SETTINGS`.
 
         Loading their state brings back the values the checkpoint was trained with; a run resumed with
         train.lr=... would otherwise go on with the old ones while its config.yaml says otherwise.
         With an unchanged config this sets the values the state already holds.
         """
         t = self.cfg.train
-        for key in ("lr", "betas", "adam_eps", "weight_decay"):
+        # Each changes the training from here on; with a cosine schedule max_steps sets the decay.
+        keys = [*TRAJECTORY_SETTINGS, *(["max_steps"] if t.schedule == "cosine" else [])]
+        for key in keys:
             if key in saved and saved[key] != getattr(t, key):
                 log.warning(
-                    "train.%s changed from %s to %s since the checkpoint", key, saved[key], getattr(t, key)
+                    "train.%s changed from %s to %s since the checkpoint: the run goes on with the new value",
+                    key,
+                    saved[key],
+                    getattr(t, key),
                 )
         decay, no_decay = self.optimizer.param_groups  # as build_optimizer makes them
         # What LambdaLR would have set, had it been built with this config.

@@ -29,9 +29,9 @@ from nmt.translator import Translator
 
 if TYPE_CHECKING:
     import datasets
-    from torch.utils.tensorboard import SummaryWriter
 
     from nmt.data.corpus import PreparedData
+    from nmt.runtime import EventLog
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class Validator:
         data: PreparedData,
         device: torch.device,
         batch_loss: BatchLoss,
-        writer: SummaryWriter | None = None,
+        writer: EventLog | None = None,
         warn: bool = True,
     ):
         self.cfg, self.data, self.device = cfg, data, device

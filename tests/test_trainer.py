@@ -14,6 +14,7 @@ from nmt.config import Config
 from nmt.data import prepare_data
 from nmt.distributed import DistInfo
 from nmt.optim import lr_multiplier
+from nmt.runtime import EventLog
 from nmt.trainer import Trainer, TrainingError
 from tests.conftest import tiny_config
 
@@ -388,10 +389,9 @@ def test_a_checkpoint_of_a_foreach_optimizer_resumes_with_the_fused_one(toy_dir,
 
 def test_tensorboard_has_the_documented_tags(toy_dir, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from torch.utils.tensorboard import SummaryWriter
 
     cfg = tiny_config(toy_dir, tmp_path / "run", max_steps=4, log_every=2, valid_every=4)
-    writer = SummaryWriter(str(tmp_path / "tb"))
+    writer = EventLog(tmp_path / "tb")
     make_trainer(cfg, writer=writer).train()
     writer.close()
     events = EventAccumulator(str(tmp_path / "tb"))
@@ -412,6 +412,25 @@ def test_tensorboard_has_the_documented_tags(toy_dir, tmp_path):
     assert "valid/samples/text_summary" in events.Tags()["tensors"]
     losses = [e.value for e in events.Scalars("train/loss")]
     assert all(math.isfinite(v) for v in losses) and len(losses) == 2
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # the writer thread's
+def test_tensorboard_write_failures_cost_the_curves_not_the_run(toy_dir, tmp_path, caplog):
+    """A full disk or a removed run_dir fails TensorBoard's writes: warned once, training goes on."""
+    import shutil
+
+    writer = EventLog(tmp_path / "tb")
+    writer.add_scalar("x", 1.0, 1)
+    writer.flush()
+    shutil.rmtree(tmp_path / "tb")  # the next write of TensorBoard's thread fails
+    cfg = tiny_config(toy_dir, tmp_path / "run", max_steps=6, log_every=1, valid_every=3)
+    with caplog.at_level("WARNING", logger="nmt.runtime"):
+        result = make_trainer(cfg, writer=writer).train()
+        writer.close()
+    assert result.state.step == 6 and result.stop_reason == "reached train.max_steps=6"
+    assert load_checkpoint(Path(cfg.run_dir) / "checkpoints" / "latest.pt")["train_state"]["step"] == 6
+    warnings = [r.getMessage() for r in caplog.records if "TensorBoard" in r.getMessage()]
+    assert len(warnings) == 1 and "can no longer be written" in warnings[0]
 
 
 @pytest.mark.parametrize("schedule", ["inverse_sqrt", "cosine"])
@@ -495,11 +514,17 @@ def test_resume_reads_the_checkpoint_onto_the_cpu_whatever_the_training_device(t
 def test_a_changed_optimizer_setting_applies_after_resume(toy_dir, tmp_path, caplog):
     cfg = tiny_config(toy_dir, tmp_path / "run", max_steps=4)
     make_trainer(cfg).train()
-    changed = with_train(cfg, max_steps=6, resume="true", lr=1e-4, betas=[0.5, 0.6], weight_decay=0.1)
+    changed = with_train(
+        cfg, max_steps=6, resume="true", lr=1e-4, betas=[0.5, 0.6], weight_decay=0.1, label_smoothing=0.2
+    )
     trainer = make_trainer(changed)
     with caplog.at_level("WARNING", logger="nmt.trainer"):
         trainer.resume(find_resume_checkpoint(changed, Path(cfg.run_dir)))
-    assert "train.lr changed from 0.003 to 0.0001" in caplog.text
+    assert "train.lr changed from 0.003 to 0.0001 since the checkpoint: the run goes on" in caplog.text
+    assert "train.label_smoothing changed from 0.1 to 0.2" in caplog.text
+    assert (
+        "train.max_steps changed" not in caplog.text
+    )  # the inverse square root schedule does not depend on it
     decay, no_decay = trainer.optimizer.param_groups
     expected_lr = 1e-4 * lr_multiplier(4, changed.train)
     for group in (decay, no_decay):
@@ -683,6 +708,41 @@ def test_tensorboard_after_a_killed_run_resumes_draws_each_step_once(toy_dir, tm
     events = EventAccumulator(str(tmp_path / "run" / "tb"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 11))
+
+
+def test_a_run_dir_that_cannot_take_the_run_files_stops_the_run_before_training(toy_dir, tmp_path):
+    from nmt.train import run
+
+    cfg = tiny_config(toy_dir, tmp_path / "run", max_steps=2, valid_every=2)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "tb").write_text("not a folder")  # as a full disk, the event file cannot be made
+    with pytest.raises(
+        TrainingError, match=r"^cannot write the run's files in .*run \(File exists\); nothing"
+    ):
+        run(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_read_only_checkpoints_folder_stops_a_resume_before_training(toy_dir, tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    from nmt.train import run
+
+    cfg = tiny_config(toy_dir, tmp_path / "run", max_steps=2, valid_every=2)
+    assert run(cfg) == 0
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    real = tempfile.TemporaryFile
+
+    def read_only(*args, dir=None, **kwargs):  # as a read-only mount, which root's chmod cannot make
+        if dir is not None and Path(dir) == ckpt_dir:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    with pytest.raises(CheckpointError, match=r"^cannot write checkpoints into .* \(Read-only file system\)"):
+        run(with_train(cfg, max_steps=4, resume="true"))
+    assert load_checkpoint(ckpt_dir / "latest.pt")["train_state"]["step"] == 2
 
 
 def test_a_second_training_into_a_run_dir_in_use_is_refused(toy_dir, tmp_path):
