@@ -79,8 +79,9 @@ def run(cfg: Config) -> int:
                 {"step": trainer.state.step, "weights": f"{trainer.weight_checksum():.12g}"}, dist
             )
         # Only now: a resume that is refused leaves the run's config.yaml and TensorBoard log as they were.
-        # purge_step: points a killed run logged after its last checkpoint are dropped, not drawn twice.
-        purge = trainer.state.step + 1 if resume_from is not None else None
+        # purge_step: points a killed run logged after its last checkpoint (all of them, for a run killed
+        # before its first checkpoint and started again) are dropped, not drawn twice.
+        purge = trainer.state.step + 1 if resume_from is not None else 0
         writer = start_run_files(cfg, run_dir, purge) if dist.is_main else None
         trainer.log_to(writer)
         start_step = trainer.state.step
@@ -113,7 +114,7 @@ def run(cfg: Config) -> int:
     return 0 if result.signal is None else 128 + int(result.signal)
 
 
-def start_run_files(cfg: Config, run_dir: Path, purge_step: int | None) -> EventLog:
+def start_run_files(cfg: Config, run_dir: Path, purge_step: int) -> EventLog:
     """Write the run's config.yaml and open its TensorBoard log; a run_dir that cannot take them (a full
     disk) stops the run now, before it trains steps it could not save."""
     from nmt.files import temp_file_beside

@@ -723,6 +723,34 @@ def test_a_run_dir_that_cannot_take_the_run_files_stops_the_run_before_training(
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_tensorboard_shows_only_the_steps_of_the_run_that_goes_on(toy_dir, tmp_path):
+    """A run killed before its first checkpoint leaves events; started again, its curves are the new
+    run's alone. A resumed run drops what the killed run logged after its checkpoint."""
+    import time
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from nmt.train import run
+
+    cfg = tiny_config(toy_dir, tmp_path / "run", max_steps=4, log_every=1, valid_every=4)
+    killed = EventLog(tmp_path / "run" / "tb")
+    for step in (1, 2, 3):
+        killed.add_scalar("train/loss", 99.0, step)
+    killed.close()
+    time.sleep(1.1)  # event files are named by the second they were created in
+    assert run(cfg) == 0
+    killed = EventLog(tmp_path / "run" / "tb")  # the run went on to step 6 and was killed there
+    for step in (5, 6):
+        killed.add_scalar("train/loss", 99.0, step)
+    killed.close()
+    time.sleep(1.1)
+    assert run(with_train(cfg, max_steps=6, resume="true")) == 0
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    losses = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6] and 99.0 not in losses.values()
+
+
 def test_a_read_only_checkpoints_folder_stops_a_resume_before_training(toy_dir, tmp_path, monkeypatch):
     import errno
     import tempfile
