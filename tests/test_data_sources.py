@@ -406,7 +406,7 @@ def test_download_checksum_mismatch_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(download.DownloadError, match=r"train\.en\.gz .* has sha256 .*expected d79cfa99"):
         download.ensure_multi30k(_multi30k_cfg(tmp_path))
     assert urls == ["https://github.com/multi30k/dataset/raw/master/data/task1/raw/train.en.gz"]
-    assert list((tmp_path / "m30k").iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # not even the folder it made for the download
 
 
 def test_download_offline_message(tmp_path, monkeypatch):
@@ -414,11 +414,17 @@ def test_download_offline_message(tmp_path, monkeypatch):
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
+    # A folder (and parent) that did not exist.
+    cfg = _multi30k_cfg(tmp_path, src_lang="de", tgt_lang="fr", dir=str(tmp_path / "typo" / "m30k"))
     with pytest.raises(DataError) as e:
-        download.ensure_multi30k(_multi30k_cfg(tmp_path, src_lang="de", tgt_lang="fr"))
-    message = str(e.value)
-    assert message.startswith("could not download Multi30k (train.de.gz: Name or service not known)")
-    assert message.endswith("put the files in a folder and set data.dir=PATH")
+        download.ensure_multi30k(cfg)
+    assert str(e.value) == (
+        "could not download Multi30k (train.de.gz: Name or service not known). Download the files it needs "
+        "by hand (train.de.gz, train.fr.gz, val.de.gz, val.fr.gz, test_2016_flickr.de.gz, "
+        f"test_2016_flickr.fr.gz, from {download.MULTI30K_URL}; gzipped or not) into {tmp_path / 'typo' / 'm30k'}, "
+        "or set data.dir to a folder that holds them."
+    )
+    assert list(tmp_path.iterdir()) == []  # the folders made for the download are gone with it
 
 
 def test_a_folder_with_files_of_its_own_is_never_filled_up_with_multi30k(tmp_path, monkeypatch, caplog):

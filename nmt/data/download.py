@@ -54,6 +54,10 @@ class DownloadError(DataError):
     """Multi30k could not be downloaded or failed its checksum."""
 
 
+class OfflineError(DownloadError):
+    """The download server could not be reached or the transfer broke off."""
+
+
 def missing_multi30k_files(cfg: DataConfig) -> list[str]:
     """Names of the Multi30k files this config needs that are in neither plain nor gzipped form in DIR."""
     folder = Path(cfg.dir)
@@ -118,11 +122,29 @@ def ensure_multi30k(cfg: DataConfig) -> list[Path]:
                 f"{lang} files in data.dir={cfg.dir!r} or choose another data.src_lang/data.tgt_lang."
             )
     log.info("downloading Multi30k (%s) into %s", ", ".join(names), folder)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DownloadError(f"could not create data.dir={cfg.dir!r} to download Multi30k into ({e}).") from e
-    return [download_file(MULTI30K_URL + name, folder / name, MULTI30K_SHA256[name]) for name in names]
+    try:
+        return [download_file(MULTI30K_URL + name, folder / name, MULTI30K_SHA256[name]) for name in names]
+    except OfflineError as e:
+        raise DownloadError(
+            f"{e}. Download the files it needs by hand ({', '.join(names)}, from {MULTI30K_URL}; gzipped or "
+            f"not) into {folder.resolve()}, or set data.dir to a folder that holds them."
+        ) from e
+    finally:
+        _remove_if_empty(created)  # a mistyped data.dir is not left behind by a failed download
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Remove the folders (deepest first) that a failed download created and left empty."""
+    for path in folders:
+        try:
+            path.rmdir()
+        except OSError:  # not empty (something was downloaded), or not ours to remove: stop here
+            return
 
 
 def download_file(url: str, dest: Path, sha256: str) -> Path:
@@ -158,7 +180,5 @@ def _fetch(url: str, out, name: str) -> str:
                     bar.update(len(chunk))
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", None) or e
-        raise DownloadError(
-            f"could not download Multi30k ({name}: {reason}); put the files in a folder and set data.dir=PATH"
-        ) from e
+        raise OfflineError(f"could not download Multi30k ({name}: {reason})") from e
     return digest.hexdigest()
