@@ -174,24 +174,46 @@ def restore_signal_handlers(previous: dict[int, Any]) -> None:
 
 
 class Progress:
-    """A tqdm bar on a terminal; plain periodic log lines otherwise (files, CI, nohup)."""
+    """A tqdm bar on a terminal, which moves every step and shows the numbers of each log step; plain
+    log lines at the log steps otherwise (files, CI, nohup). Either way the first step of the process
+    gets a line of its own, saying how long it took, so a slow start is not silence."""
 
-    def __init__(self, total: int, initial: int, enabled: bool):
+    def __init__(self, total: int, initial: int, enabled: bool, log_every: int):
         self.enabled = enabled
-        self.total = total
+        self.total, self.log_every = total, log_every
         self.start, self.initial = time.monotonic(), initial
         self.bar = None
+        self._redirect: Any = None
         if enabled and sys.stdout.isatty():
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, file=sys.stdout)
+            self._redirect = logging_redirect_tqdm()  # log lines above the bar, not written over it
+            self._redirect.__enter__()
         self.last = initial
+
+    def advance(self, step: int) -> None:
+        """Optimizer step ``step`` is done (its numbers may not be read yet)."""
+        if not self.enabled or step <= self.last:
+            return
+        if self.last == self.initial:
+            log.info(
+                "step %d done in %s; %s every %d steps (train.log_every)",
+                step,
+                format_duration(time.monotonic() - self.start, decimals=1),
+                "numbers" if self.bar is not None else "a line",
+                self.log_every,
+            )
+        if self.bar is not None:
+            self.bar.update(step - self.last)
+        self.last = step
 
     def update(self, step: int, stats: dict[str, float]) -> None:
         if not self.enabled:
             return
+        self.advance(step)
         if self.bar is not None:
-            self.bar.update(step - self.last)
             self.bar.set_postfix(
                 loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}", tok_s=f"{stats['tokens_per_sec']:.0f}"
             )
@@ -208,11 +230,11 @@ class Progress:
                 stats["tokens_per_sec"],
                 format_duration(eta),
             )
-        self.last = step
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self._redirect.__exit__(None, None, None)
 
 
 class EventLog:
@@ -274,8 +296,11 @@ def _silence_event_writer_thread() -> None:
     threading.excepthook = hook
 
 
-def format_duration(seconds: float) -> str:
+def format_duration(seconds: float, decimals: int = 0) -> str:
+    """H:MM:SS (with ``decimals`` digits of the seconds)."""
     if not math.isfinite(seconds):
         return "?"
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+    seconds = round(seconds, decimals)
+    whole = int(seconds)
+    fraction = "." + f"{seconds:.{decimals}f}".split(".")[1] if decimals else ""
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}{fraction}"

@@ -713,7 +713,7 @@ class Trainer:
     def _train_loop(self) -> TrainResult:
         t = self.cfg.train
         self.model.train()
-        progress = Progress(t.max_steps, self.state.step, enabled=self.dist.is_main)
+        progress = Progress(t.max_steps, self.state.step, self.dist.is_main, t.log_every)
         stream = self._batch_stream()
         start, start_elapsed = time.monotonic(), self.state.elapsed_sec
         metrics: dict[str, float] = {}
@@ -726,6 +726,7 @@ class Trainer:
                 self.state.step += 1
                 self.state.losses.append(stats["loss"])
                 window_tokens += stats["tokens"]
+                progress.advance(self.state.step)
 
         reason = self._should_stop(start, start_elapsed)
         while reason is None:

@@ -433,6 +433,35 @@ def test_tensorboard_write_failures_cost_the_curves_not_the_run(toy_dir, tmp_pat
     assert len(warnings) == 1 and "can no longer be written" in warnings[0]
 
 
+def test_progress_reports_the_first_step_at_once_and_the_bar_moves_every_step(monkeypatch, caplog):
+    import io
+
+    from nmt.runtime import Progress
+
+    with caplog.at_level("INFO", logger="nmt.runtime"):  # a log file: lines at the log steps
+        progress = Progress(total=300, initial=100, enabled=True, log_every=50)
+        for step in range(101, 151):
+            progress.advance(step)
+        progress.update(150, {"loss": 2.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_sec": 10.0})
+        progress.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and lines[0].startswith("step 101 done in 0:00:0")
+    assert lines[0].endswith("a line every 50 steps (train.log_every)") and lines[1].startswith(
+        "step 150/300"
+    )
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr("sys.stdout", Terminal())
+    progress = Progress(total=300, initial=0, enabled=True, log_every=50)
+    for step in (1, 2, 3):
+        progress.advance(step)
+        assert progress.bar.n == step  # not only at the log steps
+    progress.close()
+
+
 @pytest.mark.parametrize("schedule", ["inverse_sqrt", "cosine"])
 def test_learning_rate_schedules(schedule, toy_dir, tmp_path):
     cfg = tiny_config(toy_dir, tmp_path, schedule=schedule, warmup_steps=10, max_steps=100, min_lr=1e-5).train
