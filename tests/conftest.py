@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -10,9 +9,10 @@ import pytest
 import torch
 
 from nmt.config import Config, DataConfig, DecodeConfig, ModelConfig, TrainConfig
+from tests.data_fixtures import multi30k_dir, multi30k_missing
 
 REPO = Path(__file__).resolve().parents[1]
-MULTI30K = Path(os.environ.get("NMT_MULTI30K", REPO.parent / "shared" / "data" / "multi30k"))
+MULTI30K = multi30k_dir()  # None when absent
 
 SRC_WORDS = "a the man woman dog cat red blue big small runs sits eats sees park street ball house".split()
 # A word-for-word "translation" keeps the toy task learnable by a tiny model in a few hundred steps.
@@ -103,10 +103,10 @@ def toy_dir(tmp_path: Path) -> Path:
     return write_toy_corpus(tmp_path / "toy")
 
 
-@pytest.fixture
-def multi30k_dir() -> Path:
-    if not (MULTI30K / "train.en.gz").exists() and not (MULTI30K / "train.en").exists():
-        pytest.skip(f"Multi30k not found at {MULTI30K}; set NMT_MULTI30K to its folder")
+@pytest.fixture(name="multi30k_dir")
+def multi30k_dir_fixture() -> Path:
+    if MULTI30K is None:
+        pytest.skip(multi30k_missing())
     return MULTI30K
 
 

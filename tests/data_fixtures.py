@@ -21,17 +21,29 @@ _WORDS = {
 LEXICON = {lang: words.split() for lang, words in _WORDS.items()}
 
 
-def multi30k_dir() -> Path | None:
-    """The Multi30k copy: ``$NMT_MULTI30K``, else the shared one next to the repository or inside it;
-    None when absent."""
-    root = Path(__file__).resolve().parents[1]
-    candidates = [root.parent / "shared" / "data" / "multi30k", root / "shared" / "data" / "multi30k"]
+def multi30k_candidates() -> list[Path]:
+    """Where the tests look for Multi30k (gzipped, as downloaded): ``$NMT_MULTI30K`` alone when set,
+    else a shared copy next to the repository or inside it, then ``data/multi30k``, where
+    ``python -m nmt.train`` downloads it."""
     if "NMT_MULTI30K" in os.environ:
-        candidates = [Path(os.environ["NMT_MULTI30K"])]
-    for folder in candidates:
-        if (folder / "train.en.gz").is_file():
-            return folder
-    return None
+        return [Path(os.environ["NMT_MULTI30K"])]
+    root = Path(__file__).resolve().parents[1]
+    return [
+        root.parent / "shared" / "data" / "multi30k",
+        root / "shared" / "data" / "multi30k",
+        root / "data" / "multi30k",
+    ]
+
+
+def multi30k_dir() -> Path | None:
+    """The first of :func:`multi30k_candidates` that holds Multi30k; None when none does."""
+    return next((folder for folder in multi30k_candidates() if (folder / "train.en.gz").is_file()), None)
+
+
+def multi30k_missing() -> str:
+    """The reason a test that needs Multi30k is skipped."""
+    looked = ", ".join(str(folder) for folder in multi30k_candidates())
+    return f"Multi30k (train.en.gz, ...) not found in {looked}; set NMT_MULTI30K to its folder"
 
 
 def toy_pairs(

@@ -10,7 +10,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from data_fixtures import data_cfg, multi30k_dir, toy_pairs, write_corpus, write_lines
+from data_fixtures import data_cfg, multi30k_dir, multi30k_missing, toy_pairs, write_corpus, write_lines
 
 from nmt.config import DataConfig
 from nmt.data import corpus
@@ -357,7 +357,7 @@ def test_bad_validation_file_fails_before_tokenizer_training(tmp_path, count_wor
 def test_multi30k_subset(tmp_path):
     folder = multi30k_dir()
     if folder is None:
-        pytest.skip("Multi30k (gzipped) not found in shared/data/multi30k; set NMT_MULTI30K to its folder")
+        pytest.skip(multi30k_missing())
     cfg = DataConfig(
         dir=str(folder), cache_dir=str(tmp_path), train_limit=2000, vocab_size=1000, download="", max_len=64
     )

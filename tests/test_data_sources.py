@@ -13,7 +13,7 @@ import urllib.request
 import datasets
 import numpy as np
 import pytest
-from data_fixtures import data_cfg, multi30k_dir, toy_pairs, write_corpus, write_lines
+from data_fixtures import data_cfg, multi30k_dir, multi30k_missing, toy_pairs, write_corpus, write_lines
 
 from nmt import files
 from nmt.data import download
@@ -478,7 +478,7 @@ def test_download_only_for_known_multi30k_files(tmp_path, monkeypatch):
 
 def test_expected_checksums_match_the_shared_copy():
     if MULTI30K is None:
-        pytest.skip("Multi30k (gzipped) not found in shared/data/multi30k; set NMT_MULTI30K to its folder")
+        pytest.skip(multi30k_missing())
     for name, expected in download.MULTI30K_SHA256.items():
         assert hashlib.sha256((MULTI30K / name).read_bytes()).hexdigest() == expected, name
     assert {f"{name}.gz" for name in download.MULTI30K_TEXT_SHA256} == set(download.MULTI30K_SHA256)

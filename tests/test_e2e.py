@@ -42,9 +42,10 @@ def smoke_run(tmp_path_factory, request):
 @pytest.fixture(scope="module")
 def multi30k_dir():  # module-scoped twin of the conftest fixture
     from tests.conftest import MULTI30K
+    from tests.data_fixtures import multi30k_missing
 
-    if not (MULTI30K / "train.en.gz").exists():
-        pytest.skip(f"Multi30k not found at {MULTI30K}; set NMT_MULTI30K to its folder")
+    if MULTI30K is None:
+        pytest.skip(multi30k_missing())
     return MULTI30K
 
 
