@@ -293,10 +293,23 @@ class RunDirCheck(Callback):
     cannot be created or written would end in Hydra's traceback. Configured in configs/config.yaml."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _check_run_dir(str(config.hydra.run.dir))
+        path = str(config.hydra.run.dir)
+        if (Path(path) / "multirun.yaml").exists():
+            _refuse(
+                f"run_dir={path} holds a sweep (multirun.yaml); train a single run into another run_dir=PATH."
+            )
+        _check_run_dir(path)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _check_run_dir(str(config.hydra.sweep.dir))
+        from nmt.checkpoint import run_checkpoint
+
+        path = str(config.hydra.sweep.dir)
+        if (held := run_checkpoint(Path(path) / "checkpoints")) is not None:
+            _refuse(
+                f"run_dir={path} holds a single run (checkpoints/{held.name}); a sweep would put its jobs "
+                "inside it. Give the sweep another run_dir=PATH (or name=NEW_NAME)."
+            )
+        _check_run_dir(path)
 
 
 def _check_run_dir(path: str) -> None:
@@ -304,11 +317,12 @@ def _check_run_dir(path: str) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
-        print(
-            f"error: run_dir={path} cannot be written ({e.strerror or e}); choose another with run_dir=PATH.",
-            file=sys.stderr,
-        )
-        sys.exit(2)
+        _refuse(f"run_dir={path} cannot be written ({e.strerror or e}); choose another with run_dir=PATH.")
+
+
+def _refuse(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def sweep_job(cfg: Config) -> Config:

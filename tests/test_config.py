@@ -231,6 +231,16 @@ def test_a_sweep_trains_each_job_in_its_own_run_directory_and_resumes_each(toy_d
         assert (resumed in (run_dir / "train.log").read_text()) == (start > 0)
     assert "job 2 of the sweep has no checkpoint yet: it starts now" in proc.stdout
 
+    # A single run into the sweep's folder, or a sweep into a single run's folder, would nest one in
+    # the other: refused before anything is written.
+    args = [a for a in cli_overrides(cfg) if not a.startswith("run_dir=")]
+    single = run_train(*args, f"run_dir={tmp_path / 'sweep'}")
+    assert single.returncode == 2 and f"run_dir={tmp_path / 'sweep'} holds a sweep" in single.stderr
+    args = [a for a in args if not a.startswith("train.max_steps=")]
+    nested = run_train("-m", *args, f"run_dir={tmp_path / 'sweep' / '0'}", "train.max_steps=7,8")
+    assert nested.returncode == 2 and "holds a single run (checkpoints/latest.pt)" in nested.stderr
+    assert not (tmp_path / "sweep" / "0" / "0").exists()
+
     # Under torchrun every job would set up the process group again in the same process: refused.
     env = {**child_env(), "WORLD_SIZE": "2", "RANK": "0"}
     args = [a for a in cli_overrides(cfg) if not a.startswith("train.max_steps=")]
