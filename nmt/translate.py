@@ -195,7 +195,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lowercase", action="store_true", help="with --ref: lowercased BLEU (chrF stays cased)")
     p.add_argument("--tokenize", help="with --ref: BLEU's sacreBLEU tokenizer; default as in validation")
     p.add_argument("--beam", type=int, help="beam size (1 = greedy); default from the checkpoint")
-    p.add_argument("--nbest", type=int, default=1, help="hypotheses per line (format above)")
+    p.add_argument("--nbest", type=int, default=1, help="hypotheses per line (format below)")
     p.add_argument("--len-penalty", type=float, help="GNMT length penalty alpha")
     p.add_argument("--max-len-a", type=float, help="outputs end at max_len_a * source length + max_len_b")
     p.add_argument("--max-len-b", type=int)

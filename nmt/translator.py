@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from nmt.checkpoint import CheckpointError, config_from_checkpoint, load_checkpoint
+from nmt.checkpoint import CheckpointError, checkpoint_file, config_from_checkpoint, load_checkpoint
 from nmt.config import Config, DecodeConfig
 from nmt.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
 from nmt.device import avoid_per_shape_attention_kernels, resolve_device, resolve_dtype
@@ -117,7 +117,7 @@ class Translator:
         model.to(device=device, dtype=torch_dtype).eval()
         log.info(
             "loaded %s: %s parameters, %s, on %s in %s",
-            path,
+            checkpoint_file(path),  # the file, where a run folder was named
             f"{model.num_parameters():,}",
             tokenizer.describe(),
             device,
