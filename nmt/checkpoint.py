@@ -315,7 +315,9 @@ def last_checkpoints(run_dir: str | os.PathLike, n: int) -> list[Path]:
     if n < 1:
         raise CheckpointError(f"asked for the last {n} checkpoints of {run_dir}; ask for at least 1.")
     ckpt_dir = Path(run_dir) / "checkpoints"
-    found = step_checkpoints(ckpt_dir)
+    if not Path(run_dir).is_dir():
+        raise CheckpointError(f"{run_dir} does not exist (give the run directory: run_dir of the training).")
+    found = step_checkpoints(ckpt_dir) if ckpt_dir.is_dir() else []
     if not found:
         raise CheckpointError(f"no step_*.pt checkpoints in {ckpt_dir} (train.keep_last must be > 0).")
     if len(found) < n:
@@ -453,7 +455,10 @@ def find_resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
         return None
     if cfg.train.resume_latest:
         if held is None:
-            raise CheckpointError(f"train.resume={cfg.train.resume.lower()} but {latest} does not exist.")
+            raise CheckpointError(
+                f"train.resume={cfg.train.resume.lower()} but {latest} does not exist: the run never saved a "
+                "checkpoint there. Start it without train.resume (or check run_dir/name)."
+            )
         if held != latest:
             log.warning(
                 "%s is missing (a save was cut short, or it was deleted); resuming from %s", latest, held
@@ -464,8 +469,14 @@ def find_resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
         raise CheckpointError(f"train.resume={cfg.train.resume}: no checkpoint at {path}.")
     # Step files are hard links of latest.pt, so the latest step's step_N.pt is the same file.
     if latest.exists() and not os.path.samefile(path, latest):
+        ours = path.resolve().parent == latest.resolve().parent
+        what = (
+            "not the latest checkpoint of the run in"
+            if ours
+            else "a checkpoint of another run than the one in"
+        )
         raise CheckpointError(
-            f"train.resume={cfg.train.resume} is not the latest checkpoint of the run in {run_dir}: resuming "
+            f"train.resume={cfg.train.resume} is {what} {run_dir}: resuming "
             "it there would overwrite that run's checkpoints or mix them with a new branch. Resume into a "
             f"new directory with run_dir=NEW train.resume={cfg.train.resume}, or continue the run in "
             f"{run_dir} with train.resume=true."

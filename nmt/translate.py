@@ -234,6 +234,9 @@ def check_args(args: argparse.Namespace) -> None:
     for path in (args.ckpt, args.input, args.ref):
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"{path} does not exist.")
+    for flag, path in (("--input", args.input), ("--ref", args.ref)):
+        if path is not None and Path(path).is_dir():
+            raise ConfigError(f"{flag} {path} is a folder; give the name of a text file in it.")
     if args.output is not None and Path(args.output).is_dir():
         raise ConfigError(f"--output {args.output} is a folder; give the name of a file in it.")
     if args.output is not None and not Path(args.output).parent.is_dir():

@@ -332,15 +332,16 @@ def make_run(run_dir: Path, steps: list[int]) -> Path:
 def test_resume_from_a_path_refuses_a_run_directory_holding_another_run(tmp_path):
     make_run(tmp_path / "mine", [10, 20])
     other = make_run(tmp_path / "other", [10])
-    with pytest.raises(CheckpointError, match="run_dir=NEW train.resume="):
+    with pytest.raises(CheckpointError, match="run_dir=NEW train.resume=") as refused:
         find_resume_checkpoint(resume_config(other / "latest.pt"), tmp_path / "mine")
+    assert "is a checkpoint of another run than the one in" in str(refused.value)
     # Into a new directory it is fine.
     assert find_resume_checkpoint(resume_config(other / "latest.pt"), tmp_path / "new") == other / "latest.pt"
 
 
 def test_resume_from_an_older_step_refuses_the_run_directory_it_came_from(tmp_path):
     ckpt_dir = make_run(tmp_path / "run", [10, 20])
-    with pytest.raises(CheckpointError, match="not the latest checkpoint") as refused:
+    with pytest.raises(CheckpointError, match="is not the latest checkpoint of the run in") as refused:
         find_resume_checkpoint(resume_config(ckpt_dir / "step_00000010.pt"), tmp_path / "run")
     assert f"run_dir=NEW train.resume={ckpt_dir / 'step_00000010.pt'}" in str(refused.value)
     new_dir = tmp_path / "branch"
@@ -409,6 +410,8 @@ def test_last_checkpoints_needs_at_least_one(tmp_path, n):
     with pytest.raises(CheckpointError, match="at least 1"):
         last_checkpoints(tmp_path / "run", n)
     assert [p.name for p in last_checkpoints(tmp_path / "run", 1)] == ["step_00000030.pt"]
+    with pytest.raises(CheckpointError, match=r"^\S*runn does not exist \(give the run directory"):
+        last_checkpoints(tmp_path / "runn", 1)  # a typo
 
 
 def test_average_script_reports_a_bad_request_in_one_line(tmp_path, capsys):
@@ -483,6 +486,7 @@ def test_an_average_beside_the_step_files_is_neither_averaged_again_nor_pruned(t
 @pytest.mark.parametrize("typed", ["true", "True", "latest"])  # Hydra turns train.resume=true into "True"
 def test_resuming_a_run_directory_without_a_checkpoint_says_so_as_typed(tmp_path, typed):
     with pytest.raises(
-        CheckpointError, match=rf"^train\.resume={typed.lower()} but .*latest\.pt does not exist\.$"
+        CheckpointError,
+        match=rf"^train\.resume={typed.lower()} but .*latest\.pt does not exist: .* Start it without train\.resume",
     ):
         find_resume_checkpoint(resume_config(typed), tmp_path / "run")

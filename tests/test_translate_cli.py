@@ -135,6 +135,12 @@ def test_missing_checkpoint_is_one_clear_line(tmp_path, capsys):
     assert main(["--ckpt", str(tmp_path / "nope.pt")]) == 1
     err = capsys.readouterr().err.strip()
     assert "nope.pt does not exist" in err and len(err.splitlines()) == 1
+    (tmp_path / "x.pt").write_bytes(b"")  # checked later than the flags' paths
+    for flag in ("--input", "--ref"):
+        assert main(["--ckpt", str(tmp_path / "x.pt"), flag, str(tmp_path)]) == 1
+        assert (
+            f"{flag} {tmp_path} is a folder; give the name of a text file in it." in capsys.readouterr().err
+        )
 
 
 @pytest.mark.parametrize("damage", ["missing-weight", "other-shape", "bad-tokenizer", "config-string"])
