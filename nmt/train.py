@@ -79,10 +79,7 @@ def run(cfg: Config) -> int:
                 {"step": trainer.state.step, "weights": f"{trainer.weight_checksum():.12g}"}, dist
             )
         # Only now: a resume that is refused leaves the run's config.yaml and TensorBoard log as they were.
-        # purge_step: points a killed run logged after its last checkpoint (all of them, for a run killed
-        # before its first checkpoint and started again) are dropped, not drawn twice.
-        purge = trainer.state.step + 1 if resume_from is not None else 0
-        writer = start_run_files(cfg, run_dir, purge) if dist.is_main else None
+        writer = start_run_files(cfg, run_dir, trainer.state.step) if dist.is_main else None
         trainer.log_to(writer)
         start_step = trainer.state.step
         result = trainer.train()
@@ -114,16 +111,19 @@ def run(cfg: Config) -> int:
     return 0 if result.signal is None else 128 + int(result.signal)
 
 
-def start_run_files(cfg: Config, run_dir: Path, purge_step: int) -> EventLog:
-    """Write the run's config.yaml and open its TensorBoard log; a run_dir that cannot take them (a full
-    disk) stops the run now, before it trains steps it could not save."""
+def start_run_files(cfg: Config, run_dir: Path, step: int) -> EventLog:
+    """Write the run's config.yaml and open its TensorBoard log, for a run that starts at ``step`` (0, or
+    where it resumes); a run_dir that cannot take them (a full disk) stops the run now, before it trains
+    steps it could not save."""
     from nmt.files import temp_file_beside
     from nmt.runtime import EventLog
     from nmt.trainer import TrainingError
 
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
     try:
-        writer = EventLog(run_dir / "tb", purge_step)
+        # purge_step: points a killed run logged after its last checkpoint (all of them, for a run killed
+        # before its first checkpoint and started again) are dropped, not drawn twice.
+        writer = EventLog(run_dir / "tb", purge_step=step + 1 if step else 0)
         fd, tmp = temp_file_beside(run_dir / "config.yaml")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(config_yaml)
@@ -133,7 +133,7 @@ def start_run_files(cfg: Config, run_dir: Path, purge_step: int) -> EventLog:
             f"cannot write the run's files in {run_dir} ({e.strerror or e}); nothing was trained: fix that and "
             "run the same command again."
         ) from None
-    writer.add_text("config", "```\n" + config_yaml + "\n```", 0)
+    writer.add_text("config", "```\n" + config_yaml + "\n```", step)  # a resumed run's at its step
     return writer
 
 

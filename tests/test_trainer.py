@@ -778,6 +778,7 @@ def test_tensorboard_shows_only_the_steps_of_the_run_that_goes_on(toy_dir, tmp_p
     events.Reload()
     losses = {e.step: e.value for e in events.Scalars("train/loss")}
     assert sorted(losses) == [1, 2, 3, 4, 5, 6] and 99.0 not in losses.values()
+    assert [e.step for e in events.Tensors("config/text_summary")] == [0, 4]  # each start's, at its step
 
 
 def test_a_read_only_checkpoints_folder_stops_a_resume_before_training(toy_dir, tmp_path, monkeypatch):
