@@ -312,11 +312,53 @@ def to_config(cfg: Any) -> Config:
     # A key added with Hydra's "+key=value" is kept by the composed config but dropped by to_object.
     unknown = _unknown_keys(cfg, obj, "")
     if unknown:
-        raise ConfigError(
-            f"unknown config key(s): {', '.join(unknown)}. Check the spelling against configs/ "
-            "(python -m nmt.train --cfg job prints every key)."
-        )
+        raise unknown_keys_error(unknown)
     return obj
+
+
+def unknown_keys_error(keys: list[str]) -> ConfigError:
+    """One sentence naming ``keys`` (dotted, e.g. ``train.max_step``) with the closest known ones."""
+    import difflib
+
+    known = [*_known_keys(Config, ""), *CONFIG_GROUPS]
+    named = []
+    for key in keys:
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+        named.append(f"{key} (did you mean {close[0]}?)" if close else key)
+    return ConfigError(
+        f"unknown config key(s): {', '.join(named)}. Check the spelling against configs/ "
+        "(python -m nmt.train --cfg job prints every key)."
+    )
+
+
+CONFIG_GROUPS = ("data", "model", "train", "decode", "experiment")  # the folders of configs/
+
+
+def check_override_keys(args: list[str]) -> None:
+    """Refuse, in our words, ``key=value`` command-line overrides whose key the schema does not have.
+
+    Hydra refuses them too, but with advice to add the key (``+key=value``) that only leads to the
+    same refusal from :func:`to_config`. Config groups (``model=small``, ``+experiment=base``), Hydra's
+    own keys and flags are left to Hydra.
+    """
+    known = {*_known_keys(Config, ""), *CONFIG_GROUPS}
+    unknown = []
+    for arg in args:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if arg.startswith("-") or "=" not in arg or "@" in key or key.startswith("hydra"):
+            continue
+        if key not in known:
+            unknown.append(key)
+    if unknown:
+        raise unknown_keys_error(unknown)
+
+
+def _known_keys(klass: type, prefix: str) -> list[str]:
+    keys = []
+    for f in dataclasses.fields(klass):
+        sub = f.default_factory if dataclasses.is_dataclass(f.default_factory) else None  # type: ignore[arg-type]
+        keys += _known_keys(sub, f"{prefix}{f.name}.") if sub else [f"{prefix}{f.name}"]
+    return keys
 
 
 def _unknown_keys(node: Any, obj: Any, prefix: str) -> list[str]:

@@ -23,7 +23,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from nmt.config import Config, ConfigError, register_schema, to_config
+from nmt.config import Config, ConfigError, check_override_keys, register_schema, to_config
 
 if TYPE_CHECKING:
     from nmt.data import PreparedData
@@ -359,4 +359,9 @@ def exit_finished_worker() -> None:
 
 
 if __name__ == "__main__":
+    try:  # before Hydra, whose own refusal advises adding the key with +key=value
+        check_override_keys(sys.argv[1:])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     main()
