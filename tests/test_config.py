@@ -53,6 +53,15 @@ def test_a_key_forced_in_with_plus_is_still_checked(override, key):
         composed("+experiment=smoke", override)
 
 
+def test_a_failing_sweep_job_is_named(tmp_path):
+    proc = run_train("-m", "+experiment=smoke", f"run_dir={tmp_path / 'sweep'}", "train.lr=-1,1e-3")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith(
+        "error: job 0 of the sweep: train.lr=-1.0 must be in (0, 1). (the sweep stops"
+    )
+    assert not (tmp_path / "sweep" / "1").exists()
+
+
 def test_a_misspelled_key_on_the_command_line_is_refused_in_our_words_with_a_suggestion(tmp_path):
     """Not Hydra's refusal, whose advice (+key=value) only leads to the same refusal; nothing is written."""
     proc = run_train("+experiment=smoke", f"run_dir={tmp_path / 'run'}", "train.max_stepz=3", "modle=small")
