@@ -233,7 +233,9 @@ def check_args(args: argparse.Namespace) -> None:
         args.output = None  # standard output
     for path in (args.ckpt, args.input, args.ref):
         if path is not None and not Path(path).exists():
-            raise FileNotFoundError(f"{path} does not exist.")
+            raise FileNotFoundError(
+                f"{path} does not exist{_checkpoints_beside(path) if path == args.ckpt else ''}."
+            )
     for flag, path in (("--input", args.input), ("--ref", args.ref)):
         if path is not None and Path(path).is_dir():
             raise ConfigError(f"{flag} {path} is a folder; give the name of a text file in it.")
@@ -268,6 +270,15 @@ def check_args(args: argparse.Namespace) -> None:
                     f"--output {args.output} is the {flag} file; writing the translations there would "
                     "destroy it. Choose another output file."
                 )
+
+
+def _checkpoints_beside(path: str) -> str:
+    """For a mistyped checkpoint name: the ones its folder does hold."""
+    folder = Path(path).parent
+    names = sorted(p.name for p in folder.glob("*.pt")) if folder.is_dir() else []
+    if not names:
+        return ""
+    return f" ({folder} holds {', '.join(names[:6])}{', ...' if len(names) > 6 else ''})"
 
 
 def decode_overrides(args: argparse.Namespace) -> dict[str, int | float]:

@@ -134,8 +134,10 @@ def test_ref_tokenizes_bleu_as_the_checkpoints_validation_did(checkpoint):
 def test_missing_checkpoint_is_one_clear_line(tmp_path, capsys):
     assert main(["--ckpt", str(tmp_path / "nope.pt")]) == 1
     err = capsys.readouterr().err.strip()
-    assert "nope.pt does not exist" in err and len(err.splitlines()) == 1
+    assert "nope.pt does not exist.\n" in err + "\n" and len(err.splitlines()) == 1
     (tmp_path / "x.pt").write_bytes(b"")  # checked later than the flags' paths
+    assert main(["--ckpt", str(tmp_path / "nope.pt")]) == 1
+    assert f"nope.pt does not exist ({tmp_path} holds x.pt)." in capsys.readouterr().err  # a typo?
     for flag in ("--input", "--ref"):
         assert main(["--ckpt", str(tmp_path / "x.pt"), flag, str(tmp_path)]) == 1
         assert (
@@ -385,8 +387,9 @@ def test_a_byte_order_mark_is_not_translated(checkpoint, tmp_path):
         # the byte order, but its NULs are never said to be stray ones to delete.
         (
             "สวัสดี ช้าง ชม\nช่วย ด้วย\n".encode("utf-16-le"),
-            r"line 1 holds a NUL byte, which text does not; convert it with iconv -f ENCODING -t UTF-8 \(for "
-            r"UTF-16 without a byte-order mark, ENCODING is UTF-16LE or UTF-16BE\)",
+            r"line 1 holds a NUL byte, which text does not; convert it with iconv -f ENCODING -t UTF-8 "
+            r"\(ENCODING is the file's own: e\.g\. LATIN1 or CP1252 for Western European text; for UTF-16 "
+            r"without a byte-order mark, UTF-16LE or UTF-16BE\)",
         ),
     ],
     ids=["latin-1", "utf-16", "utf-16-without-mark", "stray-nul", "cr-line-ends", "cr-and-lf", "thai-utf-16"],
@@ -417,8 +420,8 @@ def test_standard_input_that_is_not_utf8_stops_at_the_line(checkpoint):
     assert out.decode().split("\n") == [*expected, ""]
     assert err.decode().endswith(
         "nmt.translate: error: standard input line 3 is not valid UTF-8 (unexpected end of data at byte 6); "
-        "convert it with iconv -f ENCODING -t UTF-8 (for UTF-16 without a byte-order mark, ENCODING is UTF-16LE or "
-        "UTF-16BE).\n"
+        "convert it with iconv -f ENCODING -t UTF-8 (ENCODING is the file's own: e.g. LATIN1 or CP1252 for Western "
+        "European text; for UTF-16 without a byte-order mark, UTF-16LE or UTF-16BE).\n"
     ), err
 
 

@@ -157,8 +157,8 @@ def encoding_advice(raw: bytes) -> str:
     if b"\x00" in raw and raw.strip(b"\x00") and _is_text(raw.replace(b"\x00", b"")):
         return "it is UTF-8 text with stray NUL bytes: delete them (tr -d '\\000')"
     return (
-        "convert it with iconv -f ENCODING -t UTF-8 (for UTF-16 without a byte-order mark, ENCODING is "
-        "UTF-16LE or UTF-16BE)"
+        "convert it with iconv -f ENCODING -t UTF-8 (ENCODING is the file's own: e.g. LATIN1 or CP1252 for "
+        "Western European text; for UTF-16 without a byte-order mark, UTF-16LE or UTF-16BE)"
     )
 
 
