@@ -206,6 +206,12 @@ class Trainer:
                 f"decode.beam={cfg.decode.beam} needs more than {cfg.decode.beam} target tokens and the "
                 f"tokenizer has {tgt_vocab}; lower decode.beam."
             )
+        if cfg.train.lr > 0.01 and self.dist.is_main:  # allowed, (0, 1), but a likely slip of a digit
+            log.warning(
+                "train.lr=%g is far above the 1e-4 to 2e-3 that AdamW trains Transformers with; the loss may "
+                "not go down",
+                cfg.train.lr,
+            )
         if cfg.train.warmup_steps > cfg.train.max_steps and self.dist.is_main:
             log.warning(
                 "train.warmup_steps=%d > train.max_steps=%d: the learning rate never reaches train.lr=%g",

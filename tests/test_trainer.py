@@ -901,6 +901,13 @@ def test_warmup_longer_than_the_run_is_warned_about(toy_dir, tmp_path, caplog):
         "train.warmup_steps=100 > train.max_steps=50: the learning rate never reaches train.lr=0.003"
         in caplog.text
     )
+    assert "far above" not in caplog.text
+
+
+def test_a_learning_rate_far_above_adams_range_is_warned_about(toy_dir, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="nmt.trainer"):
+        make_trainer(tiny_config(toy_dir, tmp_path / "run", lr=0.9))
+    assert "train.lr=0.9 is far above the 1e-4 to 2e-3 that AdamW trains Transformers with" in caplog.text
 
 
 @pytest.fixture
