@@ -143,10 +143,12 @@ def _tensor_bytes(value: Any) -> int:
 
 
 def checkpoint_file(path: str | os.PathLike) -> Path:
-    """The file a checkpoint argument names: itself, or a run folder's ``checkpoints/latest.pt``."""
+    """The file a checkpoint argument names: itself, or a run folder's ``checkpoints/latest.pt`` (its
+    newest step_N.pt where a save was cut short before latest.pt: :func:`run_checkpoint`)."""
     path = Path(path)
     if path.is_dir():
-        return path / "checkpoints" / "latest.pt" if (path / "checkpoints").is_dir() else path / "latest.pt"
+        folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        return run_checkpoint(folder) or folder / "latest.pt"
     return path
 
 
@@ -467,9 +469,10 @@ def find_resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
     path = checkpoint_file(cfg.train.resume)
     if not path.is_file():
         raise CheckpointError(f"train.resume={cfg.train.resume}: no checkpoint at {path}.")
-    # Step files are hard links of latest.pt, so the latest step's step_N.pt is the same file.
-    if latest.exists() and not os.path.samefile(path, latest):
-        ours = path.resolve().parent == latest.resolve().parent
+    # Step files are hard links of latest.pt, so the latest step's step_N.pt is the same file. (Where a
+    # first save was cut short before latest.pt, the run's newest step_N.pt stands in for it.)
+    if held is not None and not os.path.samefile(path, held):
+        ours = path.resolve().parent == held.resolve().parent
         what = (
             "not the latest checkpoint of the run in"
             if ours

@@ -19,6 +19,7 @@ from nmt.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
     average_checkpoints,
+    checkpoint_file,
     find_resume_checkpoint,
     last_checkpoints,
     load_checkpoint,
@@ -272,6 +273,12 @@ def test_a_first_save_killed_before_latest_is_resumed_from_its_step_file_and_nev
         found = find_resume_checkpoint(resume_config("true"), tmp_path / "run")
     assert found == ckpt_dir / "step_00000010.pt" and saved_step(found) == 10
     assert "latest.pt is missing" in caplog.text
+    assert checkpoint_file(tmp_path / "run") == found  # what nmt.translate --ckpt RUN_DIR loads
+    # Nor may another run's checkpoint be resumed into it (its saves would prune step_00000010.pt).
+    other = make_run(tmp_path / "other", [50])
+    with pytest.raises(CheckpointError, match="a checkpoint of another run than the one in"):
+        find_resume_checkpoint(resume_config(other / "latest.pt"), tmp_path / "run")
+    assert find_resume_checkpoint(resume_config(found), tmp_path / "run") == found  # its own: fine
 
 
 def test_a_saved_run_checkpoint_is_linked_under_all_its_names(tmp_path):
