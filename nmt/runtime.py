@@ -232,9 +232,11 @@ class Progress:
             )
 
     def close(self) -> None:
+        """End the bar and give log lines back their handlers; again, nothing."""
         if self.bar is not None:
             self.bar.close()
             self._redirect.__exit__(None, None, None)
+            self.bar = None
 
 
 class EventLog:

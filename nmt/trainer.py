@@ -24,7 +24,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from nmt.checkpoint import CheckpointError, load_checkpoint, model_differences, save_run_checkpoint
+from nmt.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    model_differences,
+    run_checkpoint,
+    save_run_checkpoint,
+)
 from nmt.config import Config
 from nmt.data.batching import Batch, make_loader
 from nmt.data.tokenizer import PAD_ID
@@ -268,7 +274,8 @@ class Trainer:
         self._stop_signal: int | None = None
         self._bad_steps = 0
         self._agreed_stop: tuple[bool, bool] | None = None  # DDP: stop flags, as of the last step read
-        self._saved_step: int | None = None  # the step latest.pt holds, once this run wrote or resumed it
+        # The step the run's checkpoint (latest.pt, see run_checkpoint) holds, once this run wrote or resumed it.
+        self._saved_step: int | None = None
 
     def log_to(self, writer: EventLog | None) -> None:
         """Send TensorBoard scalars and validation reports to ``writer`` (rank 0 only) from now on."""
@@ -427,7 +434,7 @@ class Trainer:
             self._bad_steps,
         )
         if self._bad_steps >= self.cfg.train.max_bad_steps:
-            latest = self.ckpt_dir / "latest.pt"
+            latest = run_checkpoint(self.ckpt_dir) or self.ckpt_dir / "latest.pt"
             if self._saved_step is not None:
                 kept = f"{latest} holds step {self._saved_step}: continue from there with train.resume=true"
             else:
@@ -489,7 +496,7 @@ class Trainer:
                 kept = f"No checkpoint of this run was written; {remedy} and start it again"
             else:
                 kept = (
-                    f"{self.ckpt_dir / 'latest.pt'} still holds step {self._saved_step}; {remedy} and "
+                    f"{run_checkpoint(self.ckpt_dir)} still holds step {self._saved_step}; {remedy} and "
                     "continue from there with train.resume=true"
                 )
             raise TrainingError(f"step {self.state.step} was not saved: {e}. {kept}.") from e
@@ -522,7 +529,10 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self._apply_optimizer_settings(state["config"].get("train", {}))
-        self.scaler.load_state_dict(state["scaler"])
+        if state[
+            "scaler"
+        ]:  # empty when saved without fp16: a run that switches to fp16 starts its scale anew
+            self.scaler.load_state_dict(state["scaler"])
         self.state = TrainState(**state["train_state"])
         if "schedule_best" not in state["train_state"]:  # a checkpoint from before the field existed
             self.state.schedule_best = self.state.best_score
@@ -530,8 +540,11 @@ class Trainer:
         self._warn_if_data_changed(state.get("encoded_data"), path)
         per_rank = state.get("rng_per_rank")
         set_rng_state(per_rank[self.dist.rank] if per_rank else state["rng"])
-        if Path(path).resolve() == (self.ckpt_dir / "latest.pt").resolve():
-            self._saved_step = self.state.step
+        if (
+            Path(path).resolve()
+            == Path(run_checkpoint(self.ckpt_dir) or self.ckpt_dir / "latest.pt").resolve()
+        ):
+            self._saved_step = self.state.step  # what this run's checkpoint holds
         log.info("resumed from %s at step %d (epoch %d)", path, self.state.step, self.state.epoch)
 
     def weight_checksum(self) -> float:
@@ -711,15 +724,18 @@ class Trainer:
 
     def train(self) -> TrainResult:
         handlers = install_signal_handlers(self._handle_signal)
+        self._progress: Progress | None = None
         try:
             return self._train_loop()
         finally:
             restore_signal_handlers(handlers)
+            if self._progress is not None:  # after an error: the bar ends and log lines go back
+                self._progress.close()
 
     def _train_loop(self) -> TrainResult:
         t = self.cfg.train
         self.model.train()
-        progress = Progress(t.max_steps, self.state.step, self.dist.is_main, t.log_every)
+        progress = self._progress = Progress(t.max_steps, self.state.step, self.dist.is_main, t.log_every)
         stream = self._batch_stream()
         start, start_elapsed = time.monotonic(), self.state.elapsed_sec
         metrics: dict[str, float] = {}

@@ -454,12 +454,17 @@ def test_progress_reports_the_first_step_at_once_and_the_bar_moves_every_step(mo
         def isatty(self) -> bool:
             return True
 
+    import logging
+
     monkeypatch.setattr("sys.stdout", Terminal())
+    handlers = list(logging.getLogger().handlers)
     progress = Progress(total=300, initial=0, enabled=True, log_every=50)
     for step in (1, 2, 3):
         progress.advance(step)
         assert progress.bar.n == step  # not only at the log steps
     progress.close()
+    progress.close()  # again (the trainer closes it once more on its way out): nothing
+    assert logging.getLogger().handlers == handlers  # log lines no longer go through the bar
 
 
 @pytest.mark.parametrize("schedule", ["inverse_sqrt", "cosine"])
@@ -562,6 +567,18 @@ def test_a_changed_optimizer_setting_applies_after_resume(toy_dir, tmp_path, cap
     trainer.train()
     # The schedule goes on from the new base rate: step 5's update used 1e-4 * multiplier(5).
     assert trainer.optimizer.param_groups[0]["lr"] == 1e-4 * lr_multiplier(6, changed.train)
+
+
+def test_a_run_resumed_in_fp16_starts_its_loss_scale_anew(toy_dir, tmp_path):
+    """A bf16 or fp32 checkpoint holds an empty GradScaler state, which an enabled scaler refuses to
+    load. (fp16 needs a GPU; here the trainer's scaler is switched on by hand.)"""
+    cfg = tiny_config(toy_dir, tmp_path / "run", max_steps=2)
+    make_trainer(cfg).train()
+    resumed_cfg = with_train(cfg, max_steps=4, resume="true")
+    trainer = make_trainer(resumed_cfg)
+    trainer.scaler = torch.amp.GradScaler("cpu", enabled=True)
+    trainer.resume(find_resume_checkpoint(resumed_cfg, Path(cfg.run_dir)))
+    assert trainer.state.step == 2 and trainer.scaler.get_scale() == 2.0**16
 
 
 def test_resuming_into_another_model_is_one_sentence_naming_the_settings(toy_dir, tmp_path):
