@@ -332,6 +332,11 @@ def unknown_keys_error(keys: list[str]) -> ConfigError:
 
 
 CONFIG_GROUPS = ("data", "model", "train", "decode", "experiment")  # the folders of configs/
+# Hydra's command-line flags that take a value (the next argument).
+HYDRA_FLAGS_WITH_VALUE = {
+    "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "-c", "--cfg", "-p", "--package",
+    "--experimental-rerun",
+}  # fmt: skip
 
 
 def check_override_keys(args: list[str]) -> None:
@@ -341,16 +346,39 @@ def check_override_keys(args: list[str]) -> None:
     same refusal from :func:`to_config`. Config groups (``model=small``, ``+experiment=base``), Hydra's
     own keys and flags are left to Hydra.
     """
-    known = {*_known_keys(Config, ""), *CONFIG_GROUPS}
+    if any(arg in ("-sc", "--shell-completion") or arg.startswith("--shell-completion=") for arg in args):
+        return  # shell completion: its arguments are queries, not overrides
     unknown = []
+    flag_value = False
     for arg in args:
+        if flag_value or arg in HYDRA_FLAGS_WITH_VALUE:  # a flag's value may hold "=": a folder, a file
+            flag_value = not flag_value
+            continue
         key = arg.split("=", 1)[0].lstrip("+~")
         if arg.startswith("-") or "=" not in arg or "@" in key or key.startswith("hydra"):
             continue
-        if key not in known:
+        if not key:
+            raise ConfigError(f"{arg!r} has no key before '='; write overrides as key=value, without spaces.")
+        if not _is_known_key(key):
             unknown.append(key)
     if unknown:
         raise unknown_keys_error(unknown)
+
+
+def _is_known_key(key: str) -> bool:
+    """A field of the schema (``train.lr``), an index into one (``train.betas.0``), or a config group."""
+    parts = key.split(".")
+    if parts[0] == "experiment":
+        return len(parts) == 1
+    klass: Any = Config
+    for part in parts:
+        fields = {f.name: f for f in dataclasses.fields(klass)}
+        if part not in fields:
+            return False
+        klass = fields[part].default_factory
+        if not dataclasses.is_dataclass(klass):
+            return True  # a value: what follows indexes into it
+    return True  # a section, which is also a config group (train=default)
 
 
 def _known_keys(klass: type, prefix: str) -> list[str]:

@@ -270,10 +270,10 @@ def main(dcfg: DictConfig) -> None:
         message = str(e)
         if under_torchrun():  # which process, on which machine
             message = f"rank {os.environ.get('RANK', '?')} on {socket.gethostname()}: {message}"
-        if sweep:  # which job; the later ones never ran
+        if sweep and not under_torchrun():  # which job; the later ones never ran (torchrun refuses sweeps)
             message = (
-                f"job {HydraConfig.get().job.num} of the sweep: {message} (the sweep stops here; once this is "
-                "fixed, the same command with train.resume=true continues it)"
+                f"job {HydraConfig.get().job.num} of the sweep: {message} (the sweep stops here; once the "
+                "command is fixed, adding train.resume=true continues it)"
             )
         log.error("%s", message)
         print(f"error: {message}", file=sys.stderr)

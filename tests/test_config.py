@@ -11,7 +11,15 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from nmt.config import Config, ConfigError, DataConfig, ModelConfig, register_schema, to_config
+from nmt.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    check_override_keys,
+    register_schema,
+    to_config,
+)
 from tests.conftest import REPO, tiny_config
 
 register_schema()
@@ -51,6 +59,46 @@ def test_a_key_forced_in_with_plus_is_still_checked(override, key):
         ConfigError, match=rf"unknown config key\(s\): {re.escape(key)}( \(did you mean .*\?\))?\."
     ):
         composed("+experiment=smoke", override)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train.betas.0=0.8", "--cfg", "job"],  # an index into a list value
+        ["model=small", "train=default", "+experiment=base", "name=x", "run_dir=y"],  # groups, top-level keys
+        [
+            "~train.lr",
+            "++train.lr=1",
+            "train.lr=a=b",
+            "hydra.run.dir=x",
+            "hydra/launcher=basic",
+            "data@foo=x",
+        ],
+        ["-sc", "install=bash"],  # shell completion
+        ["--shell-completion", "query=train.max"],
+        ["-cd", "/tmp/a=b", "train.lr=1e-3"],  # a flag's value with "="
+    ],
+)
+def test_override_keys_hydra_accepts_pass_the_early_check(args):
+    check_override_keys(args)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train.max_step=3"], "unknown config key(s): train.max_step (did you mean train.max_steps?)."),
+        (["max_steps=3"], "unknown config key(s): max_steps (did you mean train.max_steps?)."),
+        (
+            ["experiment.x=1", "data.dirr=x"],
+            "experiment.x (did you mean experiment?), data.dirr (did you mean",
+        ),
+        (["train.lr", "=1"], "'=1' has no key before '='; write overrides as key=value, without spaces."),
+    ],
+)
+def test_override_keys_the_schema_lacks_are_refused_early(args, message):
+    with pytest.raises(ConfigError) as refused:
+        check_override_keys(args)
+    assert message in str(refused.value)
 
 
 def test_a_failing_sweep_job_is_named(tmp_path):
