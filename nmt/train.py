@@ -275,7 +275,7 @@ def main(dcfg: DictConfig) -> None:
                 f"job {HydraConfig.get().job.num} of the sweep: {message} (the sweep stops here; once the "
                 "command is fixed, adding train.resume=true continues it)"
             )
-        log.error("%s", message)
+        log_to_files(logging.ERROR, message)  # the terminal gets it once, below
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # a second Ctrl-C (the trainer logged where the last checkpoint is)
@@ -286,6 +286,15 @@ def main(dcfg: DictConfig) -> None:
     if code == 0 and under_torchrun():
         exit_finished_worker()
     sys.exit(code)
+
+
+def log_to_files(level: int, message: str) -> None:
+    """Log ``message`` into the run's log file (Hydra's file handler) and not onto the console, which
+    gets its own line on stderr."""
+    record = log.makeRecord(log.name, level, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def under_torchrun() -> bool:

@@ -344,3 +344,5 @@ def test_cli_bad_input_exits_2_with_one_sentence_and_no_traceback(tmp_path, over
     assert sentence.endswith(".") and sentence.count(". ") == 0, f"not one sentence: {sentence!r}"
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (run_dir / "checkpoints").exists(), "nothing is trained or saved"
+    assert sentence not in proc.stdout  # once on the terminal, not also as a log line
+    assert f"[ERROR] - {sentence}" in (run_dir / "train.log").read_text()  # but in the run's log
