@@ -194,15 +194,18 @@ def _read_failure(error: Exception) -> str:
 
 
 def _earlier(path: Path) -> str:
-    """For a run's unreadable latest.pt: the newest step_N.pt beside it that is another file, if any."""
-    if path.name != "latest.pt":
+    """For a run's unreadable latest.pt or step_N.pt: the newest step_N.pt beside it that is another
+    file, if any, and the names of the damaged file (latest.pt and its step_N.pt are one file)."""
+    if path.name == "best.pt" or not RUN_FILE.fullmatch(path.name):
         return ""
-    others = [p for p in step_checkpoints(path.parent) if not os.path.samefile(p, path)]
+    names = [path.parent / "latest.pt", *step_checkpoints(path.parent)]
+    damaged = [p.name for p in names if p.exists() and os.path.samefile(p, path)]
+    others = [p for p in step_checkpoints(path.parent) if p.name not in damaged]
     if not others:
         return ""
     return (
         f" {others[-1].name} beside it is the newest earlier checkpoint (to go on training from it, move "
-        f"latest.pt away and set train.resume={others[-1]})."
+        f"{' and '.join(damaged)} away and set train.resume={others[-1]})."
     )
 
 
@@ -473,6 +476,8 @@ def find_resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
     # first save was cut short before latest.pt, the run's newest step_N.pt stands in for it.)
     if held is not None and not os.path.samefile(path, held):
         ours = path.resolve().parent == held.resolve().parent
+        if ours and not latest.exists():  # latest.pt moved away (damaged): the run's own step file is chosen
+            return path
         what = (
             "not the latest checkpoint of the run in"
             if ours

@@ -12,13 +12,20 @@ import logging
 import sys
 from pathlib import Path
 
-from nmt.checkpoint import RUN_FILE, CheckpointError, average_checkpoints, last_checkpoints, save_checkpoint
+from nmt.checkpoint import (
+    RUN_FILE,
+    CheckpointError,
+    average_checkpoints,
+    last_checkpoints,
+    run_checkpoint,
+    save_checkpoint,
+)
 
 
 def check_output(output: Path, inputs: list[Path]) -> None:
     """Refuse to write the average over one of its inputs or over a file a training run owns: an
     averaged checkpoint holds weights only, so a run whose latest.pt it replaced could not resume."""
-    if RUN_FILE.fullmatch(output.name) and (output.parent / "latest.pt").exists():
+    if RUN_FILE.fullmatch(output.name) and run_checkpoint(output.parent) is not None:
         raise CheckpointError(
             f"--output {output} is a name the training run in {output.parent} writes (latest.pt, best.pt, "
             "step_N.pt): the average would replace or mix with its checkpoints. Choose another name, e.g. avg.pt."

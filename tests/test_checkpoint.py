@@ -147,7 +147,7 @@ def test_a_damaged_latest_checkpoint_names_the_newest_earlier_one(tmp_path):
     with pytest.raises(CheckpointError, match="damaged or incomplete") as error:
         load_checkpoint(latest)
     step = ckpt_dir / "step_00000020.pt"
-    assert f"move latest.pt away and set train.resume={step})." in str(error.value)
+    assert f"move latest.pt away and set train.resume={step})." in str(error.value)  # a file of its own
     for size in (0, 1000, len(data) - 100):  # empty, and cut at other places
         latest.write_bytes(data[:size])
         with pytest.raises(CheckpointError, match="damaged or incomplete"):
@@ -155,6 +155,30 @@ def test_a_damaged_latest_checkpoint_names_the_newest_earlier_one(tmp_path):
     latest.unlink()  # the advice works: the run continues from its newest step file in place
     assert find_resume_checkpoint(resume_config(step), tmp_path / "run") == step
     assert saved_step(step) == 20
+
+
+def test_a_damaged_latest_checkpoint_and_its_step_file_name_the_checkpoint_before_them(tmp_path):
+    """latest.pt is a hard link of the newest step_N.pt: cut short in place, both are damaged."""
+    ckpt_dir = make_run(tmp_path / "run", [10, 20, 30])
+    latest = ckpt_dir / "latest.pt"
+    os.truncate(latest, latest.stat().st_size // 2)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(latest)
+    earlier = ckpt_dir / "step_00000020.pt"
+    advice = f"move latest.pt and step_00000030.pt away and set train.resume={earlier})."
+    assert advice in str(error.value)
+    with pytest.raises(CheckpointError) as error:  # the step file names the same remedy
+        load_checkpoint(ckpt_dir / "step_00000030.pt")
+    assert advice in str(error.value)
+    moved = tmp_path / "damaged"
+    moved.mkdir()
+    for name in ("latest.pt", "step_00000030.pt"):
+        (ckpt_dir / name).rename(moved / name)
+    assert find_resume_checkpoint(resume_config(earlier), tmp_path / "run") == earlier
+    assert saved_step(earlier) == 20
+    # Only latest.pt moved away will do too: the run's own step file is chosen, whatever is newer.
+    (moved / "step_00000030.pt").rename(ckpt_dir / "step_00000030.pt")
+    assert find_resume_checkpoint(resume_config(earlier), tmp_path / "run") == earlier
 
 
 def test_average_of_checkpoints(tmp_path):
@@ -456,9 +480,13 @@ def test_average_script_bad_outputs_and_repeated_inputs_are_one_line(tmp_path, c
 
 
 @pytest.mark.parametrize("name", ["latest.pt", "best.pt", "step_00000020.pt", "step_00000099.pt"])
-def test_average_script_will_not_write_over_the_runs_own_checkpoints(tmp_path, capsys, name):
-    """A weights-only average over latest.pt would leave a run that cannot be resumed."""
+@pytest.mark.parametrize("latest", [True, False], ids=["latest", "step-files-only"])
+def test_average_script_will_not_write_over_the_runs_own_checkpoints(tmp_path, capsys, name, latest):
+    """A weights-only average over latest.pt would leave a run that cannot be resumed; so would one
+    over latest.pt's name, or a newer step_N.pt, where a cut-short save left only step files."""
     ckpt_dir = make_run(tmp_path / "run", [10, 20])
+    if not latest:
+        (ckpt_dir / "latest.pt").unlink()
     before = {p.name: p.read_bytes() for p in ckpt_dir.iterdir()}
     out = ckpt_dir / name
     assert average_script.main(["--run-dir", str(tmp_path / "run"), "--last", "2", "--output", str(out)]) == 2
@@ -468,7 +496,10 @@ def test_average_script_will_not_write_over_the_runs_own_checkpoints(tmp_path, c
     copy = tmp_path / "copy.pt"
     copy.write_bytes(before["step_00000010.pt"])
     assert (
-        average_script.main(["--inputs", str(copy), str(ckpt_dir / "latest.pt"), "--output", str(copy)]) == 2
+        average_script.main(
+            ["--inputs", str(copy), str(ckpt_dir / "step_00000020.pt"), "--output", str(copy)]
+        )
+        == 2
     )
     assert "is one of the checkpoints being averaged" in capsys.readouterr().err
     assert copy.read_bytes() == before["step_00000010.pt"]
