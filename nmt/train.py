@@ -273,7 +273,7 @@ def main(dcfg: DictConfig) -> None:
         if sweep and not under_torchrun():  # which job; the later ones never ran (torchrun refuses sweeps)
             message = (
                 f"job {HydraConfig.get().job.num} of the sweep: {message} (the sweep stops here; once the "
-                "command is fixed, adding train.resume=true continues it)"
+                "command is fixed, it continues the sweep with train.resume=true)"
             )
         log_to_files(logging.ERROR, message)  # the terminal gets it once, below
         print(f"error: {message}", file=sys.stderr)

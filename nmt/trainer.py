@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from nmt.checkpoint import (
+    RUN_FILE,
     CheckpointError,
     load_checkpoint,
     model_differences,
@@ -434,11 +435,10 @@ class Trainer:
             self._bad_steps,
         )
         if self._bad_steps >= self.cfg.train.max_bad_steps:
-            latest = run_checkpoint(self.ckpt_dir) or self.ckpt_dir / "latest.pt"
-            if self._saved_step is not None:
-                kept = f"{latest} holds step {self._saved_step}: continue from there with train.resume=true"
-            else:
-                kept = f"no checkpoint of this run was written (the first is saved at step {self.cfg.train.valid_every})"
+            kept = self._kept_checkpoint(
+                "continue from there with train.resume=true",
+                f"no checkpoint of this run was written (the first is saved at step {self.cfg.train.valid_every})",
+            )
             raise TrainingError(
                 f"{self._bad_steps} steps in a row had a NaN/Inf loss or gradient; stopping. "
                 "Lower train.lr, raise train.warmup_steps, or use train.precision=bf16/fp32 instead of fp16; "
@@ -492,17 +492,24 @@ class Trainer:
             )
         except CheckpointError as e:
             remedy = "make room" if e.no_space else "fix that"
-            if self._saved_step is None:
-                kept = f"No checkpoint of this run was written; {remedy} and start it again"
-            else:
-                kept = (
-                    f"{run_checkpoint(self.ckpt_dir)} still holds step {self._saved_step}; {remedy} and "
-                    "continue from there with train.resume=true"
-                )
+            kept = self._kept_checkpoint(
+                f"{remedy} and continue from there with train.resume=true",
+                f"No checkpoint of this run was written; {remedy} and start it again",
+            )
             raise TrainingError(f"step {self.state.step} was not saved: {e}. {kept}.") from e
         self._saved_step = self.state.step
         log.info("saved checkpoint %s%s", latest, " (best)" if best else "")
         return latest
+
+    def _kept_checkpoint(self, go_on: str, none: str) -> str:
+        """What a run that stops on an error keeps: the checkpoint train.resume=true would take now (a
+        save that failed midway may have linked its step_N.pt before latest.pt) and its step."""
+        held = run_checkpoint(self.ckpt_dir)
+        if held is None:
+            return none
+        numbered = RUN_FILE.fullmatch(held.name)
+        step = int(numbered[1]) if numbered and numbered[1] else self._saved_step
+        return f"{held} holds {'its last checkpoint' if step is None else f'step {step}'}; {go_on}"
 
     def resume(self, path: str | os.PathLike) -> None:
         """Continue exactly from a training checkpoint: weights, optimizer, scheduler, scaler, data, RNG."""
@@ -529,9 +536,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self._apply_optimizer_settings(state["config"].get("train", {}))
-        if state[
-            "scaler"
-        ]:  # empty when saved without fp16: a run that switches to fp16 starts its scale anew
+        # Empty when saved without fp16: a run that switches to fp16 starts its loss scale anew.
+        if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.state = TrainState(**state["train_state"])
         if "schedule_best" not in state["train_state"]:  # a checkpoint from before the field existed
@@ -540,10 +546,8 @@ class Trainer:
         self._warn_if_data_changed(state.get("encoded_data"), path)
         per_rank = state.get("rng_per_rank")
         set_rng_state(per_rank[self.dist.rank] if per_rank else state["rng"])
-        if (
-            Path(path).resolve()
-            == Path(run_checkpoint(self.ckpt_dir) or self.ckpt_dir / "latest.pt").resolve()
-        ):
+        held = run_checkpoint(self.ckpt_dir)
+        if held is not None and os.path.samefile(path, held):  # (by any of its names)
             self._saved_step = self.state.step  # what this run's checkpoint holds
         log.info("resumed from %s at step %d (epoch %d)", path, self.state.step, self.state.epoch)
 

@@ -203,6 +203,30 @@ def test_checkpoints_are_self_contained_and_load_with_weights_only(toy_dir, tmp_
     assert not list(ckpt_dir.glob("*.tmp")), "no temp files are left behind"
 
 
+def test_a_first_save_cut_short_after_its_step_file_names_that_file(toy_dir, tmp_path, monkeypatch):
+    """The step file is linked before latest.pt is written; if that rename fails, the step file is
+    the run's checkpoint (train.resume=true takes it), not "nothing was written"."""
+    import os
+
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(dst).name == "latest.pt":
+            raise OSError(5, "Input/output error")
+        return real_replace(src, dst, *args, **kwargs)
+
+    cfg = tiny_config(toy_dir, tmp_path / "run", max_steps=6, valid_every=2)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(TrainingError) as failed:
+        make_trainer(cfg).train()
+    monkeypatch.undo()
+    step_file = tmp_path / "run" / "checkpoints" / "step_00000002.pt"
+    assert str(failed.value).endswith(
+        f"{step_file} holds step 2; fix that and continue from there with train.resume=true."
+    )
+    assert find_resume_checkpoint(with_train(cfg, resume="true"), Path(cfg.run_dir)) == step_file
+
+
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_naming_what_is_kept(
     toy_dir, tmp_path, monkeypatch
 ):
@@ -227,7 +251,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_naming_what_is_kept(
         make_trainer(cfg).train()
     assert str(failed.value) == (
         f"step 4 was not saved: could not write {latest.parent}/latest.pt: ... (No space left on device). "
-        f"{latest} still holds step 2; make room and continue from there with train.resume=true."
+        f"{latest} holds step 2; make room and continue from there with train.resume=true."
     )
     assert load_checkpoint(latest)["train_state"]["step"] == 2
     monkeypatch.undo()
