@@ -63,11 +63,13 @@ def train(experiment: str, overrides: list[str]) -> float:
 
 def candidates(run_dir: Path, average: int) -> dict[str, Path]:
     """``best.pt`` and, if asked, the average of the last ``average`` numbered checkpoints."""
-    from nmt.checkpoint import average_checkpoints, last_checkpoints, save_checkpoint
+    from nmt.checkpoint import average_checkpoints, last_checkpoints, save_checkpoint, step_checkpoints
 
     ckpt_dir = run_dir / "checkpoints"
     found = {"best": ckpt_dir / "best.pt"} if (ckpt_dir / "best.pt").exists() else {}
-    if average > 1:
+    if average > 1 and not step_checkpoints(ckpt_dir):
+        log.warning("no step_*.pt checkpoints in %s (train.keep_last=0?): nothing to average", ckpt_dir)
+    elif average > 1:
         paths = last_checkpoints(run_dir, average)
         name = f"avg{len(paths)}"
         found[name] = save_checkpoint(average_checkpoints(paths), ckpt_dir / f"{name}.pt")
@@ -108,9 +110,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from nmt.checkpoint import CheckpointError
 
-    from nmt.checkpoint import load_checkpoint
+    try:
+        return evaluate(args)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from nmt.checkpoint import checkpoint_file, load_checkpoint
     from nmt.data.sources import read_split
+    from nmt.device import resolve_device
     from nmt.evaluate import bleu_options, score
     from nmt.translator import Translator
 
@@ -118,8 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(cfg.run_dir)
     if not args.skip_train:
         train(args.experiment, args.overrides)
-    latest = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
+    latest = load_checkpoint(checkpoint_file(run_dir))  # latest.pt (or the step file standing in for it)
     train_state = latest["train_state"]
+    # The decoding settings of this command (the experiment, its overrides, --len-penalty), not
+    # those stored in the checkpoint: with --skip-train, decode.* overrides apply too.
+    decode = cfg.decode
+    if args.len_penalty is not None:
+        decode = dataclasses.replace(decode, len_penalty=args.len_penalty)
 
     valid_src, valid_ref = read_split(cfg.data, "valid")
     test_src, test_ref = read_split(cfg.data, "test")
@@ -128,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     translators: dict[str, Translator] = {}
     for name, path in candidates(run_dir, args.average).items():
         translators[name] = Translator.from_checkpoint(path, device=args.device)
-        if args.len_penalty is not None:
-            translators[name].cfg = dataclasses.replace(translators[name].cfg, len_penalty=args.len_penalty)
+        translators[name].cfg = decode
         valid_bleu[name] = score(translators[name].translate(valid_src), valid_ref, **bleu).bleu
         log.info("validation BLEU of %s: %.2f", name, valid_bleu[name])
     chosen = max(valid_bleu, key=valid_bleu.get)
@@ -156,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         "steps": train_state["step"],
         "train_min": round(train_state["elapsed_sec"] / 60, 1),
         "test_decode_sec": round(decode_sec, 1),
-        "hardware": hardware(translator.device),
+        # Training's, where this command trained; with --skip-train, the decoding's.
+        "hardware": hardware(translator.device if args.skip_train else resolve_device(cfg.train.device)),
         "beam": translator.cfg.beam,
         "len_penalty": translator.cfg.len_penalty,
         "date": time.strftime("%Y-%m-%d"),
@@ -169,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     print(lower.format())
     print(
         f"| {result['direction']} | {result['bleu']:.1f} | {result['bleu_lc']:.1f} | {result['chrf']:.1f} | "
-        f"{result['train_min']:.0f} min, {result['steps']} steps | {result['hardware']} | "
+        f"{result['train_min']:g} min, {result['steps']} steps | {result['hardware']} | "
         f"{chosen}, beam {result['beam']}, alpha {result['len_penalty']} |"
     )
     return 0
