@@ -41,10 +41,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--max-tokens", type=int, default=4096)
     p.add_argument("--epochs", type=int, default=5, help="loader epochs to time")
-    p.add_argument("--row-batches", type=int, default=20, help="batches for the row-by-row comparison")
+    p.add_argument(
+        "--row-batches", type=int, default=20, help="batches for the row-by-row comparison (at least 1)"
+    )
     p.add_argument("--json", default="", help="also write the results here")
     p.add_argument("-v", "--verbose", action="store_true", help="show the pipeline's own log lines")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.row_batches < 1:
+        p.error(f"--row-batches {args.row_batches}: time at least 1 batch row by row")
+    return args
 
 
 def timed(fn, *args, **kwargs):

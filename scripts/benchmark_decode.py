@@ -430,6 +430,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps({k: meta[k] for k in keys}))
     report = {"meta": meta, "results": [asdict(r) for r in results]}
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))
     return report
 

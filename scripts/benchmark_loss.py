@@ -195,7 +195,7 @@ def table(out: dict) -> str:
     names = list(results)
     rows = [
         ("step, forward + backward (ms, median)", lambda r: f"{r['step_ms_median']:,.1f}"),
-        ("positions / s (median step)", lambda r: f"{r['positions_per_sec']:,.0f}"),
+        ("padded positions / s (mean batch, median step)", lambda r: f"{r['positions_per_sec']:,.0f}"),
         ("warm-up steps, compile included (s)", lambda r: f"{r['warmup_s']:.1f}"),
         ("graphs compiled", lambda r: str(r["graphs"])),
         ("held for backward beyond logits (MiB)", lambda r: f"{r['saved_beyond_logits_bytes'] / 2**20:,.1f}"),

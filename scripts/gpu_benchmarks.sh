@@ -35,8 +35,9 @@ PARTS=()
 DRY_RUN=0
 while (($#)); do
     case "$1" in
-        --out) OUT=$2; shift 2 ;;
-        --data) DATA=$2; shift 2 ;;
+        --out | --data) (($# > 1)) || { echo "$1 needs a folder"; exit 2; }
+            if [[ $1 == --out ]]; then OUT=$2; else DATA=$2; fi
+            shift 2 ;;
         --dry-run) DRY_RUN=1; shift ;;
         -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
         train | compiled) PARTS+=("$1-base" "$1-big"); shift ;;
@@ -74,7 +75,8 @@ run() {  # run NAME SECONDS COMMAND...: log to $OUT/NAME.log, print its tail
 
 BENCH=("$PY" scripts/benchmark.py --device cuda --precision bf16 --data synthetic --vocab-size 32000
     --warmup 10 --steps 50)
-RUN_DIR=runs/base-gpu
+# One run per --out (recipe refuses a run_dir that holds a run; decode, maybe a later call, reads it).
+RUN_DIR="runs/$(basename "$OUT")-base"
 
 ((DRY_RUN)) || "$PY" -c "import torch; print(torch.cuda.get_device_name(), '| torch', torch.__version__,
     '| CUDA', torch.version.cuda)" | tee "$OUT/gpu.txt"

@@ -32,6 +32,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="folder to write train/val/test_2016_flickr files into")
     args = p.parse_args(argv)
     data, out = Path(args.data_dir), Path(args.out)
+    if out.resolve() == data.resolve():
+        raise SystemExit(
+            "error: --out is --data-dir; writing the large corpus there would replace the small one."
+        )
     out.mkdir(parents=True, exist_ok=True)
     src = read_text_lines(resolve_gz(data / f"train.{args.src_lang}"))
     tgt = read_text_lines(resolve_gz(data / f"train.{args.tgt_lang}"))
