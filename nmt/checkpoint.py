@@ -194,18 +194,21 @@ def _read_failure(error: Exception) -> str:
 
 
 def _earlier(path: Path) -> str:
-    """For a run's unreadable latest.pt or step_N.pt: the newest step_N.pt beside it that is another
-    file, if any, and the names of the damaged file (latest.pt and its step_N.pt are one file)."""
-    if path.name == "best.pt" or not RUN_FILE.fullmatch(path.name):
+    """Where ``path`` is a run's checkpoint (what train.resume=true takes) and unreadable: every name
+    of that file (latest.pt is linked as the newest step_N.pt, maybe as best.pt), to move away, after
+    which the newest earlier step_N.pt is the run's checkpoint."""
+    folder = path.parent
+    held = run_checkpoint(folder) if RUN_FILE.fullmatch(path.name) else None
+    if held is None or not os.path.samefile(held, path):
         return ""
-    names = [path.parent / "latest.pt", *step_checkpoints(path.parent)]
+    names = [folder / "latest.pt", *step_checkpoints(folder), folder / "best.pt"]
     damaged = [p.name for p in names if p.exists() and os.path.samefile(p, path)]
-    others = [p for p in step_checkpoints(path.parent) if p.name not in damaged]
+    others = [p for p in step_checkpoints(folder) if p.name not in damaged]
     if not others:
         return ""
     return (
-        f" {others[-1].name} beside it is the newest earlier checkpoint (to go on training from it, move "
-        f"{' and '.join(damaged)} away and set train.resume={others[-1]})."
+        f" {others[-1].name} beside it is the newest earlier checkpoint: to go on training from it, move "
+        f"{' and '.join(damaged)} away and continue with train.resume=true."
     )
 
 
@@ -476,8 +479,6 @@ def find_resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
     # first save was cut short before latest.pt, the run's newest step_N.pt stands in for it.)
     if held is not None and not os.path.samefile(path, held):
         ours = path.resolve().parent == held.resolve().parent
-        if ours and not latest.exists():  # latest.pt moved away (damaged): the run's own step file is chosen
-            return path
         what = (
             "not the latest checkpoint of the run in"
             if ours

@@ -147,38 +147,50 @@ def test_a_damaged_latest_checkpoint_names_the_newest_earlier_one(tmp_path):
     with pytest.raises(CheckpointError, match="damaged or incomplete") as error:
         load_checkpoint(latest)
     step = ckpt_dir / "step_00000020.pt"
-    assert f"move latest.pt away and set train.resume={step})." in str(error.value)  # a file of its own
+    assert "move latest.pt away and continue with train.resume=true." in str(error.value)  # a file of its own
     for size in (0, 1000, len(data) - 100):  # empty, and cut at other places
         latest.write_bytes(data[:size])
         with pytest.raises(CheckpointError, match="damaged or incomplete"):
             load_checkpoint(latest)
     latest.unlink()  # the advice works: the run continues from its newest step file in place
-    assert find_resume_checkpoint(resume_config(step), tmp_path / "run") == step
+    assert find_resume_checkpoint(resume_config("true"), tmp_path / "run") == step
     assert saved_step(step) == 20
 
 
 def test_a_damaged_latest_checkpoint_and_its_step_file_name_the_checkpoint_before_them(tmp_path):
     """latest.pt is a hard link of the newest step_N.pt: cut short in place, both are damaged."""
-    ckpt_dir = make_run(tmp_path / "run", [10, 20, 30])
+    ckpt_dir = make_run(tmp_path / "run", [10, 20, 30])  # best.pt too is latest.pt's file
     latest = ckpt_dir / "latest.pt"
     os.truncate(latest, latest.stat().st_size // 2)
-    with pytest.raises(CheckpointError) as error:
-        load_checkpoint(latest)
-    earlier = ckpt_dir / "step_00000020.pt"
-    advice = f"move latest.pt and step_00000030.pt away and set train.resume={earlier})."
-    assert advice in str(error.value)
-    with pytest.raises(CheckpointError) as error:  # the step file names the same remedy
-        load_checkpoint(ckpt_dir / "step_00000030.pt")
-    assert advice in str(error.value)
+    advice = (
+        "step_00000020.pt beside it is the newest earlier checkpoint: to go on training from it, move "
+        "latest.pt and step_00000030.pt and best.pt away and continue with train.resume=true."
+    )
+    for name in ("latest.pt", "step_00000030.pt", "best.pt"):  # whichever name was read
+        with pytest.raises(CheckpointError) as error:
+            load_checkpoint(ckpt_dir / name)
+        assert advice in str(error.value)
     moved = tmp_path / "damaged"
     moved.mkdir()
-    for name in ("latest.pt", "step_00000030.pt"):
+    for name in ("latest.pt", "step_00000030.pt", "best.pt"):
         (ckpt_dir / name).rename(moved / name)
-    assert find_resume_checkpoint(resume_config(earlier), tmp_path / "run") == earlier
+    earlier = ckpt_dir / "step_00000020.pt"
+    assert find_resume_checkpoint(resume_config("true"), tmp_path / "run") == earlier
     assert saved_step(earlier) == 20
-    # Only latest.pt moved away will do too: the run's own step file is chosen, whatever is newer.
+    # Had only latest.pt been moved away, the damaged step file would stand in for it; an older one is
+    # still not resumed into the run (its newer step files would mix with the new branch's).
     (moved / "step_00000030.pt").rename(ckpt_dir / "step_00000030.pt")
-    assert find_resume_checkpoint(resume_config(earlier), tmp_path / "run") == earlier
+    with pytest.raises(CheckpointError, match="not the latest checkpoint of the run"):
+        find_resume_checkpoint(resume_config(earlier), tmp_path / "run")
+
+
+def test_a_damaged_step_file_that_is_not_the_runs_checkpoint_gets_no_resume_advice(tmp_path):
+    ckpt_dir = make_run(tmp_path / "run", [10, 20, 30])
+    old = ckpt_dir / "step_00000020.pt"
+    os.truncate(old, old.stat().st_size // 2)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(old)
+    assert "damaged or incomplete" in str(error.value) and "train.resume" not in str(error.value)
 
 
 def test_average_of_checkpoints(tmp_path):
