@@ -132,11 +132,14 @@ def evaluate(args: argparse.Namespace) -> int:
         train(args.experiment, args.overrides)
     latest = load_checkpoint(checkpoint_file(run_dir))  # latest.pt (or the step file standing in for it)
     train_state = latest["train_state"]
-    # The decoding settings of this command (the experiment, its overrides, --len-penalty), not
-    # those stored in the checkpoint: with --skip-train, decode.* overrides apply too.
-    decode = cfg.decode
+    # The checkpoint's decoding settings, but for those this command names: decode.KEY=... (or a whole
+    # decode=GROUP) and --len-penalty. Unnamed ones stay as the run was trained, whatever the experiment's
+    # file says now.
+    keys = [arg.lstrip("+").split("=", 1)[0] for arg in args.overrides]
+    named = {f.name for f in dataclasses.fields(cfg.decode) if "decode" in keys or f"decode.{f.name}" in keys}
+    changes = {name: getattr(cfg.decode, name) for name in named}
     if args.len_penalty is not None:
-        decode = dataclasses.replace(decode, len_penalty=args.len_penalty)
+        changes["len_penalty"] = args.len_penalty
 
     valid_src, valid_ref = read_split(cfg.data, "valid")
     test_src, test_ref = read_split(cfg.data, "test")
@@ -145,7 +148,7 @@ def evaluate(args: argparse.Namespace) -> int:
     translators: dict[str, Translator] = {}
     for name, path in candidates(run_dir, args.average).items():
         translators[name] = Translator.from_checkpoint(path, device=args.device)
-        translators[name].cfg = decode
+        translators[name].cfg = dataclasses.replace(translators[name].cfg, **changes)
         valid_bleu[name] = score(translators[name].translate(valid_src), valid_ref, **bleu).bleu
         log.info("validation BLEU of %s: %.2f", name, valid_bleu[name])
     chosen = max(valid_bleu, key=valid_bleu.get)

@@ -47,6 +47,15 @@ def test_skip_train_decodes_with_the_commands_settings_and_records_them(toy_dir,
     )
 
 
+def test_decoding_settings_the_command_does_not_name_are_the_checkpoints(toy_dir, tmp_path, capsys):
+    """The experiment's file may have changed since the run was trained; only what the command names
+    (decode.KEY=..., --len-penalty) replaces the checkpoint's settings."""
+    cfg = train_toy_run(toy_dir, tmp_path / "run")  # trained with beam 2, alpha 1.0
+    overrides = [a for a in cli_overrides(cfg) if not a.startswith("decode.")]  # the experiment's: greedy
+    assert recipe.main(["smoke", *overrides, "--skip-train", "--average", "1", "--len-penalty", "0.5"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("best, beam 2, alpha 0.5 |")
+
+
 def test_a_run_without_step_files_is_scored_from_best_alone(toy_dir, tmp_path, caplog):
     cfg = train_toy_run(toy_dir, tmp_path / "run")
     for step_file in (tmp_path / "run" / "checkpoints").glob("step_*.pt"):
