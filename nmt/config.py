@@ -357,7 +357,9 @@ def check_override_keys(args: list[str]) -> None:
         key = arg.split("=", 1)[0].lstrip("+~")
         if arg.startswith("-") or "=" not in arg or "@" in key or key.startswith("hydra"):
             continue
-        if not key or key != key.strip():
+        if not key:
+            raise ConfigError(f"{arg!r} has no key before '='; write overrides as key=value, without spaces.")
+        if key != key.strip():
             raise ConfigError(f"{arg!r}: write overrides as key=value, without spaces around the key.")
         if not _is_known_key(key):
             unknown.append(key)

@@ -35,7 +35,7 @@ PARTS=()
 DRY_RUN=0
 while (($#)); do
     case "$1" in
-        --out | --data) (($# > 1)) || { echo "$1 needs a folder"; exit 2; }
+        --out | --data) (($# > 1)) || { echo "$1 needs a folder" >&2; exit 2; }
             if [[ $1 == --out ]]; then OUT=$2; else DATA=$2; fi
             shift 2 ;;
         --dry-run) DRY_RUN=1; shift ;;
@@ -75,8 +75,9 @@ run() {  # run NAME SECONDS COMMAND...: log to $OUT/NAME.log, print its tail
 
 BENCH=("$PY" scripts/benchmark.py --device cuda --precision bf16 --data synthetic --vocab-size 32000
     --warmup 10 --steps 50)
-# One run per --out (recipe refuses a run_dir that holds a run; decode, maybe a later call, reads it).
-RUN_DIR="runs/$(basename "$OUT")-base"
+# The recipe's run goes with the figures (decode, maybe a later call with the same --out, reads it);
+# its checkpoints are not versioned (.gitignore).
+RUN_DIR="$OUT/run-base"
 
 ((DRY_RUN)) || "$PY" -c "import torch; print(torch.cuda.get_device_name(), '| torch', torch.__version__,
     '| CUDA', torch.version.cuda)" | tee "$OUT/gpu.txt"

@@ -92,7 +92,7 @@ def test_override_keys_hydra_accepts_pass_the_early_check(args):
             ["experiment.x=1", "data.dirr=x"],
             "experiment.x (did you mean experiment?), data.dirr (did you mean",
         ),
-        (["train.lr", "=1"], "'=1': write overrides as key=value, without spaces around the key."),
+        (["train.lr", "=1"], "'=1' has no key before '='; write overrides as key=value, without spaces."),
         (["train.lr =1"], "'train.lr =1': write overrides as key=value, without spaces around the key."),
     ],
 )
