@@ -207,7 +207,7 @@ def _earlier(path: Path) -> str:
     if not others:
         return ""
     return (
-        f" {others[-1].name} beside it is the newest earlier checkpoint: to go on training from it, move "
+        f" {others[-1].name} beside it is the newest other checkpoint: to go on training from it, move "
         f"{' and '.join(damaged)} away and continue with train.resume=true."
     )
 
@@ -382,6 +382,17 @@ def _remove_stale_temp_files(ckpt_dir: Path) -> None:
         if _RUN_TEMP_FILE.fullmatch(path.name) and path.is_file():
             log.info("removing %s, left by an interrupted save", path)
             path.unlink(missing_ok=True)
+
+
+def restore_best_link(ckpt_dir: Path, resumed: Path, step: int, best_step: int) -> Path | None:
+    """Link best.pt again where it is missing (moved away with a damaged latest.pt) and the run's
+    checkpoint of its best step is at hand: the one resumed, or its step_N.pt. Returns best.pt if linked."""
+    best = ckpt_dir / "best.pt"
+    source = resumed if best_step == step else ckpt_dir / f"step_{best_step:08d}.pt"
+    if best.exists() or not source.is_file() or source.resolve().parent != ckpt_dir.resolve():
+        return None
+    _link(source, best)
+    return best
 
 
 def _link(src: Path, dst: Path) -> None:

@@ -29,6 +29,7 @@ from nmt.checkpoint import (
     CheckpointError,
     load_checkpoint,
     model_differences,
+    restore_best_link,
     run_checkpoint,
     save_run_checkpoint,
 )
@@ -549,6 +550,12 @@ class Trainer:
         held = run_checkpoint(self.ckpt_dir)
         if held is not None and os.path.samefile(path, held):  # (by any of its names)
             self._saved_step = self.state.step  # what this run's checkpoint holds
+        if self.dist.is_main and self.state.best_score is not None:
+            best = restore_best_link(self.ckpt_dir, Path(path), self.state.step, self.state.best_step)
+            if best is not None:
+                log.warning(
+                    "%s was missing: linked it again to step %d's checkpoint", best, self.state.best_step
+                )
         log.info("resumed from %s at step %d (epoch %d)", path, self.state.step, self.state.epoch)
 
     def weight_checksum(self) -> float:

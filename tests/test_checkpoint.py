@@ -163,7 +163,7 @@ def test_a_damaged_latest_checkpoint_and_its_step_file_name_the_checkpoint_befor
     latest = ckpt_dir / "latest.pt"
     os.truncate(latest, latest.stat().st_size // 2)
     advice = (
-        "step_00000020.pt beside it is the newest earlier checkpoint: to go on training from it, move "
+        "step_00000020.pt beside it is the newest other checkpoint: to go on training from it, move "
         "latest.pt and step_00000030.pt and best.pt away and continue with train.resume=true."
     )
     for name in ("latest.pt", "step_00000030.pt", "best.pt"):  # whichever name was read

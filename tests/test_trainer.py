@@ -593,6 +593,29 @@ def test_a_changed_optimizer_setting_applies_after_resume(toy_dir, tmp_path, cap
     assert trainer.optimizer.param_groups[0]["lr"] == 1e-4 * lr_multiplier(6, changed.train)
 
 
+def test_a_resume_after_moving_a_damaged_best_checkpoint_away_links_best_again(
+    toy_dir, tmp_path, monkeypatch
+):
+    """best.pt was the damaged file's third name; the step file resumed from is the best so far."""
+    import os
+
+    scores = iter([1.0, 2.0])
+    monkeypatch.setattr(
+        Trainer, "validate", lambda self: {"loss": 1.0, "ppl": 2.7, "bleu": next(scores), "chrf": 1.0}
+    )
+    cfg = tiny_config(toy_dir, tmp_path / "run", max_steps=4, valid_every=2, keep_last=5)
+    make_trainer(cfg).train()
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    assert os.path.samefile(ckpt_dir / "best.pt", ckpt_dir / "step_00000004.pt")
+    for name in ("latest.pt", "step_00000004.pt", "best.pt"):  # as the advice for a damaged file says
+        (ckpt_dir / name).unlink()
+    resumed_cfg = with_train(cfg, resume="true")
+    trainer = make_trainer(resumed_cfg)
+    trainer.resume(find_resume_checkpoint(resumed_cfg, Path(cfg.run_dir)))
+    assert trainer.state.step == trainer.state.best_step == 2
+    assert os.path.samefile(ckpt_dir / "best.pt", ckpt_dir / "step_00000002.pt")
+
+
 def test_a_run_resumed_in_fp16_starts_its_loss_scale_anew(toy_dir, tmp_path):
     """A bf16 or fp32 checkpoint holds an empty GradScaler state, which an enabled scaler refuses to
     load. (fp16 needs a GPU; here the trainer's scaler is switched on by hand.)"""
