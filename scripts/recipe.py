@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from nmt.checkpoint import checkpoint_file, load_checkpoint
+    from nmt.checkpoint import checkpoint_file, config_from_checkpoint, load_checkpoint
     from nmt.data.sources import read_split
     from nmt.device import resolve_device
     from nmt.evaluate import bleu_options, score
@@ -132,14 +132,15 @@ def evaluate(args: argparse.Namespace) -> int:
         train(args.experiment, args.overrides)
     latest = load_checkpoint(checkpoint_file(run_dir))  # latest.pt (or the step file standing in for it)
     train_state = latest["train_state"]
-    # The checkpoint's decoding settings, but for those this command names: decode.KEY=... (or a whole
-    # decode=GROUP) and --len-penalty. Unnamed ones stay as the run was trained, whatever the experiment's
-    # file says now.
+    # The run's decoding settings (its latest checkpoint's: every candidate is decoded alike), but for
+    # those this command names: decode.KEY=... (or a whole decode=GROUP) and --len-penalty. Unnamed ones
+    # stay as the run was trained, whatever the experiment's file says now.
     keys = [arg.lstrip("+").split("=", 1)[0] for arg in args.overrides]
     named = {f.name for f in dataclasses.fields(cfg.decode) if "decode" in keys or f"decode.{f.name}" in keys}
     changes = {name: getattr(cfg.decode, name) for name in named}
     if args.len_penalty is not None:
         changes["len_penalty"] = args.len_penalty
+    decode = dataclasses.replace(config_from_checkpoint(latest).decode, **changes)
 
     valid_src, valid_ref = read_split(cfg.data, "valid")
     test_src, test_ref = read_split(cfg.data, "test")
@@ -148,7 +149,7 @@ def evaluate(args: argparse.Namespace) -> int:
     translators: dict[str, Translator] = {}
     for name, path in candidates(run_dir, args.average).items():
         translators[name] = Translator.from_checkpoint(path, device=args.device)
-        translators[name].cfg = dataclasses.replace(translators[name].cfg, **changes)
+        translators[name].cfg = decode
         valid_bleu[name] = score(translators[name].translate(valid_src), valid_ref, **bleu).bleu
         log.info("validation BLEU of %s: %.2f", name, valid_bleu[name])
     chosen = max(valid_bleu, key=valid_bleu.get)

@@ -56,6 +56,21 @@ def test_decoding_settings_the_command_does_not_name_are_the_checkpoints(toy_dir
     assert capsys.readouterr().out.strip().splitlines()[-1].endswith("best, beam 2, alpha 0.5 |")
 
 
+def test_every_candidate_is_decoded_with_the_runs_latest_settings(toy_dir, tmp_path, capsys):
+    """A run resumed with other decoding settings has a best.pt that records the old ones."""
+    from nmt.checkpoint import save_checkpoint
+
+    cfg = train_toy_run(toy_dir, tmp_path / "run")  # beam 2
+    best = tmp_path / "run" / "checkpoints" / "best.pt"
+    state = load_checkpoint(best)
+    state["config"]["decode"]["beam"] = 1
+    best.unlink()  # a file of its own, not latest.pt's
+    save_checkpoint(state, best)
+    overrides = [a for a in cli_overrides(cfg) if not a.startswith("decode.")]
+    assert recipe.main(["smoke", *overrides, "--skip-train", "--average", "1"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("best, beam 2, alpha 1.0 |")
+
+
 def test_a_run_without_step_files_is_scored_from_best_alone(toy_dir, tmp_path, caplog):
     cfg = train_toy_run(toy_dir, tmp_path / "run")
     for step_file in (tmp_path / "run" / "checkpoints").glob("step_*.pt"):
