@@ -368,19 +368,9 @@ def check_override_keys(args: list[str]) -> None:
 
 
 def _is_known_key(key: str) -> bool:
-    """A field of the schema (``train.lr``), an index into one (``train.betas.0``), or a config group."""
-    parts = key.split(".")
-    if parts[0] == "experiment":
-        return len(parts) == 1
-    klass: Any = Config
-    for part in parts:
-        fields = {f.name: f for f in dataclasses.fields(klass)}
-        if part not in fields:
-            return False
-        klass = fields[part].default_factory
-        if not dataclasses.is_dataclass(klass):
-            return True  # a value: what follows indexes into it
-    return True  # a section, which is also a config group (train=default)
+    """A config group (``train=default``), a field of the schema (``train.lr``), or an index into one
+    (``train.betas.0``)."""
+    return key in CONFIG_GROUPS or any(key == f or key.startswith(f"{f}.") for f in _known_keys(Config, ""))
 
 
 def _known_keys(klass: type, prefix: str) -> list[str]:

@@ -270,7 +270,7 @@ def main(dcfg: DictConfig) -> None:
         message = str(e)
         if under_torchrun():  # which process, on which machine
             message = f"rank {os.environ.get('RANK', '?')} on {socket.gethostname()}: {message}"
-        if sweep and not under_torchrun():  # which job; the later ones never ran (torchrun refuses sweeps)
+        elif sweep:  # which job; the later ones never ran (under torchrun, sweeps are refused)
             message = (
                 f"job {HydraConfig.get().job.num} of the sweep: {message} (the sweep stops here; once the "
                 "command is fixed, it continues the sweep with train.resume=true)"
@@ -376,6 +376,5 @@ if __name__ == "__main__":
     try:  # before Hydra, whose own refusal advises adding the key with +key=value
         check_override_keys(sys.argv[1:])
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _refuse(str(e))
     main()
