@@ -34,7 +34,7 @@ from typing import IO, Any
 import torch
 
 from nmt.config import Config
-from nmt.files import temp_file_beside
+from nmt.files import sync_folder, temp_file_beside
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
         if isinstance(e, OSError):  # e.g. a folder of that name
             raise _write_error(path, e, state) from e
         raise
+    sync_folder(path.parent)
     return path
 
 
@@ -365,6 +366,7 @@ def save_run_checkpoint(state: dict[str, Any], ckpt_dir: Path, step: int, keep_l
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    sync_folder(ckpt_dir)  # the new names survive a power loss, not only the data behind them
     return latest
 
 

@@ -55,6 +55,21 @@ def publish_folder(folder: Path, fill: Callable[[Path], None], marker: str) -> N
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def sync_folder(folder: Path) -> None:
+    """Flush ``folder``'s entries to disk, so that a file just renamed into it is still there, under its
+    new name, after a power loss. File systems that cannot sync a folder are left as they are."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # EINVAL on file systems without folder sync
+        pass
+    finally:
+        os.close(fd)
+
+
 def umask() -> int:
     """The process umask. Linux shows it in /proc; os.umask can only read it by changing it, which
     races with threads creating files meanwhile, so elsewhere it is read that way once."""

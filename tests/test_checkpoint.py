@@ -331,6 +331,26 @@ def test_a_saved_run_checkpoint_is_linked_under_all_its_names(tmp_path):
     assert saved_step(ckpt_dir / "best.pt") == 20
 
 
+def test_a_save_syncs_the_folder_after_its_last_rename(tmp_path, monkeypatch):
+    """The renames are on disk, not only the data: after the folder's sync, latest.pt (or the saved file)
+    is already the new checkpoint, and no temporary file is left to rename."""
+    import nmt.checkpoint
+
+    synced = []
+
+    def sync_folder(folder):
+        names = sorted(p.name for p in Path(folder).iterdir())
+        synced.append((Path(folder), names, saved_step(Path(folder) / "latest.pt")))
+
+    monkeypatch.setattr(nmt.checkpoint, "sync_folder", sync_folder)
+    ckpt_dir = tmp_path / "checkpoints"
+    save_run_checkpoint(run_state(10, best_step=10), ckpt_dir, 10, keep_last=1, best=True)
+    assert synced == [(ckpt_dir, ["best.pt", "latest.pt", "step_00000010.pt"], 10)]
+    synced.clear()
+    save_checkpoint(run_state(5, best_step=5), tmp_path / "other" / "latest.pt")
+    assert synced == [(tmp_path / "other", ["latest.pt"], 5)]
+
+
 def test_temp_files_of_a_killed_save_are_removed_by_the_next_save(tmp_path):
     ckpt_dir = tmp_path / "checkpoints"
     save_run_checkpoint(run_state(10, best_step=10), ckpt_dir, 10, keep_last=1, best=True)

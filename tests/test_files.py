@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
 
-from nmt.files import publish_folder
+from nmt.files import publish_folder, sync_folder
 
 
 def fill_with(text: str):
@@ -44,3 +47,24 @@ def test_a_failed_fill_leaves_nothing(tmp_path):
     with pytest.raises(OSError, match="No space left"):
         publish_folder(tmp_path / "cache", fail, "done")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sync_folder_syncs_the_folder_and_ignores_what_cannot_be_synced(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    sync_folder(tmp_path)
+    assert synced == [tmp_path.stat().st_ino]
+    sync_folder(tmp_path / "missing")  # nothing to sync: no error
+    assert len(synced) == 1
+
+    def no_sync(fd):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "fsync", no_sync)
+    sync_folder(tmp_path)  # a file system without folder sync: no error either
