@@ -519,11 +519,6 @@ class Trainer:
         state = load_checkpoint(path)
         if "optimizer" not in state:
             raise TrainingError(f"{path} holds weights only (e.g. an average); it cannot be resumed from.")
-        if state.get("world_size", 1) != self.dist.world_size:
-            raise TrainingError(
-                f"{path} was written by a run with {state.get('world_size', 1)} processes; resume it with the "
-                f"same number (this run has {self.dist.world_size}) so the data order stays exact."
-            )
         check_resume_config(self.cfg, state["config"], path)
         try:
             self.raw_model.load_state_dict(state["model"])
@@ -543,10 +538,24 @@ class Trainer:
         self.state = TrainState(**state["train_state"])
         if "schedule_best" not in state["train_state"]:  # a checkpoint from before the field existed
             self.state.schedule_best = self.state.best_score
-        self.loader.load_state_dict(state["sampler"])
+        order_changed = self.loader.load_state_dict(state["sampler"])
+        saved_world_size = state.get("world_size", 1)
+        if self.dist.is_main and saved_world_size != self.dist.world_size:
+            log.warning("%s", self._world_size_change(state, path))
+        elif self.dist.is_main and order_changed:
+            log.warning("%s: %s", path, order_changed)
         self._warn_if_data_changed(state.get("encoded_data"), path)
-        per_rank = state.get("rng_per_rank")
-        set_rng_state(per_rank[self.dist.rank] if per_rank else state["rng"])
+        per_rank = state.get("rng_per_rank") or [state["rng"]]
+        if self.dist.rank < len(per_rank):
+            set_rng_state(per_rank[self.dist.rank])
+        else:  # a rank the saved run did not have: a stream of its own, as every rank has
+            seed_everything(
+                int(
+                    np.random.SeedSequence(
+                        [self.cfg.train.seed, self.dist.rank, self.state.step]
+                    ).generate_state(1)[0]
+                )
+            )
         held = run_checkpoint(self.ckpt_dir)
         if held is not None and os.path.samefile(path, held):  # (by any of its names)
             self._saved_step = self.state.step  # what this run's checkpoint holds
@@ -557,6 +566,25 @@ class Trainer:
                     "%s was missing: linked it again to step %d's checkpoint", best, self.state.best_step
                 )
         log.info("resumed from %s at step %d (epoch %d)", path, self.state.step, self.state.epoch)
+
+    def _world_size_change(self, state: dict[str, Any], path: str | os.PathLike) -> str:
+        """The warning for a run resumed on another number of processes (e.g. moved from one GPU to eight)."""
+        saved_world_size, world_size = state.get("world_size", 1), self.dist.world_size
+        saved_max_tokens = state["config"].get("data", {}).get("max_tokens", self.cfg.data.max_tokens)
+        saved_accum_steps = state["config"].get("train", {}).get("accum_steps", self.cfg.train.accum_steps)
+        before = saved_world_size * saved_max_tokens * saved_accum_steps
+        now = world_size * self.cfg.data.max_tokens * self.cfg.train.accum_steps
+        text = (
+            f"{path} was written by a run of {saved_world_size} processes and this run has {world_size}: "
+            f"it goes on from step {self.state.step} with the same weights, optimizer state and schedule, at "
+            f"the same point of epoch {self.state.epoch}, but an update now sees up to {now:,} tokens (world "
+            f"size x data.max_tokens x train.accum_steps; it was {before:,}), so it does not continue the run "
+            "exactly"
+        )
+        same_update, rest = divmod(saved_world_size * saved_accum_steps, world_size)
+        if now != before and not rest and self.cfg.data.max_tokens == saved_max_tokens:
+            text += f"; train.accum_steps={same_update} keeps the update size"
+        return text
 
     def weight_checksum(self) -> float:
         """A float64 sum of every weight, in a fixed order: equal weights give equal sums."""

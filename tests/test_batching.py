@@ -244,10 +244,33 @@ def test_loader_resume_gives_the_same_batches(pairs):
     assert first + [b.indices.tolist() for b in again] == full
 
 
-def test_state_from_other_settings_warns_and_clamps(pairs, caplog):
+def test_state_from_other_settings_says_so_and_clamps(pairs):
     sampler = sampler_for(pairs, max_tokens=200)
-    sampler.load_state_dict({"epoch": 1, "position": 10_000, "num_batches": 3, "seed": 1})
-    assert list(sampler) == [] and "max_tokens" in caplog.text
+    assert sampler.load_state_dict(sampler.state_dict()) is None  # nothing changed: nothing to say
+    changed = sampler.load_state_dict({"epoch": 1, "position": 10_000, "num_batches": 3, "seed": 1})
+    assert (
+        list(sampler) == []
+        and "max_tokens" in changed
+        and f"batch {len(sampler)} of {len(sampler)}" in changed
+    )
+
+
+@pytest.mark.parametrize(("before", "after"), [(1, 2), (2, 1), (2, 4)])
+def test_a_new_world_size_goes_on_through_the_same_global_batches(pairs, before, after):
+    """Moved to more (or fewer) processes mid-epoch, the ranks together take the batches the old ranks
+    had left, in the same order, each exactly once."""
+    global_order = sampler_for(pairs, max_tokens=205, seed=4).global_batches(2)
+    assert len(global_order) % 4 == 0  # no batch split to even out the counts: the lists are the same
+    old = [sampler_for(pairs, max_tokens=205, seed=4, rank=r, world_size=before) for r in range(before)]
+    for sampler in old:
+        sampler.set_epoch(2)
+        list(itertools.islice(iter(sampler), 8 // before))  # 8 global batches in all
+    new = [sampler_for(pairs, max_tokens=205, seed=4, rank=r, world_size=after) for r in range(after)]
+    for sampler, state in zip(new, itertools.cycle(s.state_dict() for s in old), strict=False):
+        assert "world size" in sampler.load_state_dict(state)
+    rest = [list(s) for s in new]
+    taken = [batch for step in zip(*rest, strict=True) for batch in step]  # rank order within a step
+    assert taken == [b.tolist() for b in global_order[8:]]
 
 
 # ---- loader over a Dataset --------------------------------------------------------------------------

@@ -441,3 +441,35 @@ def test_a_rank_resuming_an_older_checkpoint_stops_every_rank(runs, tmp_path):
     assert outcomes[0] == outcomes[1], outcomes
     assert f"step {STOP} (rank 0: {TOTAL})" in outcomes[0] and "weights" in outcomes[0], outcomes[0]
     assert "data" not in outcomes[0].split("rank 1 on")[1].split(". Every node")[0], outcomes[0]
+
+
+def test_a_run_moves_between_world_sizes_with_a_warning(runs, tmp_path):
+    """A run trained on two processes goes on in one (a node lost), and back on two (more nodes): from
+    its step, with its weights, and with a warning that the update size changed."""
+    import shutil
+
+    import torch
+
+    first, _, _ = runs  # two processes, at TOTAL
+    run_dir = shutil.copytree(first.run_dir, tmp_path / "moved")
+    toy = Path(first.run_dir).parent / "toy"
+    cfg = tiny_config(toy, run_dir, max_steps=TOTAL + 2, log_every=1, resume="true")
+    one = subprocess.run(
+        [sys.executable, "-m", "nmt.train", *cli_overrides(cfg)],
+        cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    output = one.stdout + one.stderr
+    assert one.returncode == 0, output[-3000:]
+    assert "written by a run of 2 processes and this run has 1" in output
+    assert "train.accum_steps=2 keeps the update size" in output
+    assert f"step {TOTAL + 1}/{TOTAL + 2}" in output and f"step {TOTAL}/" not in output
+    assert torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)["world_size"] == 1
+
+    two = torchrun(train_changes(cfg, max_steps=TOTAL + 4), tmp_path, "two")()
+    assert "written by a run of 1 processes and this run has 2" in two.output
+    ranks = two.ranks()
+    assert [ranks[r][:2] for r in (0, 1)] == [(TOTAL + 2, TOTAL + 4)] * 2
+    assert ranks[0][3] == ranks[1][3]  # the same weights on both
+    state = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
+    seeds = [int(rank["torch"][:8].view(torch.int64)) for rank in state["rng_per_rank"]]
+    assert state["world_size"] == 2 and seeds[0] != seeds[1], seeds  # the new rank drew its own masks

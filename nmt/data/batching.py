@@ -219,16 +219,27 @@ class TokenBatchSampler:
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self._position, "num_batches": len(self), "seed": self.seed}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue ``state``'s epoch right after its last handed-out batch."""
+    def load_state_dict(self, state: dict[str, int]) -> str | None:
+        """Continue ``state``'s epoch right after its last handed-out batch.
+
+        A state saved with another batch count per rank (another world size, max_tokens, seed or data)
+        resumes at the same fraction of the epoch. After a change of world size alone the ranks then go
+        on through the same global batches, give or take the few that evening out splits. Returns what
+        changed, to be told to the user, or None.
+        """
         self.epoch = int(state["epoch"])
-        if state.get("num_batches", len(self)) != len(self) or state.get("seed", self.seed) != self.seed:
-            log.warning(
-                "sampler state was saved with %s batches/seed %s, now %d/%d (data, max_tokens, world size or "
-                "seed changed); resuming at the same position in a different order",
-                state.get("num_batches"), state.get("seed"), len(self), self.seed,
-            )  # fmt: skip
-        self._start = self._position = min(int(state["position"]), len(self))
+        saved_batches, position = state.get("num_batches", len(self)), int(state["position"])
+        changed = None
+        if saved_batches != len(self) or state.get("seed", self.seed) != self.seed:
+            if saved_batches and saved_batches != len(self):
+                position = round(position * len(self) / saved_batches)
+            changed = (
+                f"the data order was saved with {saved_batches} batches per rank and seed {state.get('seed')}, "
+                f"now {len(self)} and {self.seed} (data, max_tokens, world size or seed changed): epoch "
+                f"{self.epoch} goes on at the same fraction, batch {min(position, len(self))} of {len(self)}"
+            )
+        self._start = self._position = min(position, len(self))
+        return changed
 
     def rank_batches(self) -> list[np.ndarray]:
         """This rank's batches (index arrays) for the current epoch, in order."""
@@ -322,8 +333,8 @@ class BatchLoader:
     def state_dict(self) -> dict[str, int]:
         return self.sampler.state_dict()
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.sampler.load_state_dict(state)
+    def load_state_dict(self, state: dict[str, int]) -> str | None:
+        return self.sampler.load_state_dict(state)
 
     def padding_efficiency(self) -> float:
         """Of this rank's batches in the current epoch."""
