@@ -40,6 +40,18 @@ def temp_dir_beside(path: Path) -> Path:
     return folder
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` in one rename: a reader sees the old file or the new one, and a
+    failed write (a full disk) leaves the old file and no temporary one."""
+    fd, tmp = temp_file_beside(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def publish_folder(folder: Path, fill: Callable[[Path], None], marker: str) -> None:
     """Make ``folder`` appear whole: ``fill`` a new folder beside it, whose file ``marker`` is written
     last, then rename that onto ``folder``, so a reader never sees a half-written one. If another

@@ -115,7 +115,7 @@ def start_run_files(cfg: Config, run_dir: Path, step: int) -> EventLog:
     """Write the run's config.yaml and open its TensorBoard log, for a run that starts at ``step`` (0, or
     where it resumes); a run_dir that cannot take them (a full disk) stops the run now, before it trains
     steps it could not save."""
-    from nmt.files import temp_file_beside
+    from nmt.files import write_atomic
     from nmt.runtime import EventLog
     from nmt.trainer import TrainingError
 
@@ -124,10 +124,7 @@ def start_run_files(cfg: Config, run_dir: Path, step: int) -> EventLog:
         # purge_step: points a killed run logged after its last checkpoint (all of them, for a run killed
         # before its first checkpoint and started again) are dropped, not drawn twice.
         writer = EventLog(run_dir / "tb", purge_step=step + 1 if step else 0)
-        fd, tmp = temp_file_beside(run_dir / "config.yaml")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(config_yaml)
-        os.replace(tmp, run_dir / "config.yaml")
+        write_atomic(run_dir / "config.yaml", config_yaml.encode())
     except OSError as e:
         raise TrainingError(
             f"cannot write the run's files in {run_dir} ({e.strerror or e}); nothing was trained: fix that and "

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from nmt.files import publish_folder, sync_folder
+from nmt.files import publish_folder, sync_folder, write_atomic
 
 
 def fill_with(text: str):
@@ -68,3 +68,18 @@ def test_sync_folder_syncs_the_folder_and_ignores_what_cannot_be_synced(tmp_path
 
     monkeypatch.setattr(os, "fsync", no_sync)
     sync_folder(tmp_path)  # a file system without folder sync: no error either
+
+
+def test_write_atomic_replaces_a_file_and_a_failed_write_leaves_the_old_one_alone(tmp_path, monkeypatch):
+    path = tmp_path / "config.yaml"
+    write_atomic(path, b"old")
+    write_atomic(path, b"new")
+    assert path.read_bytes() == b"new"
+
+    def full_disk(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        write_atomic(path, b"newer")
+    assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]

@@ -24,7 +24,7 @@ import sentencepiece as spm
 
 from nmt.config import DataConfig
 from nmt.data.sources import CACHE_HINT, DataError, content_hash, damaged_cache, writing
-from nmt.files import publish_folder, temp_file_beside
+from nmt.files import publish_folder, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -279,15 +279,8 @@ def _run_trainer(sentences: list[str], cfg: DataConfig) -> bytes:
 
 
 def _write_if_changed(path: Path, data: bytes) -> None:
-    if path.is_file() and path.read_bytes() == data:
-        return
-    fd, tmp = temp_file_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    if not (path.is_file() and path.read_bytes() == data):
+        write_atomic(path, data)
 
 
 def _save_atomic(tok: Tokenizer, folder: Path) -> None:
