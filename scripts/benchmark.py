@@ -86,7 +86,6 @@ import json
 import logging
 import math
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -103,7 +102,7 @@ from torch import nn
 from nmt.config import DataConfig, ModelConfig, TrainConfig
 from nmt.data.batching import Batch, PackedPairs, TokenBatchSampler, collate, padding_efficiency
 from nmt.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from nmt.device import avoid_per_shape_attention_kernels
+from nmt.device import avoid_per_shape_attention_kernels, device_name
 from nmt.device import resolve_device as nmt_resolve_device
 from nmt.device import resolve_dtype as nmt_resolve_dtype
 from nmt.loss import label_smoothed_nll
@@ -683,12 +682,6 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
         return nmt_resolve_dtype(precision, device, "--precision", torch.float16)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def metadata(args, cfg: ModelConfig, data: BenchData, device: torch.device, dtype: torch.dtype) -> dict:

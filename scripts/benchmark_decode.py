@@ -47,7 +47,6 @@ import gzip
 import json
 import logging
 import os
-import platform
 import sys
 import tempfile
 import threading
@@ -60,6 +59,7 @@ import torch
 
 from nmt.config import DataConfig
 from nmt.data.tokenizer import EOS_ID
+from nmt.device import device_name
 from nmt.runtime import keep_freed_memory_in_heap
 from nmt.search import beam_search, greedy_search
 from nmt.translator import Translator
@@ -407,8 +407,8 @@ def main(argv: list[str] | None = None) -> dict:
         results += [result(name, beam, batches, seconds) for name, seconds in passes.items()]
         print_table(results)
     meta = {
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "cpu": platform.processor() or platform.machine(),
+        "device": str(device) if device.type == "cpu" else device_name(device),
+        "cpu": device_name(torch.device("cpu")),
         "threads": torch.get_num_threads(),
         "workers": workers,  # nmt's and CTranslate2's
         "hf_workers": workers if args.hf_workers else 1,
