@@ -33,7 +33,7 @@ from typing import IO, Any
 
 import torch
 
-from nmt.config import Config
+from nmt.config import Config, first_line
 from nmt.files import sync_folder, temp_file_beside
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def _write_error(path: Path, error: Exception, state: dict[str, Any]) -> Checkpo
     if cause is not None and cause.strerror:
         reason = cause.strerror
     else:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
     if cause is None or cause.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return CheckpointError(f"could not write {path} ({reason})")
     folder = path.parent

@@ -20,6 +20,12 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message says which and how to fix it."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message, or its type's name when it has none: for one-line errors."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -78,9 +84,9 @@ class DataConfig:
         _check(2 <= self.max_len <= 100_000, f"data.max_len={self.max_len} must be in [2, 100000].")
         _check(self.max_len_ratio >= 1.0, f"data.max_len_ratio={self.max_len_ratio} must be >= 1.")
         _check(
-            self.max_tokens >= self.max_len + 2,
-            f"data.max_tokens={self.max_tokens} must be at least data.max_len + 2 = {self.max_len + 2} "
-            "so that the longest kept sentence fits in a batch.",
+            self.max_tokens >= self.max_len + 1,
+            f"data.max_tokens={self.max_tokens} must be at least data.max_len + 1 = {self.max_len + 1} "
+            "(the longest kept sentence with its EOS or BOS), so that it fits in a batch.",
         )
 
 
@@ -154,7 +160,8 @@ class TrainConfig:
     # data.tgt_lang (13a; zh, ja-mecab, ko-mecab for Chinese, Japanese, Korean), or a name (intl, char, ...)
     bleu_tokenize: str = "auto"
     keep_last: int = 5  # numbered checkpoints kept besides latest/best
-    resume: str = ""  # "" = fresh run, "true"/"latest" = latest checkpoint in run_dir, or a path
+    # "" (or false/none/no/0) = fresh run; true (latest/yes/1) = latest checkpoint in run_dir; or a path
+    resume: str = ""
 
     def __post_init__(self) -> None:
         _one_of("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
@@ -206,7 +213,7 @@ class DecodeConfig:
     min_len: int = 1
     nbest: int = 1
     batch_size: int = 64  # sentences per batch (cap)
-    max_tokens: int = 4096  # source tokens per batch (cap)
+    max_tokens: int = 4096  # padded source tokens per batch (cap): sentences x the longest
     # On CPU, batches decoded at the same time, each on its own thread with an equal share of torch's
     # threads. 0: one per torch thread, at most 8. Never more than the threads or the batches; 1 on GPUs.
     workers: int = 0

@@ -7,7 +7,7 @@ import platform
 
 import torch
 
-from nmt.config import ConfigError
+from nmt.config import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +29,8 @@ def resolve_device(name: str | torch.device, setting: str = "device") -> torch.d
         try:
             torch.empty(1, device=device).cpu()
         except (RuntimeError, NotImplementedError, AssertionError) as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(
-                f"{setting}={name} cannot be used here ({first_line}); use {setting}=cpu."
+                f"{setting}={name} cannot be used here ({first_line(e)}); use {setting}=cpu."
             ) from None
     return device
 

@@ -36,7 +36,7 @@ def adamw(params: Any, **hyper: Any) -> torch.optim.AdamW:
 
     Fused, one kernel updates all parameters (on a 2-core CPU, 9 ms per step against 31 ms for
     foreach at 6.7M parameters), and the update can be skipped on the device (``found_inf``), so the
-    trainer need not wait for the device before deciding (:meth:`nmt.trainer.Trainer.train_step`).
+    trainer need not wait for the device before deciding (:meth:`nmt.trainer.Trainer._update`).
     """
     params = list(params)
     tensors = [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]

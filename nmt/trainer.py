@@ -33,7 +33,7 @@ from nmt.checkpoint import (
     run_checkpoint,
     save_run_checkpoint,
 )
-from nmt.config import Config
+from nmt.config import Config, first_line
 from nmt.data.batching import Batch, make_loader
 from nmt.data.tokenizer import PAD_ID
 from nmt.device import avoid_per_shape_attention_kernels, resolve_device, resolve_dtype
@@ -513,7 +513,10 @@ class Trainer:
         return f"{held} holds {'its last checkpoint' if step is None else f'step {step}'}; {go_on}"
 
     def resume(self, path: str | os.PathLike) -> None:
-        """Continue exactly from a training checkpoint: weights, optimizer, scheduler, scaler, data, RNG."""
+        """Continue from a training checkpoint: weights, optimizer, scheduler, scaler, data order, RNG.
+
+        Exactly, with the same world size and settings; otherwise with a warning of what changed.
+        """
         # Read onto the CPU: RNG states must stay there (numpy, torch.set_rng_state), and the model,
         # optimizer and scaler copy their tensors to the training device as they load them.
         state = load_checkpoint(path)
@@ -523,9 +526,8 @@ class Trainer:
         try:
             self.raw_model.load_state_dict(state["model"])
         except RuntimeError as e:
-            first_line = str(e).strip().splitlines()[0]
             raise TrainingError(
-                f"{path} does not fit this model config ({first_line}); resume with the run's own config."
+                f"{path} does not fit this model config ({first_line(e)}); resume with the run's own config."
             ) from None
         for group in state["optimizer"]["param_groups"]:  # this run's implementation, not the saved one
             group.update(fused=self.optimizer.defaults["fused"], foreach=self.optimizer.defaults["foreach"])

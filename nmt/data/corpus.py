@@ -2,9 +2,9 @@
 
 :func:`prepare_data` is what training calls. It reads the training and validation splits (failing early on
 bad input), trains or reuses the SentencePiece model, and encodes both splits. Encoded splits are saved
-with ``datasets.Dataset.save_to_disk`` under ``cache_dir/encoded-KEY`` where KEY hashes the split's text,
-the tokenizer model bytes and the filter settings, so a second run with the same data and tokenizer
-only memory-maps the Arrow files and tokenizes nothing.
+with ``datasets.Dataset.save_to_disk`` under ``cache_dir/encoded-NAME-KEY`` (NAME: the split's), where
+KEY hashes the split's text, the tokenizer model bytes and the filter settings, so a second run with the
+same data and tokenizer only memory-maps the Arrow files and tokenizes nothing.
 
 Filtering (training split only; validation and test are never filtered), with lengths counted in
 SentencePiece pieces without BOS/EOS:
