@@ -540,11 +540,13 @@ class Trainer:
         self.state = TrainState(**state["train_state"])
         if "schedule_best" not in state["train_state"]:  # a checkpoint from before the field existed
             self.state.schedule_best = self.state.best_score
-        order_changed = self.loader.load_state_dict(state["sampler"])
-        saved_world_size = state.get("world_size", 1)
-        if self.dist.is_main and saved_world_size != self.dist.world_size:
+        # (The sampler states of older checkpoints do not record the world size: the checkpoint does.)
+        order_changed = self.loader.load_state_dict(
+            {"world_size": state.get("world_size", 1), **state["sampler"]}
+        )
+        if self.dist.is_main and state.get("world_size", 1) != self.dist.world_size:
             log.warning("%s", self._world_size_change(state, path))
-        elif self.dist.is_main and order_changed:
+        if self.dist.is_main and order_changed:
             log.warning("%s: %s", path, order_changed)
         self._warn_if_data_changed(state.get("encoded_data"), path)
         per_rank = state.get("rng_per_rank") or [state["rng"]]
@@ -578,8 +580,8 @@ class Trainer:
         now = world_size * self.cfg.data.max_tokens * self.cfg.train.accum_steps
         text = (
             f"{path} was written by a run of {saved_world_size} processes and this run has {world_size}: "
-            f"it goes on from step {self.state.step} with the same weights, optimizer state and schedule, at "
-            f"the same point of epoch {self.state.epoch}, but an update now sees up to {now:,} tokens (world "
+            f"it goes on from step {self.state.step} with the same weights, optimizer state and schedule, with "
+            f"the batches of epoch {self.state.epoch} not yet trained on, but an update now sees up to {now:,} tokens (world "
             f"size x data.max_tokens x train.accum_steps; it was {before:,}), so it does not continue the run "
             "exactly"
         )

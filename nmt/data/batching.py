@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import datasets
 import numpy as np
@@ -191,7 +192,10 @@ class TokenBatchSampler:
         self.epoch = 0
         self._start = 0  # where the next iteration begins (set by load_state_dict)
         self._position = 0  # batches of the current epoch handed out so far
-        self._cached: tuple[int, list[np.ndarray]] | None = None
+        # Earlier parts of the current epoch that ran on other world sizes (a resume on another number
+        # of processes): (world size, global batches taken) each; this epoch's batches are what they left.
+        self._earlier: list[tuple[int, int]] = []
+        self._cached: tuple[tuple, list[np.ndarray]] | None = None
         oversized = int((np.maximum(self.src_lengths, self.tgt_lengths) > max_tokens).sum())
         if oversized:
             log.warning(
@@ -203,7 +207,7 @@ class TokenBatchSampler:
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's order. The same epoch keeps a resumed position; a new one starts at 0."""
         if epoch != self.epoch:
-            self.epoch, self._start, self._position = epoch, 0, 0
+            self.epoch, self._start, self._position, self._earlier = epoch, 0, 0, []
 
     def __len__(self) -> int:
         return len(self.rank_batches())
@@ -216,39 +220,62 @@ class TokenBatchSampler:
             self._position += 1  # counted before handing out: the consumer owns it from here on
             yield batch.tolist()
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self._position, "num_batches": len(self), "seed": self.seed}
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "position": self._position,
+            "num_batches": len(self),
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "earlier": [list(part) for part in self._earlier],
+        }
 
-    def load_state_dict(self, state: dict[str, int]) -> str | None:
+    def load_state_dict(self, state: dict[str, Any]) -> str | None:
         """Continue ``state``'s epoch right after its last handed-out batch.
 
-        A state saved with another batch count per rank (another world size, max_tokens, seed or data)
-        resumes at the same fraction of the epoch. After a change of world size alone the ranks then go
-        on through the same global batches, give or take the few that evening out splits. Returns what
-        changed, to be told to the user, or None.
+        Saved with another world size (and the same data, max_tokens and seed), the ranks go on with the
+        epoch's batches the saved ranks had not taken, evened out over this world size: every example
+        is still seen once in the epoch. Saved with other data, max_tokens or seed, the epoch goes on at
+        the same fraction, in the new order. Returns what changed in the order, to be told, or None.
         """
         self.epoch = int(state["epoch"])
-        saved_batches, position = state.get("num_batches", len(self)), int(state["position"])
+        saved_world_size = int(state.get("world_size", self.world_size))
+        earlier = [(int(size), int(taken)) for size, taken in state.get("earlier", [])]
+        position, saved_batches = int(state["position"]), state.get("num_batches")
+        saved_order = self._batches(self.epoch, earlier, saved_world_size)
+        same_order = state.get("seed", self.seed) == self.seed and (
+            saved_batches is None or len(saved_order) == saved_batches * saved_world_size
+        )
         changed = None
-        if saved_batches != len(self) or state.get("seed", self.seed) != self.seed:
+        if same_order and saved_world_size == self.world_size:
+            self._earlier = earlier
+        elif same_order:  # the rest of the saved ranks' batches, dealt out anew
+            self._earlier, position = [*earlier, (saved_world_size, position * saved_world_size)], 0
+        else:
+            self._earlier = []
             if saved_batches and saved_batches != len(self):
                 position = round(position * len(self) / saved_batches)
             changed = (
                 f"the data order was saved with {saved_batches} batches per rank and seed {state.get('seed')}, "
-                f"now {len(self)} and {self.seed} (data, max_tokens, world size or seed changed): epoch "
-                f"{self.epoch} goes on at the same fraction, batch {min(position, len(self))} of {len(self)}"
+                f"now {len(self)} and {self.seed} (data, max_tokens or seed changed): epoch {self.epoch} goes "
+                f"on at the same fraction, batch {min(position, len(self))} of {len(self)}"
             )
         self._start = self._position = min(position, len(self))
         return changed
 
     def rank_batches(self) -> list[np.ndarray]:
         """This rank's batches (index arrays) for the current epoch, in order."""
-        if self._cached is None or self._cached[0] != self.epoch:
-            self._cached = (self.epoch, self.global_batches(self.epoch)[self.rank :: self.world_size])
+        key = (self.epoch, tuple(self._earlier))
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, self.global_batches(self.epoch)[self.rank :: self.world_size])
         return self._cached[1]
 
     def global_batches(self, epoch: int) -> list[np.ndarray]:
         """All ranks' batches for ``epoch``: a multiple of world_size of them, ranks interleaved."""
+        return self._batches(epoch, self._earlier if epoch == self.epoch else [], self.world_size)
+
+    def _batches(self, epoch: int, earlier: list[tuple[int, int]], world_size: int) -> list[np.ndarray]:
+        """The epoch's batches for ``world_size`` ranks, after ``earlier`` parts of it took theirs."""
         rng = np.random.default_rng([self.seed, epoch])
         count = len(self.src_lengths)
         order = rng.permutation(count) if self.shuffle else np.arange(count)
@@ -258,7 +285,9 @@ class TokenBatchSampler:
         batches = _pack(order, widths[order], self.max_tokens)
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
-        return _even_out(batches, self.world_size)
+        for size, taken in earlier:
+            batches = _even_out(batches, size)[taken:]
+        return _even_out(batches, world_size)
 
 
 def _pack(order: np.ndarray, widths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
@@ -280,11 +309,17 @@ def _even_out(batches: list[np.ndarray], world_size: int) -> list[np.ndarray]:
         largest = max(range(len(batches)), key=lambda i: len(batches[i]))
         if len(batches[largest]) < 2:
             shortfall = world_size - len(batches) % world_size
-            log.warning(
-                "every batch holds one example and %d batches do not divide among %d ranks: %d examples are "
-                "seen twice this epoch (raise data.max_tokens to avoid it)",
-                len(batches), world_size, shortfall,
-            )  # fmt: skip
+            if len(batches) < world_size:  # no max_tokens helps: too few examples for the ranks
+                log.warning(
+                    "%d examples for %d ranks: some are seen up to %d times this epoch",
+                    len(batches), world_size, -(-world_size // len(batches)),
+                )  # fmt: skip
+            else:
+                log.warning(
+                    "every batch holds one example and %d batches do not divide among %d ranks: %d examples "
+                    "are seen twice this epoch (raise data.max_tokens to avoid it)",
+                    len(batches), world_size, shortfall,
+                )  # fmt: skip
             return batches + [batches[i % len(batches)] for i in range(shortfall)]
         half = len(batches[largest]) // 2
         batches[largest : largest + 1] = [batches[largest][:half], batches[largest][half:]]
