@@ -151,6 +151,21 @@ def test_invalid_utf8_names_file_and_line(tmp_path):
         read_split(data_cfg(tmp_path), "train")
 
 
+def test_invalid_utf8_after_a_byte_order_mark_names_its_own_line(tmp_path):
+    write_lines(tmp_path / "train.en", ["one", "two", "three"])
+    (tmp_path / "train.de").write_bytes(b"\xef\xbb\xbfeins\n\xdcber\ndrei\n")  # latin-1 capital U-umlaut
+    with pytest.raises(DataError, match=r"train\.de line 2: invalid UTF-8"):
+        read_split(data_cfg(tmp_path), "train")
+
+
+def test_a_gzip_file_without_its_gz_name_is_not_taken_for_text_in_another_encoding(tmp_path):
+    write_lines(tmp_path / "train.en", ["one"])
+    (tmp_path / "train.de").write_bytes(gzip.compress(b"eins\n"))
+    with pytest.raises(DataError, match=r"train\.de line 1: .*gzip-compressed: give it a \.gz name") as e:
+        read_split(data_cfg(tmp_path), "train")
+    assert "iconv" not in str(e.value)
+
+
 @pytest.mark.parametrize(
     "encoding, text, codec",
     [
@@ -306,6 +321,14 @@ def test_missing_tsv_and_jsonl(tmp_path):
         read_split(data_cfg(tmp_path, format="jsonl"), "valid")
 
 
+def test_the_content_hash_tells_a_line_break_inside_a_sentence_from_two_sentences():
+    from nmt.data.sources import content_hash
+
+    assert content_hash(["A\nB"], ["X\nY"]) != content_hash(["A", "B"], ["X", "Y"])
+    assert content_hash(["a"], ["b", "c"]) != content_hash(["a", "b"], ["c"])
+    assert content_hash(["a", "b"], ["c", "d"]) == content_hash(iter(["a", "b"]), ("c", "d"))
+
+
 def test_data_error_is_a_value_error():
     assert issubclass(DataError, ValueError)
 
@@ -393,6 +416,41 @@ def test_download_into_a_folder_it_cannot_write_is_one_clear_error(tmp_path, mon
     monkeypatch.setattr(files.tempfile, "mkstemp", read_only)  # as in a folder of another user
     with pytest.raises(download.DownloadError, match=r"could not write into .*m30k to download Multi30k"):
         download.ensure_multi30k(_multi30k_cfg(tmp_path))
+
+
+def test_a_download_onto_a_full_disk_says_so_not_that_the_network_failed(tmp_path):
+    """Writes past a file size limit fail as on a full disk: the error is about the folder, with no
+    advice to download by hand (into the same full disk), and no partial file is left."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, files_limited_to
+
+    code = f"""
+import gzip, hashlib, io, os, urllib.request
+from nmt.data import download
+from nmt.config import DataConfig
+payload = os.urandom(300_000)
+download.MULTI30K_SHA256 = {{"val.en.gz": hashlib.sha256(payload).hexdigest()}}
+class Response(io.BytesIO):
+    headers = {{}}
+urllib.request.urlopen = lambda url, timeout: Response(payload)
+cfg = DataConfig(dir={str(tmp_path / "m30k")!r}, train="train", valid="val", test="", download="multi30k")
+try:
+    download.ensure_multi30k(cfg)
+except download.DownloadError as e:
+    print(type(e).__name__, e)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+        preexec_fn=files_limited_to(100_000),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(
+        f"DownloadError could not write {tmp_path / 'm30k' / 'val.en.gz'} (File too large)"
+    )
+    assert "make room in" in out.stdout and "by hand" not in out.stdout
+    assert not (tmp_path / "m30k").exists()  # nor the folder made for it
 
 
 def test_download_checksum_mismatch_leaves_nothing(tmp_path, monkeypatch):

@@ -154,8 +154,15 @@ def download_file(url: str, dest: Path, sha256: str) -> Path:
     except OSError as e:
         raise DownloadError(f"could not write into {dest.parent} to download Multi30k ({e}).") from e
     try:
-        with os.fdopen(fd, "wb") as out:
-            digest = _fetch(url, out, dest.name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                digest = _fetch(url, out, dest.name)
+        except _WriteFailed as e:
+            error = e.__cause__
+            raise DownloadError(
+                f"could not write {dest} ({getattr(error, 'strerror', None) or error}); make room in "
+                f"{dest.parent} or set data.dir to a folder with space for Multi30k (about 2 MB)."
+            ) from error
         if digest != sha256:
             raise DownloadError(
                 f"downloaded {dest.name} from {url} has sha256 {digest}, expected {sha256}; the file was "
@@ -167,6 +174,19 @@ def download_file(url: str, dest: Path, sha256: str) -> Path:
     return dest
 
 
+class _WriteFailed(Exception):
+    """Writing the downloaded bytes failed (a full disk, a quota): not the network's doing."""
+
+
+def _write(out, data: bytes, flush: bool = False) -> None:
+    try:
+        out.write(data)
+        if flush:
+            out.flush()
+    except OSError as e:
+        raise _WriteFailed from e
+
+
 def _fetch(url: str, out, name: str) -> str:
     """Stream ``url`` into the open file ``out``; returns the sha256 of what was written."""
     digest = hashlib.sha256()
@@ -175,10 +195,11 @@ def _fetch(url: str, out, name: str) -> str:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=name, leave=False) as bar:
                 while chunk := response.read(CHUNK):
-                    out.write(chunk)
+                    _write(out, chunk)
                     digest.update(chunk)
                     bar.update(len(chunk))
-    except (urllib.error.URLError, OSError) as e:
+            _write(out, b"", flush=True)
+    except (urllib.error.URLError, OSError) as e:  # the network's: the file's are _WriteFailed
         reason = getattr(e, "reason", None) or e
         raise OfflineError(f"could not download Multi30k ({name}: {reason})") from e
     return digest.hexdigest()

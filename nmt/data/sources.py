@@ -91,9 +91,12 @@ def content_hash(src: Iterable[str], tgt: Iterable[str]) -> str:
     h = hashlib.sha256()
     for side in (src, tgt):
         for line in side:
-            h.update(line.encode("utf-8"))
-            h.update(b"\n")
-        h.update(b"\0")  # side separator: (["a"], ["b c"]) and (["a", "b"], ["c"]) must differ
+            data = line.encode("utf-8")
+            # Its length first: a sentence with a line break inside (JSONL, a hub dataset) is not two.
+            h.update(len(data).to_bytes(8, "little"))
+            h.update(data)
+        # End of a side, as a length no line has: (["a"], ["b", "c"]) and (["a", "b"], ["c"]) differ.
+        h.update(b"\xff" * 8)
     return h.hexdigest()
 
 
@@ -147,6 +150,8 @@ def encoding_advice(raw: bytes) -> str:
     """What to do with ``raw`` (the start of a file) that is not UTF-8 text or holds NUL bytes. It
     names a conversion only when the encoding is known or clear, and suggests deleting NUL bytes only
     when what is left is UTF-8 text: a wrong guess must not garble the file."""
+    if raw.startswith(b"\x1f\x8b"):  # gzip's magic number, which no text starts with
+        return "it is gzip-compressed: give it a .gz name or gunzip it (do not convert it)"
     if raw.startswith(UTF32_MARKS):
         return "it is UTF-32 (it starts with a byte-order mark): convert it with iconv -f UTF-32 -t UTF-8"
     utf16 = utf16_codec(raw)
@@ -225,7 +230,8 @@ def text_lines(raw: bytes, name: str | Path) -> list[str]:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        where = _where(raw, e.start, name)
+        bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0  # utf-8-sig counts from after the mark it skips
+        where = _where(raw, bom + e.start, name)
         raise DataError(f"{where}: invalid UTF-8 ({e.reason}); {encoding_advice(raw)}.") from e
     if "\x00" in text:  # valid UTF-8, but never in text
         where = _where(raw, raw.index(b"\x00"), name)
