@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from data_fixtures import data_cfg, multi30k_dir, multi30k_missing, toy_pairs, write_corpus, write_lines
 
@@ -192,6 +193,9 @@ def test_second_run_tokenizes_nothing(tmp_path, count_work):
     assert second.train_stats == first.train_stats
     assert second.tokenizer.fingerprint() == first.tokenizer.fingerprint()
     assert second.cache_dir == tmp_path / "cache"
+    # 64-bit offsets, also as read back from the cache: a side may hold more than 2**31 - 1 ids.
+    for split in (first.train, second.train, second.valid):
+        assert split.data.schema.field("src_ids").type == pa.large_list(pa.int32())
 
 
 def test_changes_invalidate_only_what_they_affect(tmp_path, count_work):

@@ -62,10 +62,12 @@ log = logging.getLogger(__name__)
 
 RATIO_FLOOR = 5
 # Bump when the layout or meaning of the encoded cache changes.
-ENCODING_VERSION = 1
+ENCODING_VERSION = 2  # 2: 64-bit offsets
 ENCODE_BLOCK = 200_000  # sentences per SentencePiece call
-ID_ARROW = pa.list_(pa.int32())
-ID_LIST = datasets.List(datasets.Value("int32"))
+# Large lists (64-bit offsets): 32-bit ones overflow past 2**31 - 1 ids on one side, about 70 million
+# sentences of 30 pieces.
+ID_ARROW = pa.large_list(pa.int32())
+ID_LIST = datasets.LargeList(datasets.Value("int32"))
 ENCODED_FEATURES = datasets.Features(
     {"src_ids": ID_LIST, "tgt_ids": ID_LIST, "index": datasets.Value("int64")}
 )
