@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 
@@ -118,6 +118,27 @@ def projected_label_smoothed_nll(
     keep = target != pad_id  # (B, T)
     rows, tokens = hidden[keep], target[keep]  # (N, D), (N,)
     return _ProjectedLabelSmoothedNLL.apply(rows, weight, tokens, float(epsilon), torch.is_grad_enabled())
+
+
+class ProjectedLoss(nn.Module):
+    """A Transformer's label-smoothed loss on a batch without its (B, T, V) logits:
+    ``forward(src, tgt_in, tgt_out, epsilon) -> (loss_sum, nll_sum)``, the values
+    :func:`label_smoothed_nll` gives on ``model(src, tgt_in)``.
+
+    The decoder's states go to :func:`projected_label_smoothed_nll` with the output projection's
+    weight. A module of its own, holding only ``model``'s parameters, so that DistributedDataParallel
+    (and ``nmt.runtime.compile_model``) see the whole training step as one ``forward``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor, epsilon: float) -> tuple[Tensor, Tensor]:
+        model = self.model
+        src_mask = src != model.pad_id  # (B, S)
+        hidden = model.decoder(tgt_in, model.encode(src, src_mask), src_mask, None)  # (B, T, D)
+        return projected_label_smoothed_nll(hidden, model.output.weight, tgt_out, epsilon, model.pad_id)
 
 
 def chunk_rows(vocab: int, budget_bytes: int = 64 << 20) -> int:

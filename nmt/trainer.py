@@ -46,7 +46,7 @@ from nmt.distributed import (
     main_rank_outcome,
 )
 from nmt.evaluate import bleu_tokenizer
-from nmt.loss import label_smoothed_nll
+from nmt.loss import ProjectedLoss, label_smoothed_nll
 from nmt.model import Transformer
 from nmt.optim import build_optimizer, build_scheduler, is_fused, lr_multiplier
 from nmt.runtime import (
@@ -161,13 +161,12 @@ def check_resume_config(cfg: Config, saved: dict[str, Any], path: str | os.PathL
         )
 
 
-def loss_in_model(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the model computes the loss itself (``model(src, tgt_in, tgt_out, smoothing)``).
+def uses_projected_loss(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether training computes the loss with :class:`nmt.loss.ProjectedLoss` rather than on logits.
 
-    Yes on CPU in fp32: slice by slice, without (B, T, V) logits (see
-    :func:`nmt.loss.projected_label_smoothed_nll`; docs/performance.md has the figures). Elsewhere the
-    logits path keeps the output projection under autocast. (``train.compile`` compiles the layers,
-    and the loss only on the logits path, so it does not change this.)
+    Yes on CPU in fp32: slice by slice, without (B, T, V) logits (docs/performance.md has the
+    figures). Elsewhere the logits path keeps the output projection under autocast. (``train.compile``
+    compiles the layers, and the loss only on the logits path, so it does not change this.)
     """
     return device.type == "cpu" and dtype == torch.float32
 
@@ -207,7 +206,7 @@ class Trainer:
             self.dtype = resolve_dtype(cfg.train.precision, self.device, "train.precision", torch.float16)
         except ValueError as e:
             raise TrainingError(str(e)) from None
-        self.fused_loss = loss_in_model(self.device, self.dtype)
+        self.projected_loss = uses_projected_loss(self.device, self.dtype)
         tgt_vocab = data.tokenizer.tgt_vocab_size
         if cfg.decode.beam >= tgt_vocab:  # validation would fail only once it is reached
             raise TrainingError(
@@ -239,12 +238,14 @@ class Trainer:
             if not (out_of_memory or "can't allocate memory" in str(e)):
                 raise
             raise TrainingError(_model_too_big(cfg, tok, e)) from None
-        self.model: nn.Module = self.raw_model
+        # What a training step calls: the model (logits), or the loss around it; compiled, under DDP.
+        self.loss_model: nn.Module = ProjectedLoss(self.raw_model) if self.projected_loss else self.raw_model
+        self.model: nn.Module = self.loss_model
         avoid_per_shape_attention_kernels(self.device)
         self.train_loss = label_smoothed_nll  # of the training step; validation runs the eager one
         if cfg.train.compile:
             self.model = compile_model(self.model)
-            if not self.fused_loss:
+            if not self.projected_loss:
                 self.train_loss = compile_loss()
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -271,7 +272,7 @@ class Trainer:
         self.sampler = self.loader.sampler
         # Validation runs the plain model, with the eager loss: nothing compiled.
         self.validator = Validator(
-            cfg, data, self.device, lambda b: self._loss(self.raw_model, b), self.writer, self.dist.is_main
+            cfg, data, self.device, lambda b: self._loss(self.loss_model, b), self.writer, self.dist.is_main
         )
         self._stop_signal: int | None = None
         self._bad_steps = 0
@@ -310,9 +311,10 @@ class Trainer:
     def _loss(
         self, model: nn.Module, batch: Batch, loss_fn: Callable = label_smoothed_nll
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sums of label-smoothed loss and NLL over the batch's target tokens."""
+        """Sums of label-smoothed loss and NLL over the batch's target tokens; ``model``: what
+        ``self.model`` or ``self.loss_model`` is, the model or :class:`ProjectedLoss` around it."""
         smoothing = self.cfg.train.label_smoothing
-        if self.fused_loss:
+        if self.projected_loss:
             return model(batch.src, batch.tgt_in, batch.tgt_out, smoothing)
         with self._autocast():
             logits = model(batch.src, batch.tgt_in)  # (B, T, V)

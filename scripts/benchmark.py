@@ -9,8 +9,8 @@
 What a step is. The same work as ``Trainer.train_step`` with one micro-batch: collate the batch from
 the encoded pairs and move it to the device ("data"), autocast forward and ``label_smoothed_nll``
 (with ``--compile``, its compiled form ``nmt.runtime.compile_loss``, as in the trainer; on CPU in
-fp32, as in the trainer, nmt's forward computes the loss itself without a logits tensor:
-``nmt.trainer.loss_in_model``) ("forward"), backward of the loss divided by the batch's target
+fp32, as in the trainer, ``nmt.loss.ProjectedLoss`` computes the loss without a logits tensor:
+``nmt.trainer.uses_projected_loss``) ("forward"), backward of the loss divided by the batch's target
 tokens ("backward"), then gradient clipping, the AdamW step of ``nmt.optim.build_optimizer``,
 zero_grad and the schedule ("optimizer").
 The timed loop never reads a value back from the device: the per-step losses are kept on the device
@@ -105,11 +105,11 @@ from nmt.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from nmt.device import avoid_per_shape_attention_kernels, device_name
 from nmt.device import resolve_device as nmt_resolve_device
 from nmt.device import resolve_dtype as nmt_resolve_dtype
-from nmt.loss import label_smoothed_nll
+from nmt.loss import ProjectedLoss, label_smoothed_nll
 from nmt.model import Transformer
 from nmt.optim import adamw, build_optimizer, build_scheduler
 from nmt.runtime import compile_loss, compile_model, compiled_graph_count, keep_freed_memory_in_heap
-from nmt.trainer import loss_in_model
+from nmt.trainer import uses_projected_loss
 
 log = logging.getLogger("benchmark")
 
@@ -277,7 +277,9 @@ class Side:
     scheduler: Any
     attention: str
     num_params: int
-    loss_in_model: bool = False  # model(src, tgt_in, tgt_out, smoothing) gives the loss, as in the trainer
+    loss_model: nn.Module | None = (
+        None  # ProjectedLoss around the model (possibly compiled), as in the trainer
+    )
     loss: Callable = label_smoothed_nll  # of the logits, as in the trainer: compiled with --compile
 
 
@@ -285,6 +287,12 @@ def logits_loss(args: argparse.Namespace) -> Callable:
     """The loss of the logits both sides use: the trainer's choice (``nmt.runtime.compile_loss`` when
     compiling)."""
     return compile_loss() if args.compile else label_smoothed_nll
+
+
+def projected_loss_model(raw: Transformer, args: argparse.Namespace) -> nn.Module:
+    """The trainer's :class:`ProjectedLoss` around the model, compiled as the trainer compiles it."""
+    loss_model = ProjectedLoss(raw)
+    return compile_model(loss_model) if args.compile else loss_model
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -303,7 +311,8 @@ def build_ours(
     return Side(
         "nmt", model, lambda b: model(b.src, b.tgt_in), params, optimizer,
         build_scheduler(optimizer, tcfg), "sdpa", raw.num_parameters(),
-        loss_in_model=loss_in_model(device, dtype), loss=logits_loss(args),
+        loss_model=projected_loss_model(raw, args) if uses_projected_loss(device, dtype) else None,
+        loss=logits_loss(args),
     )  # fmt: skip
 
 
@@ -433,8 +442,8 @@ class StepRunner:
             batch = batch.pin_memory()
         batch = batch.to(self.device, non_blocking=True)
         mark("data")
-        if self.side.loss_in_model:
-            loss_sum, _ = self.side.model(batch.src, batch.tgt_in, batch.tgt_out, self.label_smoothing)
+        if self.side.loss_model is not None:
+            loss_sum, _ = self.side.loss_model(batch.src, batch.tgt_in, batch.tgt_out, self.label_smoothing)
         else:
             with self.autocast():
                 logits = self.side.logits(batch)  # (B, T, V)

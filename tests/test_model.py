@@ -14,7 +14,7 @@ import yaml
 
 from nmt.config import ConfigError, ModelConfig
 from nmt.data.tokenizer import BOS_ID, PAD_ID
-from nmt.loss import label_smoothed_nll
+from nmt.loss import ProjectedLoss, label_smoothed_nll
 from nmt.model import MultiHeadAttention, SelfAttentionCache, Transformer
 from nmt.model import attention as attention_module
 from nmt.model.dropout import Dropout
@@ -462,8 +462,8 @@ def test_cpu_training_attention_drops_weights_with_byte_masks(causal):
 
 
 @pytest.mark.parametrize("variant", ["pre_norm", "untied_unshared"])
-def test_forward_with_references_returns_the_loss_of_the_logits(variant):
-    # The training path (loss computed inside forward, no logits tensor) against the logits path:
+def test_the_projected_loss_is_the_loss_of_the_logits(variant):
+    # The CPU training path (ProjectedLoss: no logits tensor) against the logits path:
     # same loss, same gradient for every parameter, tied or not.
     model = tiny_model(**VARIANTS[variant])
     src = padded_batch([6, 3, 5], seed=1)
@@ -473,7 +473,7 @@ def test_forward_with_references_returns_the_loss_of_the_logits(variant):
     loss.backward()
     expected = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    fused_loss, fused_nll = model(src, tgt_in, tgt_out, 0.1)
+    fused_loss, fused_nll = ProjectedLoss(model)(src, tgt_in, tgt_out, 0.1)
     fused_loss.backward()
     torch.testing.assert_close(fused_loss, loss.detach())
     torch.testing.assert_close(fused_nll, nll)

@@ -530,7 +530,7 @@ def test_compiled_training_validates_and_saves_plain_checkpoints(toy_dir, tmp_pa
     traces the forward and backward graphs as inductor would, without generating code."""
     cfg = with_train(tiny_config(toy_dir, tmp_path / "run", max_steps=6, valid_every=3), compile=True)
     trainer = make_trainer(cfg)
-    assert trainer.model is not trainer.raw_model and trainer.fused_loss
+    assert trainer.model is not trainer.raw_model and trainer.projected_loss
     result = trainer.train()
     assert result.state.step == 6 and all(math.isfinite(loss) for loss in result.state.losses)
     assert traced_graphs, "training steps ran the compiled layers"
@@ -549,7 +549,7 @@ def test_compiled_training_from_logits_compiles_the_loss(toy_dir, tmp_path, trac
     validation still compiles nothing."""
     cfg = tiny_config(toy_dir, tmp_path / "run", max_steps=4, valid_every=2)
     trainer = make_trainer(with_train(cfg, compile=True, precision="bf16"))
-    assert not trainer.fused_loss
+    assert not trainer.projected_loss
     result = trainer.train()
     assert result.state.step == 4 and all(math.isfinite(loss) for loss in result.state.losses)
     assert len(traced_graphs) == 3  # encoder layer, decoder layer, loss

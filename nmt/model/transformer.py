@@ -18,7 +18,6 @@ from torch import Tensor, nn
 
 from nmt.config import ConfigError, ModelConfig
 from nmt.data.tokenizer import PAD_ID
-from nmt.loss import projected_label_smoothed_nll
 from nmt.model.cache import KVCache
 from nmt.model.embedding import Embedder, LearnedPositions, SinusoidalPositions
 from nmt.model.layers import DecoderLayer, EncoderLayer
@@ -139,22 +138,11 @@ class Transformer(nn.Module):
         """
         return self.output(self.decoder(tgt_in, memory, src_mask, cache))
 
-    def forward(
-        self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor | None = None, label_smoothing: float = 0.0
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """Teacher-forced logits (B, T, V); masks come from ``pad_id``.
-
-        Given the references ``tgt_out`` (B, T), returns instead the sums of label-smoothed loss and
-        NLL over their non-pad tokens (:func:`nmt.loss.projected_label_smoothed_nll`): the same values
-        as :func:`nmt.loss.label_smoothed_nll` on the logits, without a (B, T, V) tensor. (A
-        training step goes through ``forward``, so that DistributedDataParallel sees it.)
-        """
+    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher-forced logits (B, T, V); masks come from ``pad_id``. (For the loss without the
+        logits, see :class:`nmt.loss.ProjectedLoss`.)"""
         src_mask = src != self.pad_id  # (B, S)
-        memory = self.encode(src, src_mask)
-        if tgt_out is None:
-            return self.decode(tgt_in, memory, src_mask)
-        hidden = self.decoder(tgt_in, memory, src_mask, None)  # (B, T, D)
-        return projected_label_smoothed_nll(hidden, self.output.weight, tgt_out, label_smoothing, self.pad_id)
+        return self.decode(tgt_in, self.encode(src, src_mask), src_mask)
 
     def new_cache(self, capacity: int = 32) -> KVCache:
         """An empty cache for incremental decoding; :meth:`decode` fills it.
