@@ -211,7 +211,6 @@ class DecodeConfig:
     max_len_a: float = 1.2  # hypotheses end at max_len_a * src_len + max_len_b tokens
     max_len_b: int = 10
     min_len: int = 1
-    nbest: int = 1
     batch_size: int = 64  # sentences per batch (cap)
     max_tokens: int = 4096  # padded source tokens per batch (cap): sentences x the longest
     # On CPU, batches decoded at the same time, each on its own thread with an equal share of torch's
@@ -220,7 +219,6 @@ class DecodeConfig:
 
     def __post_init__(self) -> None:
         _check(1 <= self.beam <= 1000, f"decode.beam={self.beam} must be in [1, 1000].")
-        _check(1 <= self.nbest <= self.beam, f"decode.nbest={self.nbest} must be in [1, decode.beam].")
         _check(0 <= self.len_penalty <= 100, f"decode.len_penalty={self.len_penalty} must be in [0, 100].")
         # Outputs are capped by the model's positions anyway; past these bounds a + b overflows.
         _check(0 <= self.max_len_a <= 1000, f"decode.max_len_a={self.max_len_a} must be in [0, 1000].")
@@ -293,6 +291,8 @@ class Config:
             return klass(**values)
 
         d = dict(d)
+        # decode.nbest, which no decoding read (n-best lists are translate's --nbest), is no longer a key.
+        d["decode"] = {k: v for k, v in d.get("decode", {}).items() if k != "nbest"}
         parts = {
             "data": build(DataConfig, d.pop("data", {})),
             "model": build(ModelConfig, d.pop("model", {})),

@@ -293,8 +293,7 @@ def _as_flag(match: re.Match[str]) -> str:
 def load_translator(args: argparse.Namespace) -> Translator:
     """The checkpoint's model with the decoding settings given on the command line."""
     translator = Translator.from_checkpoint(args.ckpt, device=args.device, dtype=args.dtype)
-    # nbest goes to translate_nbest
-    translator.cfg = replace(translator.cfg, **decode_overrides(args), nbest=1)
+    translator.cfg = replace(translator.cfg, **decode_overrides(args))
     vocab = translator.tokenizer.tgt_vocab_size
     beam = max(translator.cfg.beam, args.nbest)  # as translate_nbest will search
     if beam >= vocab:  # else it fails at the first sentence

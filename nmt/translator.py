@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from nmt.checkpoint import CheckpointError, checkpoint_file, config_from_checkpoint, load_checkpoint
-from nmt.config import Config, DecodeConfig
+from nmt.config import Config, ConfigError, DecodeConfig
 from nmt.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
 from nmt.device import avoid_per_shape_attention_kernels, resolve_device, resolve_dtype
 from nmt.search import Hypothesis, beam_search, greedy_search, position_cap
@@ -148,13 +148,13 @@ class Translator:
     def translate_nbest(
         self,
         sentences: list[str],
-        nbest: int | None = None,
+        nbest: int,
         beam: int | None = None,
         progress: Callable[[int], None] | None = None,
         first_line: int = 1,
     ) -> list[list[Translation]]:
-        """Up to ``nbest`` translations per sentence, best first (at least one; empty input: one "")."""
-        nbest = self.cfg.nbest if nbest is None else nbest
+        """Up to ``nbest`` translations per sentence, best first (at least one; empty input: one "");
+        ``beam`` is at least ``nbest`` (by default the larger of the two and the configured beam)."""
         beam = max(self.cfg.beam, nbest) if beam is None else beam
         return self._translate(sentences, beam, nbest, progress, first_line, greedy_ok=False)
 
@@ -171,13 +171,15 @@ class Translator:
     ) -> list[list[Translation]]:
         if isinstance(sentences, str):
             raise TypeError("pass a list of sentences, not one string (it would be read letter by letter).")
-        cfg = replace(self.cfg, beam=beam, nbest=nbest)  # a bad combination fails here, before any work
+        cfg = replace(self.cfg, beam=beam)  # a bad beam fails here, before any work
+        if not 1 <= nbest <= beam:
+            raise ConfigError(f"nbest={nbest} must be in [1, beam={beam}].")
         results = [[Translation("", 0.0)] for _ in sentences]
         source = self.encode(sentences, first_line)
         batches = self.batches({i: len(ids) for i, ids in source.items()})
 
         def search(batch: list[int]) -> list[list[Hypothesis]]:
-            return self._search(*self.collate([source[i] for i in batch]), cfg, greedy_ok)
+            return self._search(*self.collate([source[i] for i in batch]), cfg, nbest, greedy_ok)
 
         with _eval_mode(self.model), self.batch_map(len(batches)) as map_batches:
             for batch, hyps in zip(batches, map_batches(search, batches), strict=True):
@@ -277,7 +279,7 @@ class Translator:
         return src, src != PAD_ID
 
     def _search(
-        self, src: torch.Tensor, src_mask: torch.Tensor, cfg: DecodeConfig, greedy_ok: bool
+        self, src: torch.Tensor, src_mask: torch.Tensor, cfg: DecodeConfig, nbest: int, greedy_ok: bool
     ) -> list[list[Hypothesis]]:
         lengths = dict(
             max_len_a=cfg.max_len_a,
@@ -291,7 +293,7 @@ class Translator:
                 for tokens in greedy_search(self.model, src, src_mask, **lengths)
             ]
         return beam_search(
-            self.model, src, src_mask, beam=cfg.beam, len_penalty=cfg.len_penalty, nbest=cfg.nbest, **lengths
+            self.model, src, src_mask, beam=cfg.beam, len_penalty=cfg.len_penalty, nbest=nbest, **lengths
         )
 
     def _detokenize(self, hyps: list[list[Hypothesis]]) -> list[list[Translation]]:

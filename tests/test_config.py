@@ -183,6 +183,10 @@ def test_config_round_trips_through_a_plain_dict():
     assert Config.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError, match="unknown DataConfig keys: bogus"):
         Config.from_dict({"data": {**DataConfig().__dict__, "bogus": 1}})
+    # Checkpoints written while decode.nbest was a key (it set nothing) still load.
+    old = cfg.to_dict()
+    old["decode"]["nbest"] = 1
+    assert Config.from_dict(old) == cfg
 
 
 def test_resume_flag_spellings():

@@ -177,7 +177,7 @@ def test_bad_arguments_are_errors_not_defaults(joint_tokenizer):
         translator.translate(SENTENCES[0])
     with pytest.raises(ConfigError, match="decode.beam=0"):
         translator.translate(SENTENCES[:1], beam=0)
-    with pytest.raises(ConfigError, match="decode.nbest=0"):
+    with pytest.raises(ConfigError, match=r"nbest=0 must be in \[1, beam=5\]"):
         translator.translate_nbest(SENTENCES[:1], nbest=0)
 
 
