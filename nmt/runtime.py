@@ -156,6 +156,11 @@ def _trace_once_for_all_shapes() -> None:
     fx_config.use_duck_shape = False
 
 
+def seed_from(*entropy: int) -> int:
+    """A seed mixed from ``entropy`` (the run's seed and a rank, say): distinct inputs, unrelated streams."""
+    return int(np.random.SeedSequence(list(entropy)).generate_state(1)[0])
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

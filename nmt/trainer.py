@@ -28,7 +28,6 @@ from nmt.checkpoint import (
     RUN_FILE,
     CheckpointError,
     load_checkpoint,
-    model_differences,
     restore_best_link,
     run_checkpoint,
     save_run_checkpoint,
@@ -45,10 +44,10 @@ from nmt.distributed import (
     broadcast_flag,
     main_rank_outcome,
 )
-from nmt.evaluate import bleu_tokenizer
 from nmt.loss import ProjectedLoss, label_smoothed_nll
 from nmt.model import Transformer
 from nmt.optim import build_optimizer, build_scheduler, is_fused, lr_multiplier
+from nmt.resume import changed_settings_warnings, data_change_warning, resume_refusal, world_size_warning
 from nmt.runtime import (
     EventLog,
     Progress,
@@ -58,6 +57,7 @@ from nmt.runtime import (
     restore_signal_handlers,
     rng_state,
     seed_everything,
+    seed_from,
     set_rng_state,
 )
 from nmt.validation import Validator, perplexity
@@ -67,11 +67,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The train settings that a resumed run may change, each with a warning: it no longer continues exactly.
-TRAJECTORY_SETTINGS = (
-    "lr", "betas", "adam_eps", "weight_decay", "schedule", "warmup_steps", "min_lr", "accum_steps", "clip_norm",
-    "label_smoothing", "precision",
-)  # fmt: skip
 INTERRUPTED = "interrupted by a signal"  # the stop reason when a signal (on any rank) ends the run
 
 
@@ -141,24 +136,6 @@ class _Step:
     readings: _HostCopy
     local_tokens: float
     lr: float
-
-
-def check_resume_config(cfg: Config, saved: dict[str, Any], path: str | os.PathLike) -> None:
-    """Refuse, in one sentence, to resume a checkpoint into a different model, language pair or
-    SentencePiece settings (the checkpoint's tokenizer is kept: new settings would not be used)."""
-    differences = model_differences(saved, cfg.to_dict())
-    # Best score and patience compare BLEU across the resume: it must be tokenized as before. (Checkpoints
-    # from before train.bleu_tokenize existed were scored with 13a.)
-    was = bleu_tokenizer(saved.get("train", {}).get("bleu_tokenize", "13a"), saved["data"]["tgt_lang"])
-    now = bleu_tokenizer(cfg.train.bleu_tokenize, cfg.data.tgt_lang)
-    if was != now and cfg.train.best_metric == "bleu":
-        differences.append(("train.bleu_tokenize", was, now))
-    if differences:
-        was = ", ".join(f"{key}={a!r}" for key, a, _ in differences)
-        now = ", ".join(f"{key}={b!r}" for key, _, b in differences)
-        raise TrainingError(
-            f"{path} was trained with {was} and this run asks for {now}; resume with the run's own settings."
-        )
 
 
 def uses_projected_loss(device: torch.device, dtype: torch.dtype) -> bool:
@@ -252,9 +229,7 @@ class Trainer:
             self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         if self.dist.rank > 0:
             # The weights above are the same on every rank; dropout must not be: each rank its own stream.
-            seed_everything(
-                int(np.random.SeedSequence([cfg.train.seed, self.dist.rank]).generate_state(1)[0])
-            )
+            seed_everything(seed_from(cfg.train.seed, self.dist.rank))
         self.optimizer = build_optimizer(self.raw_model, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -524,7 +499,9 @@ class Trainer:
         state = load_checkpoint(path)
         if "optimizer" not in state:
             raise TrainingError(f"{path} holds weights only (e.g. an average); it cannot be resumed from.")
-        check_resume_config(self.cfg, state["config"], path)
+        refused = resume_refusal(self.cfg, state["config"], path)
+        if refused:
+            raise TrainingError(refused)
         try:
             self.raw_model.load_state_dict(state["model"])
         except RuntimeError as e:
@@ -546,22 +523,18 @@ class Trainer:
         order_changed = self.loader.load_state_dict(
             {"world_size": state.get("world_size", 1), **state["sampler"]}
         )
-        if self.dist.is_main and state.get("world_size", 1) != self.dist.world_size:
-            log.warning("%s", self._world_size_change(state, path))
-        if self.dist.is_main and order_changed:
-            log.warning("%s: %s", path, order_changed)
-        self._warn_if_data_changed(state.get("encoded_data"), path)
+        moved = world_size_warning(
+            state, self.cfg, self.dist.world_size, self.state.step, self.state.epoch, path
+        )
+        data_changed = data_change_warning(state.get("encoded_data"), self.data.split_keys, path)
+        for warning in (moved, order_changed and f"{path}: {order_changed}", data_changed):
+            if warning and self.dist.is_main:
+                log.warning("%s", warning)
         per_rank = state.get("rng_per_rank") or [state["rng"]]
         if self.dist.rank < len(per_rank):
             set_rng_state(per_rank[self.dist.rank])
         else:  # a rank the saved run did not have: a stream of its own, as every rank has
-            seed_everything(
-                int(
-                    np.random.SeedSequence(
-                        [self.cfg.train.seed, self.dist.rank, self.state.step]
-                    ).generate_state(1)[0]
-                )
-            )
+            seed_everything(seed_from(self.cfg.train.seed, self.dist.rank, self.state.step))
         held = run_checkpoint(self.ckpt_dir)
         if held is not None and os.path.samefile(path, held):  # (by any of its names)
             self._saved_step = self.state.step  # what this run's checkpoint holds
@@ -573,70 +546,21 @@ class Trainer:
                 )
         log.info("resumed from %s at step %d (epoch %d)", path, self.state.step, self.state.epoch)
 
-    def _world_size_change(self, state: dict[str, Any], path: str | os.PathLike) -> str:
-        """The warning for a run resumed on another number of processes (e.g. moved from one GPU to eight)."""
-        saved_world_size, world_size = state.get("world_size", 1), self.dist.world_size
-        saved_max_tokens = state["config"].get("data", {}).get("max_tokens", self.cfg.data.max_tokens)
-        saved_accum_steps = state["config"].get("train", {}).get("accum_steps", self.cfg.train.accum_steps)
-        before = saved_world_size * saved_max_tokens * saved_accum_steps
-        now = world_size * self.cfg.data.max_tokens * self.cfg.train.accum_steps
-        text = (
-            f"{path} was written by a run of {saved_world_size} processes and this run has {world_size}: "
-            f"it goes on from step {self.state.step} with the same weights, optimizer state and schedule, with "
-            f"the batches of epoch {self.state.epoch} not yet trained on, but an update now sees up to {now:,} tokens (world "
-            f"size x data.max_tokens x train.accum_steps; it was {before:,}), so it does not continue the run "
-            "exactly"
-        )
-        same_update, rest = divmod(saved_world_size * saved_accum_steps, world_size)
-        if now != before and not rest and self.cfg.data.max_tokens == saved_max_tokens:
-            text += f"; train.accum_steps={same_update} keeps the update size"
-        return text
-
     def weight_checksum(self) -> float:
         """A float64 sum of every weight, in a fixed order: equal weights give equal sums."""
         return float(sum(p.detach().double().sum() for p in self.raw_model.parameters()))
 
-    def _warn_if_data_changed(self, saved: dict[str, str] | None, path: str | os.PathLike) -> None:
-        """Resuming on other data is allowed (fine-tuning goes that way), but it is no longer the same
-        run: say so. (Checkpoints written before the keys were kept have nothing to compare.)"""
-        if not saved or not self.dist.is_main:
-            return
-        changed = [
-            split for split in ("train", "valid") if saved.get(split) != self.data.split_keys.get(split)
-        ]
-        if not changed:
-            return
-        log.warning(
-            "%s was trained on other %s data than this run reads (their text, the length filter or "
-            "data.train_limit/valid_limit changed): training goes on with the new data, so it does not "
-            "continue the run exactly%s",
-            path,
-            " and ".join({"train": "training", "valid": "validation"}[s] for s in changed),
-            "; validation scores from here on are not comparable with the best so far (best.pt, "
-            "train.patience)"
-            if "valid" in changed
-            else "",
-        )
-
     def _apply_optimizer_settings(self, saved: dict[str, Any]) -> None:
         """Give the restored optimizer and schedule this config's lr, betas, eps and weight decay, and
-        warn about every changed setting of :data:`TRAJECTORY_SETTINGS`.
+        warn about every changed setting of :data:`nmt.resume.TRAJECTORY_SETTINGS`.
 
         Loading their state brings back the values the checkpoint was trained with; a run resumed with
         train.lr=... would otherwise go on with the old ones while its config.yaml says otherwise.
         With an unchanged config this sets the values the state already holds.
         """
         t = self.cfg.train
-        # Each changes the training from here on; with a cosine schedule max_steps sets the decay.
-        keys = [*TRAJECTORY_SETTINGS, *(["max_steps"] if t.schedule == "cosine" else [])]
-        for key in keys:
-            if key in saved and saved[key] != getattr(t, key):
-                log.warning(
-                    "train.%s changed from %s to %s since the checkpoint: the run goes on with the new value",
-                    key,
-                    saved[key],
-                    getattr(t, key),
-                )
+        for warning in changed_settings_warnings(saved, t):
+            log.warning("%s", warning)
         decay, no_decay = self.optimizer.param_groups  # as build_optimizer makes them
         # What LambdaLR would have set, had it been built with this config.
         lr = t.lr * lr_multiplier(self.scheduler.last_epoch, t)
