@@ -293,11 +293,11 @@ def _as_flag(match: re.Match[str]) -> str:
 def load_translator(args: argparse.Namespace) -> Translator:
     """The checkpoint's model with the decoding settings given on the command line."""
     translator = Translator.from_checkpoint(args.ckpt, device=args.device, dtype=args.dtype)
-    translator.cfg = replace(translator.cfg, **decode_overrides(args))
+    translator.decode_cfg = replace(translator.decode_cfg, **decode_overrides(args))
     vocab = translator.tokenizer.tgt_vocab_size
-    beam = max(translator.cfg.beam, args.nbest)  # as translate_nbest will search
+    beam = max(translator.decode_cfg.beam, args.nbest)  # as translate_nbest will search
     if beam >= vocab:  # else it fails at the first sentence
-        flag = "--beam" if beam == translator.cfg.beam else "--nbest"
+        flag = "--beam" if beam == translator.decode_cfg.beam else "--nbest"
         raise ConfigError(
             f"{flag} {beam} needs more than {beam} target tokens (a beam of {beam}) and {args.ckpt} has "
             f"{vocab}; lower {flag}."
@@ -310,7 +310,7 @@ def load_translator(args: argparse.Namespace) -> Translator:
 def bleu_settings(translator: Translator, tokenize: str | None) -> dict[str, str]:
     """BLEU's tokenizer and target language for ``--ref``: those of the checkpoint's validation unless
     ``--tokenize`` is given; checked now, before anything is translated."""
-    settings = bleu_options(translator.config)
+    settings = bleu_options(translator.checkpoint_config)
     if tokenize:
         settings["tokenize"] = tokenize
     try:

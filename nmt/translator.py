@@ -64,7 +64,8 @@ class Translator:
 
     ``model`` must already be on ``device`` (default: where its parameters are). ``max_src_len``
     defaults to ``model.cfg.max_positions`` when the model has a config. The decoding settings are
-    ``self.cfg``: replace it (``dataclasses.replace(translator.cfg, beam=...)``) to decode otherwise.
+    ``self.decode_cfg``: replace it (``dataclasses.replace(translator.decode_cfg, beam=...)``) to decode
+    otherwise.
     """
 
     def __init__(
@@ -77,14 +78,16 @@ class Translator:
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.cfg = decode_cfg
+        self.decode_cfg = decode_cfg
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         avoid_per_shape_attention_kernels(self.device)  # beam search's key length grows every step
         model_cfg = getattr(model, "cfg", None)
         self.max_positions: int | None = getattr(model_cfg, "max_positions", None)
         self.max_src_len = max_src_len or self.max_positions
         self.max_len_cap = position_cap(model, None)
-        self.config: Config | None = None  # the checkpoint's, when loaded from one (from_checkpoint)
+        self.checkpoint_config: Config | None = (
+            None  # the checkpoint's, when loaded from one (from_checkpoint)
+        )
 
     @classmethod
     def from_checkpoint(
@@ -124,7 +127,7 @@ class Translator:
             str(torch_dtype).replace("torch.", ""),
         )
         translator = cls(model, tokenizer, cfg.decode, device)
-        translator.config = cfg
+        translator.checkpoint_config = cfg
         return translator
 
     # ---- public API ----------------------------------------------------------------------------
@@ -141,7 +144,7 @@ class Translator:
         sentences it held. ``first_line`` is the line number of ``sentences[0]`` in the caller's
         input, for warnings.
         """
-        beam = self.cfg.beam if beam is None else beam
+        beam = self.decode_cfg.beam if beam is None else beam
         results = self._translate(sentences, beam, 1, progress, first_line, greedy_ok=True)
         return [best[0].text for best in results]
 
@@ -155,7 +158,7 @@ class Translator:
     ) -> list[list[Translation]]:
         """Up to ``nbest`` translations per sentence, best first (at least one; empty input: one "");
         ``beam`` is at least ``nbest`` (by default the larger of the two and the configured beam)."""
-        beam = max(self.cfg.beam, nbest) if beam is None else beam
+        beam = max(self.decode_cfg.beam, nbest) if beam is None else beam
         return self._translate(sentences, beam, nbest, progress, first_line, greedy_ok=False)
 
     # ---- steps ---------------------------------------------------------------------------------
@@ -171,7 +174,7 @@ class Translator:
     ) -> list[list[Translation]]:
         if isinstance(sentences, str):
             raise TypeError("pass a list of sentences, not one string (it would be read letter by letter).")
-        cfg = replace(self.cfg, beam=beam)  # a bad beam fails here, before any work
+        cfg = replace(self.decode_cfg, beam=beam)  # a bad beam fails here, before any work
         if not 1 <= nbest <= beam:
             raise ConfigError(f"nbest={nbest} must be in [1, beam={beam}].")
         results = [[Translation("", 0.0)] for _ in sentences]
@@ -243,7 +246,7 @@ class Translator:
         ):
             return 1
         threads = torch.get_num_threads()
-        wanted = self.cfg.workers or min(threads, AUTO_MAX_WORKERS)
+        wanted = self.decode_cfg.workers or min(threads, AUTO_MAX_WORKERS)
         return max(1, min(wanted, threads, n_batches))
 
     @contextmanager
@@ -268,7 +271,7 @@ class Translator:
                 torch.set_num_threads(threads)
 
     def _fits(self, size: int, width: int) -> bool:
-        return size <= self.cfg.batch_size and size * width <= self.cfg.max_tokens
+        return size <= self.decode_cfg.batch_size and size * width <= self.decode_cfg.max_tokens
 
     def collate(self, source: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded (B, S) ids and their mask (True = real token), on the model's device."""

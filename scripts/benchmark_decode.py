@@ -175,7 +175,7 @@ def decode_all(translator: Translator, decode: Callable[[Batch], None], batches:
 def nmt_runner(translator: Translator, beam: int) -> Runner:
     """Decode with nmt (through :func:`decode_all`), recording each batch's decoder steps and
     output tokens."""
-    model, cfg = translator.model, translator.cfg
+    model, cfg = translator.model, translator.decode_cfg
     lengths = dict(max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b, min_len=cfg.min_len)
     lengths["max_len_cap"] = translator.max_len_cap
     decode = type(model).decode.__get__(model)  # the method, not an earlier wrapper
@@ -388,9 +388,9 @@ def main(argv: list[str] | None = None) -> dict:
     translator = Translator.from_checkpoint(args.ckpt, device=args.device, dtype=args.dtype)
     heap = translator.device.type == "cpu" and args.malloc == "heap" and keep_freed_memory_in_heap()
     # Batches capped by sentence count only, the same for every system.
-    translator.cfg = replace(translator.cfg, batch_size=args.batch_size, max_tokens=10**9)
+    translator.decode_cfg = replace(translator.decode_cfg, batch_size=args.batch_size, max_tokens=10**9)
     if args.workers is not None:
-        translator.cfg = replace(translator.cfg, workers=args.workers)
+        translator.decode_cfg = replace(translator.decode_cfg, workers=args.workers)
     device, dtype = translator.device, next(translator.model.parameters()).dtype
     src_lang = args.src_lang or _checkpoint_src_lang(args.ckpt)
     batches = make_batches(translator, read_source(Path(args.data_dir), args.split, src_lang, args.limit))
@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> dict:
         "repeat": args.repeat,
         "malloc": "heap" if heap else "default",
         "model": asdict(translator.model.cfg),
-        "decode": asdict(translator.cfg),
+        "decode": asdict(translator.decode_cfg),
         "parameters": translator.model.num_parameters(),
     }
     if marian is not None:

@@ -149,7 +149,7 @@ def evaluate(args: argparse.Namespace) -> int:
     translators: dict[str, Translator] = {}
     for name, path in candidates(run_dir, args.average).items():
         translators[name] = Translator.from_checkpoint(path, device=args.device)
-        translators[name].cfg = decode
+        translators[name].decode_cfg = decode
         valid_bleu[name] = score(translators[name].translate(valid_src), valid_ref, **bleu).bleu
         log.info("validation BLEU of %s: %.2f", name, valid_bleu[name])
     chosen = max(valid_bleu, key=valid_bleu.get)
@@ -178,8 +178,8 @@ def evaluate(args: argparse.Namespace) -> int:
         "test_decode_sec": round(decode_sec, 1),
         # Training's, where this command trained; with --skip-train, the decoding's.
         "hardware": hardware(translator.device if args.skip_train else resolve_device(cfg.train.device)),
-        "beam": translator.cfg.beam,
-        "len_penalty": translator.cfg.len_penalty,
+        "beam": translator.decode_cfg.beam,
+        "len_penalty": translator.decode_cfg.len_penalty,
         "date": time.strftime("%Y-%m-%d"),
     }
     if args.json:

@@ -122,11 +122,11 @@ def test_ref_tokenizes_bleu_as_the_checkpoints_validation_did(checkpoint):
     from nmt.translate import bleu_settings
 
     translator = Translator.from_checkpoint(checkpoint, device="cpu")
-    cfg = translator.config
+    cfg = translator.checkpoint_config
     assert bleu_settings(translator, None) == {"tokenize": "auto", "tgt_lang": cfg.data.tgt_lang}
-    translator.config = replace(cfg, data=replace(cfg.data, tgt_lang="zh"))
+    translator.checkpoint_config = replace(cfg, data=replace(cfg.data, tgt_lang="zh"))
     assert bleu_settings(translator, None) == {"tokenize": "auto", "tgt_lang": "zh"}
-    translator.config = replace(cfg, train=replace(cfg.train, bleu_tokenize="intl"))
+    translator.checkpoint_config = replace(cfg, train=replace(cfg.train, bleu_tokenize="intl"))
     assert bleu_settings(translator, None)["tokenize"] == "intl"
     assert bleu_settings(translator, "char")["tokenize"] == "char"  # --tokenize wins
 

@@ -113,8 +113,8 @@ def test_batches_are_length_sorted_capped_and_cover_every_sentence(joint_tokeniz
     flat = [lengths[i] for b in batches for i in b]
     assert flat == sorted(flat, reverse=True)
     for b in batches:
-        assert len(b) <= translator.cfg.batch_size
-        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= translator.cfg.max_tokens
+        assert len(b) <= translator.decode_cfg.batch_size
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= translator.decode_cfg.max_tokens
 
 
 @pytest.mark.parametrize("beam", [1, 3])
@@ -239,11 +239,15 @@ def test_translator_on_cuda_keeps_sdpa_off_cudnn(joint_tokenizer, cudnn_attentio
 
 
 def test_workers_follow_config_threads_batches_and_device(translator, torch_threads):
-    auto = Translator(translator.model, translator.tokenizer, replace(translator.cfg, workers=0), "cpu")
+    auto = Translator(
+        translator.model, translator.tokenizer, replace(translator.decode_cfg, workers=0), "cpu"
+    )
     assert [auto.workers(n) for n in (1, 2, 3, 4, 10)] == [1, 2, 3, 4, 4]  # one per thread, per batch
-    two = Translator(translator.model, translator.tokenizer, replace(translator.cfg, workers=2), "cpu")
+    two = Translator(translator.model, translator.tokenizer, replace(translator.decode_cfg, workers=2), "cpu")
     assert two.workers(10) == 2
-    many = Translator(translator.model, translator.tokenizer, replace(translator.cfg, workers=16), "cpu")
+    many = Translator(
+        translator.model, translator.tokenizer, replace(translator.decode_cfg, workers=16), "cpu"
+    )
     assert many.workers(10) == 4  # never more than the threads
     torch.set_num_threads(16)
     assert auto.workers(20) == 8  # the automatic value stops at AUTO_MAX_WORKERS
@@ -252,7 +256,7 @@ def test_workers_follow_config_threads_batches_and_device(translator, torch_thre
         assert auto.workers(10) == 1
     compiled = nn.Module()
     compiled._orig_mod = translator.model  # what torch.compile's wrapper looks like from outside
-    assert Translator(compiled, translator.tokenizer, auto.cfg, "cpu").workers(10) == 1
+    assert Translator(compiled, translator.tokenizer, auto.decode_cfg, "cpu").workers(10) == 1
     auto.device = torch.device("cuda")  # only the device type is read
     assert auto.workers(10) == 1
 
@@ -262,9 +266,9 @@ def test_parallel_batches_share_the_threads_and_keep_every_output(checkpoint, to
     equals one batch at a time (each batch's result does not depend on the others), in input
     order, and the thread setting is restored afterwards."""
     serial = Translator.from_checkpoint(checkpoint, device="cpu")
-    serial.cfg = replace(serial.cfg, workers=1)
+    serial.decode_cfg = replace(serial.decode_cfg, workers=1)
     parallel = Translator.from_checkpoint(checkpoint, device="cpu")
-    parallel.cfg = replace(parallel.cfg, workers=2)
+    parallel.decode_cfg = replace(parallel.decode_cfg, workers=2)
     sentences = ["", *SENTENCES, "", *reversed(SENTENCES)]  # 14 sentences, batches of 3 at most
     assert len(parallel.batches({i: 1 for i in range(14)})) == 5
 
