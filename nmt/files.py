@@ -40,6 +40,18 @@ def temp_dir_beside(path: Path) -> Path:
     return folder
 
 
+def unwritable(folder: Path, create: bool = True) -> str | None:
+    """Why new files cannot be made in ``folder`` (made first, with ``create``), in the system's words
+    ("Permission denied", "Read-only file system"), or None when they can."""
+    try:
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` in one rename: a reader sees the old file or the new one, and a
     failed write (a full disk) leaves the old file and no temporary one."""

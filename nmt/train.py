@@ -13,7 +13,6 @@ import logging
 import os
 import socket
 import sys
-import tempfile
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -146,7 +145,7 @@ def hold_run_dir(run_dir: Path, dist: DistInfo) -> IO[str] | None:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             lock = lock_run_dir(run_dir)
-            writable_checkpoints(run_dir / "checkpoints")
+            check_checkpoints_writable(run_dir / "checkpoints")
         except OSError as e:
             error = CheckpointError(f"cannot create the run directory {run_dir} ({e.strerror or e}).")
         except CheckpointError as e:
@@ -159,20 +158,19 @@ def hold_run_dir(run_dir: Path, dist: DistInfo) -> IO[str] | None:
     return lock
 
 
-def writable_checkpoints(ckpt_dir: Path) -> None:
+def check_checkpoints_writable(ckpt_dir: Path) -> None:
     """A run's existing checkpoints folder that cannot be written (read-only, another owner's) would
     fail only at the first save, valid_every steps later: find out now."""
     from nmt.checkpoint import CheckpointError
+    from nmt.files import unwritable
 
     if not ckpt_dir.is_dir():
         return  # created at the first save, in a run_dir that RunDirCheck found writable
-    try:
-        tempfile.TemporaryFile(dir=ckpt_dir).close()
-    except OSError as e:
+    reason = unwritable(ckpt_dir, create=False)
+    if reason:
         raise CheckpointError(
-            f"cannot write checkpoints into {ckpt_dir} ({e.strerror or e}); fix that, or train into another "
-            "run_dir."
-        ) from None
+            f"cannot write checkpoints into {ckpt_dir} ({reason}); fix that, or train into another run_dir."
+        )
 
 
 def prepare_data_main_first(
@@ -324,11 +322,11 @@ class RunDirCheck(Callback):
 
 
 def _check_run_dir(path: str) -> None:
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as e:
-        _refuse(f"run_dir={path} cannot be written ({e.strerror or e}); choose another with run_dir=PATH.")
+    from nmt.files import unwritable
+
+    reason = unwritable(Path(path))
+    if reason:
+        _refuse(f"run_dir={path} cannot be written ({reason}); choose another with run_dir=PATH.")
 
 
 def _refuse(message: str) -> None:

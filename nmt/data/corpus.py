@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,7 +44,7 @@ from nmt.data.sources import (
     writing,
 )
 from nmt.data.tokenizer import Tokenizer
-from nmt.files import publish_folder
+from nmt.files import publish_folder, unwritable
 
 __all__ = [
     "RATIO_FLOOR",
@@ -241,13 +240,7 @@ def resolve_cache_dir(cfg: DataConfig) -> Path:
 
 
 def _writable(folder: Path) -> bool:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError:
-        return False
-    return True
+    return unwritable(folder) is None
 
 
 def prepare_data(
