@@ -442,10 +442,10 @@ def translate_stream(
     nbest: int,
     total: int | None,
     name: str = "standard input",
-    keep: bool = True,
+    keep_best: bool = True,
 ) -> list[str]:
     """Translate chunk by chunk, writing as it goes; returns the best translation of every line (with
-    ``keep``: else nothing is held, for an input of any length)."""
+    ``keep_best``, to be scored: else nothing is held, for an input of any length)."""
     best: list[str] = []
     done = 0
     bar = tqdm(total=total, unit=" lines", file=sys.stderr, disable=not sys.stderr.isatty())
@@ -463,7 +463,7 @@ def translate_stream(
             out.write("".join(format_output(done + i, r, nbest) for i, r in enumerate(results)))
             out.flush()
             done += len(results)
-            if keep:
+            if keep_best:
                 best.extend(r[0].text for r in results)
     return best
 

@@ -145,7 +145,7 @@ class Translator:
         input, for warnings.
         """
         beam = self.decode_cfg.beam if beam is None else beam
-        results = self._translate(sentences, beam, 1, progress, first_line, greedy_ok=True)
+        results = self._translate(sentences, beam, 1, progress, first_line, need_scores=False)
         return [best[0].text for best in results]
 
     def translate_nbest(
@@ -159,7 +159,7 @@ class Translator:
         """Up to ``nbest`` translations per sentence, best first (at least one; empty input: one "");
         ``beam`` is at least ``nbest`` (by default the larger of the two and the configured beam)."""
         beam = max(self.decode_cfg.beam, nbest) if beam is None else beam
-        return self._translate(sentences, beam, nbest, progress, first_line, greedy_ok=False)
+        return self._translate(sentences, beam, nbest, progress, first_line, need_scores=True)
 
     # ---- steps ---------------------------------------------------------------------------------
 
@@ -170,7 +170,7 @@ class Translator:
         nbest: int,
         progress: Callable[[int], None] | None,
         first_line: int,
-        greedy_ok: bool,
+        need_scores: bool,
     ) -> list[list[Translation]]:
         if isinstance(sentences, str):
             raise TypeError("pass a list of sentences, not one string (it would be read letter by letter).")
@@ -182,7 +182,7 @@ class Translator:
         batches = self.batches({i: len(ids) for i, ids in source.items()})
 
         def search(batch: list[int]) -> list[list[Hypothesis]]:
-            return self._search(*self.collate([source[i] for i in batch]), cfg, nbest, greedy_ok)
+            return self._search(*self.collate([source[i] for i in batch]), cfg, nbest, need_scores)
 
         with _eval_mode(self.model), self.batch_map(len(batches)) as map_batches:
             for batch, hyps in zip(batches, map_batches(search, batches), strict=True):
@@ -282,7 +282,7 @@ class Translator:
         return src, src != PAD_ID
 
     def _search(
-        self, src: torch.Tensor, src_mask: torch.Tensor, cfg: DecodeConfig, nbest: int, greedy_ok: bool
+        self, src: torch.Tensor, src_mask: torch.Tensor, cfg: DecodeConfig, nbest: int, need_scores: bool
     ) -> list[list[Hypothesis]]:
         lengths = dict(
             max_len_a=cfg.max_len_a,
@@ -290,7 +290,7 @@ class Translator:
             min_len=cfg.min_len,
             max_len_cap=self.max_len_cap,
         )
-        if cfg.beam == 1 and greedy_ok:  # beam search's result with less bookkeeping, but without scores
+        if cfg.beam == 1 and not need_scores:  # beam search's result with less bookkeeping, but no scores
             return [
                 [Hypothesis(tokens, 0.0, 0.0)]
                 for tokens in greedy_search(self.model, src, src_mask, **lengths)

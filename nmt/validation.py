@@ -45,7 +45,7 @@ def perplexity(nll: float) -> float:
 
 class Validator:
     """Validates a model on ``data.valid``; ``batch_loss`` computes a batch's loss as training does.
-    ``warn``: whether to log the pairs left out of the loss (under DDP, rank 0 alone says it)."""
+    ``log_left_out``: whether to log the pairs left out of the loss (under DDP, rank 0 alone says it)."""
 
     def __init__(
         self,
@@ -54,12 +54,14 @@ class Validator:
         device: torch.device,
         batch_loss: BatchLoss,
         writer: EventLog | None = None,
-        warn: bool = True,
+        log_left_out: bool = True,
     ):
         self.cfg, self.data, self.device = cfg, data, device
         self.batch_loss = batch_loss
         self.writer = writer
-        self._fitting = self._pairs_that_fit(warn)  # checked now: a validation set none of fits is an error
+        self._fitting = self._pairs_that_fit(
+            log_left_out
+        )  # checked now: a validation set none of fits is an error
         self._loader: BatchLoader | None = None  # built on first use: the same batches every time
 
     @torch.no_grad()
@@ -83,7 +85,7 @@ class Validator:
         nll = sum(pair[1] for pair in pairs)
         return loss / max(tokens, 1), nll / max(tokens, 1)
 
-    def _pairs_that_fit(self, warn: bool) -> datasets.Dataset:
+    def _pairs_that_fit(self, log_left_out: bool) -> datasets.Dataset:
         """The validation pairs the model can read whole. Validation data is not length-filtered, and a
         pair longer than ``model.max_positions`` cannot be scored teacher-forced; it is left out of the
         loss (with a warning), while BLEU still covers it (its source truncated, as nmt.translate does)."""
@@ -99,7 +101,7 @@ class Validator:
                 f"none of the {len(valid):,} validation pairs fits model.max_positions={limit} (the shortest "
                 f"takes {int(np.maximum(src, tgt).min())} positions); raise model.max_positions."
             )
-        if warn:
+        if log_left_out:
             log.warning(
                 "validation loss leaves out %d of %d pairs longer than model.max_positions=%d",
                 len(valid) - len(fits),
