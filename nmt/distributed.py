@@ -92,6 +92,16 @@ def main_rank_outcome(error: BaseException | None, info: DistInfo) -> str | None
     return box[0]
 
 
+def raise_main_rank_failure(error: Exception | None, info: DistInfo, wrap: type[Exception]) -> None:
+    """Stop every rank when rank 0's work failed: rank 0 raises its ``error``, the others a ``wrap``
+    saying "rank 0 stopped: " and its reason (see :func:`main_rank_outcome`)."""
+    failure = main_rank_outcome(error, info)
+    if error is not None:
+        raise error
+    if failure is not None:
+        raise wrap(f"rank 0 stopped: {failure}")
+
+
 def all_gather_floats(values: list[float], info: DistInfo, device: torch.device) -> list[list[float]]:
     """Every rank's ``values`` (the same length on each), in rank order, on every rank."""
     mine = torch.tensor(values, dtype=torch.float64, device=device)

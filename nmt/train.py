@@ -138,7 +138,7 @@ def hold_run_dir(run_dir: Path, dist: DistInfo) -> IO[str] | None:
     before looking for a checkpoint to resume: a second training into the same folder is refused. The
     other ranks learn whether it could, and stop with its reason if not."""
     from nmt.checkpoint import CheckpointError, lock_run_dir
-    from nmt.distributed import main_rank_outcome
+    from nmt.distributed import raise_main_rank_failure
 
     lock, error = None, None
     if dist.is_main:
@@ -150,11 +150,7 @@ def hold_run_dir(run_dir: Path, dist: DistInfo) -> IO[str] | None:
             error = CheckpointError(f"cannot create the run directory {run_dir} ({e.strerror or e}).")
         except CheckpointError as e:
             error = e
-    failure = main_rank_outcome(error, dist)
-    if error is not None:
-        raise error
-    if failure is not None:
-        raise CheckpointError(f"rank 0 stopped: {failure}")
+    raise_main_rank_failure(error, dist, CheckpointError)
     return lock
 
 

@@ -42,7 +42,7 @@ from nmt.distributed import (
     all_reduce_sum,
     any_flags,
     broadcast_flag,
-    main_rank_outcome,
+    raise_main_rank_failure,
 )
 from nmt.loss import ProjectedLoss, label_smoothed_nll
 from nmt.model import Transformer
@@ -685,26 +685,21 @@ class Trainer:
             if error is not None:
                 log.error("%s", e)
             error = error or e
-        failure = main_rank_outcome(error, self.dist)
-        if error is not None:
-            raise error
-        if failure is not None:
-            raise TrainingError(f"rank 0 stopped: {failure}")
+        raise_main_rank_failure(error, self.dist, TrainingError)
 
     def train(self) -> TrainResult:
+        t = self.cfg.train
         handlers = install_signal_handlers(self._handle_signal)
-        self._progress: Progress | None = None
+        progress = Progress(t.max_steps, self.state.step, self.dist.is_main, t.log_every)
         try:
-            return self._train_loop()
+            return self._train_loop(progress)
         finally:
             restore_signal_handlers(handlers)
-            if self._progress is not None:  # after an error: the bar ends and log lines go back
-                self._progress.close()
+            progress.close()  # (again) after an error: the bar ends and log lines go back
 
-    def _train_loop(self) -> TrainResult:
+    def _train_loop(self, progress: Progress) -> TrainResult:
         t = self.cfg.train
         self.model.train()
-        progress = self._progress = Progress(t.max_steps, self.state.step, self.dist.is_main, t.log_every)
         stream = self._batch_stream()
         start, start_elapsed = time.monotonic(), self.state.elapsed_sec
         metrics: dict[str, float] = {}
