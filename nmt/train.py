@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from nmt.config import Config, ConfigError, check_override_keys, register_schema, to_config
 
 if TYPE_CHECKING:
-    from nmt.data import PreparedData
+    from nmt.data.corpus import PreparedData
     from nmt.distributed import DistInfo
     from nmt.runtime import EventLog
     from nmt.trainer import Trainer
@@ -176,7 +176,8 @@ def prepare_data_main_first(
     which read what it wrote. Only rank 0 writes into the run directory (tokenizer copy, config,
     checkpoints, TensorBoard). If rank 0 fails (a missing or malformed file, no network), every rank
     stops with its reason."""
-    from nmt.data import DataError, prepare_data
+    from nmt.data.corpus import prepare_data
+    from nmt.data.sources import DataError
     from nmt.distributed import main_rank_outcome
 
     if dist.is_main:
@@ -248,7 +249,7 @@ def report_ranks(trainer: Trainer, start_step: int) -> None:
 @hydra.main(version_base=None, config_path="../configs", config_name="config")
 def main(dcfg: DictConfig) -> None:
     from nmt.checkpoint import CheckpointError
-    from nmt.data import DataError
+    from nmt.data.sources import DataError
     from nmt.trainer import TrainingError
 
     sweep = HydraConfig.get().mode == RunMode.MULTIRUN

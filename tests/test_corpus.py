@@ -238,7 +238,7 @@ def test_run_dir_gets_the_tokenizer_and_resume_takes_the_checkpoints(tmp_path, c
 
 FILE_SIZE_LIMIT = """
 import sys
-from nmt.data import prepare_data
+from nmt.data.corpus import prepare_data
 from nmt.data.sources import DataError
 from tests.data_fixtures import data_cfg
 try:

@@ -197,7 +197,7 @@ def _disagreeing_rank(rank: int, port: int, cfg, results: str, scenario: str) ->
     import torch
     import torch.distributed as dist
 
-    from nmt.data import prepare_data
+    from nmt.data.corpus import prepare_data
     from nmt.distributed import DistInfo
     from nmt.trainer import Trainer
 
@@ -284,7 +284,7 @@ def test_ranks_that_disagree_still_stop_together(tmp_path, scenario):
 
     import torch.multiprocessing as mp
 
-    from nmt.data import prepare_data
+    from nmt.data.corpus import prepare_data
 
     toy = write_toy_corpus(tmp_path / "toy")
     limits = dict(max_steps=10_000, max_time_min=0.05) if scenario == "clocks_apart" else dict(max_steps=8)
@@ -321,7 +321,7 @@ def test_rank_0_failing_to_validate_or_save_stops_every_rank_with_its_reason(tmp
 
     import torch.multiprocessing as mp
 
-    from nmt.data import prepare_data
+    from nmt.data.corpus import prepare_data
 
     toy = write_toy_corpus(tmp_path / "toy")
     cfg = tiny_config(toy, tmp_path / "run", valid_every=3, max_steps=8)
@@ -351,7 +351,7 @@ def _rank_of_train_run(rank: int, port: int, cfgs: list, results: str) -> None:
 
     import torch
 
-    from nmt.data import DataError
+    from nmt.data.sources import DataError
     from nmt.train import run
     from nmt.trainer import TrainingError
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from nmt.checkpoint import load_checkpoint
-from nmt.data import prepare_data
+from nmt.data.corpus import prepare_data
 from nmt.trainer import Trainer
 from tests.conftest import tiny_config
 from tests.script_loader import load_script

@@ -87,7 +87,7 @@ def test_signal_saves_the_step_reached_exits_128_plus_signum_and_resume_continue
 
 
 def test_a_second_ctrl_c_stops_at_once_and_a_second_sigterm_does_not(toy_dir, tmp_path):
-    from nmt.data import prepare_data
+    from nmt.data.corpus import prepare_data
     from nmt.trainer import Trainer
 
     cfg = tiny_config(toy_dir, tmp_path / "run")

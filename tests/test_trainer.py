@@ -11,7 +11,7 @@ import torch
 
 from nmt.checkpoint import CheckpointError, find_resume_checkpoint, load_checkpoint
 from nmt.config import Config
-from nmt.data import prepare_data
+from nmt.data.corpus import prepare_data
 from nmt.distributed import DistInfo
 from nmt.optim import lr_multiplier
 from nmt.runtime import EventLog
