@@ -159,6 +159,17 @@ def test_split_keys_follow_the_data_not_the_cache(tmp_path):
     assert ids[0] == ids[1] and keys[0] != keys[1]
 
 
+def test_split_keys_stay_what_checkpoints_recorded(tmp_path):
+    """A resumed run compares its data's keys with the checkpoint's: a new version of the code must give
+    the same keys for the same data, or every resume would warn that the data changed. (The values are
+    those of earlier versions on this corpus.)"""
+    write_corpus(tmp_path)
+    assert prepare_data(data_cfg(tmp_path)).split_keys == {
+        "train": "5b66fcdc8be508a3",
+        "valid": "8f6a21c4c1851ff8",
+    }
+
+
 def test_limits(tmp_path):
     write_corpus(tmp_path)
     data = prepare_data(data_cfg(tmp_path, train_limit=50, valid_limit=5))

@@ -210,6 +210,19 @@ def encoded_key(dataset: datasets.Dataset, *extra: str) -> str:
     return hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
 
 
+def _joined_text_hash(src: list[str], ref: list[str]) -> str:
+    """sha256 of the lines joined by line breaks, each side ended by a NUL: the validation key's hash of
+    the text, as checkpoints have recorded it, so that a resumed run compares alike. (Unlike
+    :func:`nmt.data.sources.content_hash` it cannot tell a line break inside a sentence from two
+    sentences; beside the ids, which fix each line's length, it need not.)"""
+    h = hashlib.sha256()
+    for side in (src, ref):
+        for line in side:
+            h.update(line.encode("utf-8") + b"\n")
+        h.update(b"\0")
+    return h.hexdigest()
+
+
 def _save_atomic(dataset: datasets.Dataset, stats: FilterStats, folder: Path) -> None:
     def fill(tmp: Path) -> None:
         dataset.save_to_disk(str(tmp))
@@ -290,7 +303,7 @@ def prepare_data(
         stats,
         cache_dir,
         # Validation also scores BLEU on the reference text, which ids do not show in full (UNKs).
-        {"train": encoded_key(train), "valid": encoded_key(valid, valid_hash)},
+        {"train": encoded_key(train), "valid": encoded_key(valid, _joined_text_hash(valid_src, valid_ref))},
     )
 
 
