@@ -418,9 +418,11 @@ def test_download_into_a_folder_it_cannot_write_is_one_clear_error(tmp_path, mon
         download.ensure_multi30k(_multi30k_cfg(tmp_path))
 
 
-def test_a_download_onto_a_full_disk_says_so_not_that_the_network_failed(tmp_path):
+@pytest.mark.parametrize("size", [300_000, 100_100])
+def test_a_download_onto_a_full_disk_says_so_not_that_the_network_failed(tmp_path, size):
     """Writes past a file size limit fail as on a full disk: the error is about the folder, with no
-    advice to download by hand (into the same full disk), and no partial file is left."""
+    advice to download by hand (into the same full disk), and no partial file is left. (100,100 bytes:
+    the last 100 wait in the file's buffer, and it is closing the file that fails.)"""
     import subprocess
     import sys
 
@@ -430,7 +432,7 @@ def test_a_download_onto_a_full_disk_says_so_not_that_the_network_failed(tmp_pat
 import gzip, hashlib, io, os, urllib.request
 from nmt.data import download
 from nmt.config import DataConfig
-payload = os.urandom(300_000)
+payload = os.urandom({size})
 download.MULTI30K_SHA256 = {{"val.en.gz": hashlib.sha256(payload).hexdigest()}}
 class Response(io.BytesIO):
     headers = {{}}

@@ -157,8 +157,11 @@ def download_file(url: str, dest: Path, sha256: str) -> Path:
         try:
             with os.fdopen(fd, "wb") as out:
                 digest = _fetch(url, out, dest.name)
-        except _WriteFailed as e:
-            error = e.__cause__
+        except (
+            _WriteFailed,
+            OSError,
+        ) as e:  # the file's, while writing or closing (the network's are OfflineError)
+            error = e.__cause__ if isinstance(e, _WriteFailed) else e
             raise DownloadError(
                 f"could not write {dest} ({getattr(error, 'strerror', None) or error}); make room in "
                 f"{dest.parent} or set data.dir to a folder with space for Multi30k (about 2 MB)."
@@ -178,11 +181,9 @@ class _WriteFailed(Exception):
     """Writing the downloaded bytes failed (a full disk, a quota): not the network's doing."""
 
 
-def _write(out, data: bytes, flush: bool = False) -> None:
+def _write(out, data: bytes) -> None:
     try:
         out.write(data)
-        if flush:
-            out.flush()
     except OSError as e:
         raise _WriteFailed from e
 
@@ -198,7 +199,6 @@ def _fetch(url: str, out, name: str) -> str:
                     _write(out, chunk)
                     digest.update(chunk)
                     bar.update(len(chunk))
-            _write(out, b"", flush=True)
     except (urllib.error.URLError, OSError) as e:  # the network's: the file's are _WriteFailed
         reason = getattr(e, "reason", None) or e
         raise OfflineError(f"could not download Multi30k ({name}: {reason})") from e
