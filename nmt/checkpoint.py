@@ -406,6 +406,8 @@ def _link(src: Path, dst: Path) -> None:
     except OSError:
         try:
             shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as copy:  # on disk before its name is: as durable as latest.pt
+                os.fsync(copy.fileno())
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

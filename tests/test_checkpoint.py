@@ -351,6 +351,32 @@ def test_a_save_syncs_the_folder_after_its_last_rename(tmp_path, monkeypatch):
     assert synced == [(tmp_path / "other", ["latest.pt"], 5)]
 
 
+def test_where_hard_links_fail_the_names_are_synced_copies(tmp_path, monkeypatch):
+    """On a file system without hard links, step_N.pt and best.pt are copies, each on disk before it
+    gets its name, as latest.pt is."""
+    import nmt.checkpoint
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    synced = set()
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.add(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(nmt.checkpoint.os, "link", no_links)
+    monkeypatch.setattr(os, "fsync", fsync)
+    ckpt_dir = tmp_path / "checkpoints"
+    save_run_checkpoint(run_state(10, best_step=10), ckpt_dir, 10, keep_last=1, best=True)
+    names = ["best.pt", "latest.pt", "step_00000010.pt"]
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == names
+    assert not os.path.samefile(ckpt_dir / "best.pt", ckpt_dir / "latest.pt")  # copies, not links
+    assert all(saved_step(ckpt_dir / name) == 10 for name in names)
+    assert {(ckpt_dir / name).stat().st_ino for name in names} <= synced
+
+
 def test_temp_files_of_a_killed_save_are_removed_by_the_next_save(tmp_path):
     ckpt_dir = tmp_path / "checkpoints"
     save_run_checkpoint(run_state(10, best_step=10), ckpt_dir, 10, keep_last=1, best=True)
