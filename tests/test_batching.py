@@ -285,6 +285,24 @@ def test_an_epoch_on_changing_world_sizes_sees_every_example_once(pairs, parts):
     assert sorted(seen) == list(range(len(pairs)))
 
 
+def test_a_changed_order_after_a_change_of_world_size_goes_on_at_the_share_of_the_epoch_done(pairs):
+    """One process took most of the epoch, two processes a little more; resumed with another seed
+    (a new order), the epoch goes on with about as many examples left as there were, not restarted."""
+    one = sampler_for(pairs, max_tokens=205, seed=4)
+    one.set_epoch(2)
+    seen = [i for batch in itertools.islice(iter(one), 60) for i in batch]
+    two = [sampler_for(pairs, max_tokens=205, seed=4, rank=r, world_size=2) for r in range(2)]
+    for sampler in two:
+        sampler.load_state_dict(one.state_dict())
+        seen += [i for batch in itertools.islice(iter(sampler), 1) for i in batch]
+    reseeded = [sampler_for(pairs, max_tokens=205, seed=5, rank=r, world_size=2) for r in range(2)]
+    for sampler in reseeded:
+        assert "same share of its examples" in sampler.load_state_dict(two[0].state_dict())
+    left = sum(len(batch) for sampler in reseeded for batch in sampler)
+    largest = max(len(batch) for batch in sampler_for(pairs, max_tokens=205, seed=5).global_batches(2))
+    assert abs(left - (len(pairs) - len(seen))) <= 2 * largest, (left, len(pairs) - len(seen))
+
+
 def test_a_new_world_size_keeps_the_global_order_of_the_batches_left(pairs):
     """One process took 5 batches; four go on with batches 5, 6, 7, 8 of the same order, and so on."""
     one = sampler_for(pairs, max_tokens=230, seed=4)

@@ -195,7 +195,7 @@ class TokenBatchSampler:
         # Earlier parts of the current epoch that ran on other world sizes (a resume on another number
         # of processes): (world size, global batches taken) each; this epoch's batches are what they left.
         self._earlier: list[tuple[int, int]] = []
-        self._cached: tuple[tuple, list[np.ndarray]] | None = None
+        self._cached: tuple[tuple, list[np.ndarray], list[np.ndarray]] | None = None
         oversized = int((np.maximum(self.src_lengths, self.tgt_lengths) > max_tokens).sum())
         if oversized:
             log.warning(
@@ -221,13 +221,17 @@ class TokenBatchSampler:
             yield batch.tolist()
 
     def state_dict(self) -> dict[str, Any]:
+        everyone = self._epoch_batches()[0]
+        left = sum(len(batch) for batch in everyone[self._position * self.world_size :])
         return {
             "epoch": self.epoch,
             "position": self._position,
             "num_batches": len(self),
             "seed": self.seed,
+            "max_tokens": self.max_tokens,
             "world_size": self.world_size,
             "earlier": [list(part) for part in self._earlier],
+            "done": max(0.0, 1.0 - left / len(self.src_lengths)),  # the share of the epoch's examples taken
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> str | None:
@@ -243,8 +247,10 @@ class TokenBatchSampler:
         earlier = [(int(size), int(taken)) for size, taken in state.get("earlier", [])]
         position, saved_batches = int(state["position"]), state.get("num_batches")
         saved_order = self._batches(self.epoch, earlier, saved_world_size)
-        same_order = state.get("seed", self.seed) == self.seed and (
-            saved_batches is None or len(saved_order) == saved_batches * saved_world_size
+        same_order = (
+            state.get("seed", self.seed) == self.seed
+            and state.get("max_tokens", self.max_tokens) == self.max_tokens
+            and (saved_batches is None or len(saved_order) == saved_batches * saved_world_size)
         )
         changed = None
         if same_order and saved_world_size == self.world_size:
@@ -253,22 +259,30 @@ class TokenBatchSampler:
             self._earlier, position = [*earlier, (saved_world_size, position * saved_world_size)], 0
         else:
             self._earlier = []
-            if saved_batches and saved_batches != len(self):
+            if "done" in state:
+                position = round(float(state["done"]) * len(self))
+            elif saved_batches and saved_batches != len(self):  # saved before "done" was
                 position = round(position * len(self) / saved_batches)
             changed = (
-                f"the data order was saved with {saved_batches} batches per rank and seed {state.get('seed')}, "
-                f"now {len(self)} and {self.seed} (data, max_tokens or seed changed): epoch {self.epoch} goes "
-                f"on at the same fraction, batch {min(position, len(self))} of {len(self)}"
+                f"the data order was saved with {saved_batches} batches per rank, seed {state.get('seed')} and "
+                f"max_tokens {state.get('max_tokens', '?')}, now {len(self)}, {self.seed} and {self.max_tokens} "
+                f"(data, max_tokens or seed changed): epoch {self.epoch} goes on at the same share of its "
+                f"examples, batch {min(position, len(self))} of {len(self)}"
             )
         self._start = self._position = min(position, len(self))
         return changed
 
     def rank_batches(self) -> list[np.ndarray]:
         """This rank's batches (index arrays) for the current epoch, in order."""
+        return self._epoch_batches()[1]
+
+    def _epoch_batches(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The current epoch's batches: all ranks' (:meth:`global_batches`) and this rank's."""
         key = (self.epoch, tuple(self._earlier))
         if self._cached is None or self._cached[0] != key:
-            self._cached = (key, self.global_batches(self.epoch)[self.rank :: self.world_size])
-        return self._cached[1]
+            everyone = self.global_batches(self.epoch)
+            self._cached = (key, everyone, everyone[self.rank :: self.world_size])
+        return self._cached[1], self._cached[2]
 
     def global_batches(self, epoch: int) -> list[np.ndarray]:
         """All ranks' batches for ``epoch``: a multiple of world_size of them, ranks interleaved."""
