@@ -8,7 +8,7 @@ A checkpoint is a plain dict of tensors and Python primitives (no pickled object
     model           model state_dict (unwrapped from DDP / torch.compile)
     # training checkpoints add:
     optimizer, scheduler, scaler, train_state (step, epoch, best metric, ...),
-    sampler (position in the epoch), rng (rank 0's python/numpy/torch/cuda states),
+    sampler (position in the epoch, and the world sizes of its earlier parts), rng (rank 0's python/numpy/torch/cuda states),
     rng_per_rank (every rank's, in rank order), world_size (the ranks that trained it),
     encoded_data (per split, a hash of the training and validation data: PreparedData.split_keys)
     # average_checkpoints() writes the first four and:
@@ -214,7 +214,10 @@ def _earlier(path: Path) -> str:
 
 
 def config_from_checkpoint(state: dict[str, Any]) -> Config:
-    return Config.from_dict(state["config"])
+    config = dict(state["config"])
+    # decode.nbest, which no decoding read (n-best lists are translate's --nbest), is no longer a key.
+    config["decode"] = {k: v for k, v in config.get("decode", {}).items() if k != "nbest"}
+    return Config.from_dict(config)
 
 
 def model_differences(was: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:

@@ -291,8 +291,6 @@ class Config:
             return klass(**values)
 
         d = dict(d)
-        # decode.nbest, which no decoding read (n-best lists are translate's --nbest), is no longer a key.
-        d["decode"] = {k: v for k, v in d.get("decode", {}).items() if k != "nbest"}
         parts = {
             "data": build(DataConfig, d.pop("data", {})),
             "model": build(ModelConfig, d.pop("model", {})),

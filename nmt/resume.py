@@ -83,11 +83,16 @@ def world_size_warning(
     saved_accum_steps = state["config"].get("train", {}).get("accum_steps", cfg.train.accum_steps)
     before = saved_world_size * saved_max_tokens * saved_accum_steps
     now = world_size * cfg.data.max_tokens * cfg.train.accum_steps
+    update = (
+        f"an update still sees up to {now:,} tokens, in other batches"
+        if now == before
+        else f"an update now sees up to {now:,} tokens (world size x data.max_tokens x train.accum_steps; it was "
+        f"{before:,})"
+    )
     text = (
         f"{path} was written by a run of {saved_world_size} processes and this run has {world_size}: it goes on "
         f"from step {step} with the same weights, optimizer state and schedule, with the batches of epoch "
-        f"{epoch} not yet trained on, but an update now sees up to {now:,} tokens (world size x "
-        f"data.max_tokens x train.accum_steps; it was {before:,}), so it does not continue the run exactly"
+        f"{epoch} not yet trained on, but {update}, so it does not continue the run exactly"
     )
     same_update, rest = divmod(saved_world_size * saved_accum_steps, world_size)
     if now != before and not rest and cfg.data.max_tokens == saved_max_tokens:

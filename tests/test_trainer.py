@@ -530,7 +530,7 @@ def test_compiled_training_validates_and_saves_plain_checkpoints(toy_dir, tmp_pa
     traces the forward and backward graphs as inductor would, without generating code."""
     cfg = with_train(tiny_config(toy_dir, tmp_path / "run", max_steps=6, valid_every=3), compile=True)
     trainer = make_trainer(cfg)
-    assert trainer.model is not trainer.raw_model and trainer.projected_loss
+    assert trainer.model is not trainer.loss_model and trainer.projected_loss
     result = trainer.train()
     assert result.state.step == 6 and all(math.isfinite(loss) for loss in result.state.losses)
     assert traced_graphs, "training steps ran the compiled layers"

@@ -168,7 +168,8 @@ class TokenBatchSampler:
     when every batch already holds a single example, which a tiny data set or a budget that fits one
     sentence at a time gives, are a few batches repeated), then rank r takes batches r, r + W, ...
     Every rank thus sees the same number of batches. The batches depend only on the lengths, max_tokens,
-    seed, epoch and world size, so all ranks agree without communicating.
+    seed, epoch and world size (and, in an epoch resumed on another world size, on what its earlier
+    parts took: :meth:`load_state_dict`), so all ranks agree without communicating.
     """
 
     def __init__(
