@@ -303,6 +303,17 @@ def test_a_changed_order_after_a_change_of_world_size_goes_on_at_the_share_of_th
     assert abs(left - (len(pairs) - len(seen))) <= 2 * largest, (left, len(pairs) - len(seen))
 
 
+def test_resuming_on_another_world_size_does_not_repeat_the_old_ranks_warnings(caplog):
+    two = [TokenBatchSampler([40] * 3, [40] * 3, 66, rank=r, world_size=2) for r in range(2)]
+    for sampler in two:
+        list(itertools.islice(iter(sampler), 1))
+    assert "seen twice" in caplog.text  # one example twice, for two ranks
+    caplog.clear()
+    one = TokenBatchSampler([40] * 3, [40] * 3, 66)
+    assert one.load_state_dict(two[0].state_dict()) is None
+    assert len(list(one)) == 2 and "seen twice" not in caplog.text
+
+
 def test_a_new_world_size_keeps_the_global_order_of_the_batches_left(pairs):
     """One process took 5 batches; four go on with batches 5, 6, 7, 8 of the same order, and so on."""
     one = sampler_for(pairs, max_tokens=230, seed=4)

@@ -247,7 +247,7 @@ class TokenBatchSampler:
         saved_world_size = int(state.get("world_size", self.world_size))
         earlier = [(int(size), int(taken)) for size, taken in state.get("earlier", [])]
         position, saved_batches = int(state["position"]), state.get("num_batches")
-        saved_order = self._batches(self.epoch, earlier, saved_world_size)
+        saved_order = self._batches(self.epoch, earlier, saved_world_size, quiet=True)
         same_order = (
             state.get("seed", self.seed) == self.seed
             and state.get("max_tokens", self.max_tokens) == self.max_tokens
@@ -289,8 +289,11 @@ class TokenBatchSampler:
         """All ranks' batches for ``epoch``: a multiple of world_size of them, ranks interleaved."""
         return self._batches(epoch, self._earlier if epoch == self.epoch else [], self.world_size)
 
-    def _batches(self, epoch: int, earlier: list[tuple[int, int]], world_size: int) -> list[np.ndarray]:
-        """The epoch's batches for ``world_size`` ranks, after ``earlier`` parts of it took theirs."""
+    def _batches(
+        self, epoch: int, earlier: list[tuple[int, int]], world_size: int, quiet: bool = False
+    ) -> list[np.ndarray]:
+        """The epoch's batches for ``world_size`` ranks, after ``earlier`` parts of it took theirs
+        (``quiet``: without warning of repeated examples, for the order of a run that was)."""
         rng = np.random.default_rng([self.seed, epoch])
         count = len(self.src_lengths)
         order = rng.permutation(count) if self.shuffle else np.arange(count)
@@ -301,8 +304,8 @@ class TokenBatchSampler:
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
         for size, taken in earlier:
-            batches = _even_out(batches, size)[taken:]
-        return _even_out(batches, world_size)
+            batches = _even_out(batches, size, quiet=True)[taken:]  # warned about when that part ran
+        return _even_out(batches, world_size, quiet)
 
 
 def _pack(order: np.ndarray, widths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
@@ -318,13 +321,15 @@ def _pack(order: np.ndarray, widths: np.ndarray, max_tokens: int) -> list[np.nda
     return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=False)]
 
 
-def _even_out(batches: list[np.ndarray], world_size: int) -> list[np.ndarray]:
+def _even_out(batches: list[np.ndarray], world_size: int, quiet: bool = False) -> list[np.ndarray]:
     """Bring the batch count to a multiple of world_size: split the largest batches, else repeat some."""
     while len(batches) % world_size:
         largest = max(range(len(batches)), key=lambda i: len(batches[i]))
         if len(batches[largest]) < 2:
             shortfall = world_size - len(batches) % world_size
-            if len(batches) < world_size:  # no max_tokens helps: too few examples for the ranks
+            if quiet:
+                pass
+            elif len(batches) < world_size:  # no max_tokens helps: too few examples for the ranks
                 log.warning(
                     "%d examples for %d ranks: some are seen up to %d times this epoch",
                     len(batches), world_size, -(-world_size // len(batches)),
