@@ -8,7 +8,8 @@ A checkpoint is a plain dict of tensors and Python primitives (no pickled object
     model           model state_dict (unwrapped from DDP / torch.compile)
     # training checkpoints add:
     optimizer, scheduler, scaler, train_state (step, epoch, best metric, ...),
-    sampler (position in the epoch, and the world sizes of its earlier parts), rng (rank 0's python/numpy/torch/cuda states),
+    sampler (TokenBatchSampler.state_dict(): the position in the epoch, the share of it done, and the
+    world sizes of its earlier parts), rng (rank 0's python/numpy/torch/cuda states),
     rng_per_rank (every rank's, in rank order), world_size (the ranks that trained it),
     encoded_data (per split, a hash of the training and validation data: PreparedData.split_keys)
     # average_checkpoints() writes the first four and:

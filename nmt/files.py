@@ -48,7 +48,7 @@ def unwritable(folder: Path, create: bool = True) -> str | None:
             folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
-        return e.strerror or str(e)
+        return e.strerror or str(e) or type(e).__name__
     return None
 
 

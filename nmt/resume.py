@@ -72,10 +72,17 @@ def data_change_warning(
 
 
 def world_size_warning(
-    state: dict[str, Any], cfg: Config, world_size: int, step: int, epoch: int, path: str | os.PathLike
+    state: dict[str, Any],
+    cfg: Config,
+    world_size: int,
+    step: int,
+    epoch: int,
+    path: str | os.PathLike,
+    same_order: bool = True,
 ) -> str | None:
     """The warning for a checkpoint (``state``) resumed on another number of processes (e.g. moved from
-    one GPU to eight), at ``step`` in ``epoch``; None when the number is the same."""
+    one GPU to eight), at ``step`` in ``epoch``; None when the number is the same. ``same_order``: the
+    sampler goes on with the epoch's batches not yet trained on (else in a new order, which it tells)."""
     saved_world_size = state.get("world_size", 1)
     if saved_world_size == world_size:
         return None
@@ -91,8 +98,9 @@ def world_size_warning(
     )
     text = (
         f"{path} was written by a run of {saved_world_size} processes and this run has {world_size}: it goes on "
-        f"from step {step} with the same weights, optimizer state and schedule, with the batches of epoch "
-        f"{epoch} not yet trained on, but {update}, so it does not continue the run exactly"
+        f"from step {step} with the same weights, optimizer state and schedule, "
+        + (f"with the batches of epoch {epoch} not yet trained on, " if same_order else "")
+        + f"but {update}, so it does not continue the run exactly"
     )
     same_update, rest = divmod(saved_world_size * saved_accum_steps, world_size)
     if now != before and not rest and cfg.data.max_tokens == saved_max_tokens:

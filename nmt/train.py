@@ -163,7 +163,7 @@ def check_checkpoints_writable(ckpt_dir: Path) -> None:
     if not ckpt_dir.is_dir():
         return  # created at the first save, in a run_dir that RunDirCheck found writable
     reason = unwritable(ckpt_dir, create=False)
-    if reason:
+    if reason is not None:
         raise CheckpointError(
             f"cannot write checkpoints into {ckpt_dir} ({reason}); fix that, or train into another run_dir."
         )
@@ -322,7 +322,7 @@ def _check_run_dir(path: str) -> None:
     from nmt.files import unwritable
 
     reason = unwritable(Path(path))
-    if reason:
+    if reason is not None:
         _refuse(f"run_dir={path} cannot be written ({reason}); choose another with run_dir=PATH.")
 
 

@@ -524,7 +524,7 @@ class Trainer:
             {"world_size": state.get("world_size", 1), **state["sampler"]}
         )
         moved = world_size_warning(
-            state, self.cfg, self.dist.world_size, self.state.step, self.state.epoch, path
+            state, self.cfg, self.dist.world_size, self.state.step, self.state.epoch, path, not order_changed
         )
         data_changed = data_change_warning(state.get("encoded_data"), self.data.split_keys, path)
         for warning in (moved, order_changed and f"{path}: {order_changed}", data_changed):
@@ -636,7 +636,7 @@ class Trainer:
 
     def _epochs_done(self) -> int:
         """Epochs whose every batch has been taken (the stream moves to the next epoch only when asked)."""
-        return self.state.epoch + int(self.loader.state_dict()["position"] >= len(self.loader))
+        return self.state.epoch + int(self.loader.sampler.position >= len(self.loader))
 
     def _validate_and_save(self) -> tuple[dict[str, float], bool]:
         """Validate on rank 0, save, and tell every rank whether patience ran out.
@@ -689,8 +689,8 @@ class Trainer:
 
     def train(self) -> TrainResult:
         t = self.cfg.train
-        handlers = install_signal_handlers(self._handle_signal)
         progress = Progress(t.max_steps, self.state.step, self.dist.is_main, t.log_every)
+        handlers = install_signal_handlers(self._handle_signal)
         try:
             return self._train_loop(progress)
         finally:

@@ -85,9 +85,8 @@ class Translator:
         self.max_positions: int | None = getattr(model_cfg, "max_positions", None)
         self.max_src_len = max_src_len or self.max_positions
         self.max_len_cap = position_cap(model, None)
-        self.checkpoint_config: Config | None = (
-            None  # the checkpoint's, when loaded from one (from_checkpoint)
-        )
+        # The checkpoint's config, when loaded from one (from_checkpoint).
+        self.checkpoint_config: Config | None = None
 
     @classmethod
     def from_checkpoint(

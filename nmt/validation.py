@@ -59,9 +59,8 @@ class Validator:
         self.cfg, self.data, self.device = cfg, data, device
         self.batch_loss = batch_loss
         self.writer = writer
-        self._fitting = self._pairs_that_fit(
-            log_left_out
-        )  # checked now: a validation set none of fits is an error
+        # Checked now: a validation set none of fits is an error.
+        self._fitting = self._pairs_that_fit(log_left_out)
         self._loader: BatchLoader | None = None  # built on first use: the same batches every time
 
     @torch.no_grad()

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from nmt.files import publish_folder, sync_folder, write_atomic
+from nmt.files import publish_folder, sync_folder, unwritable, write_atomic
 
 
 def fill_with(text: str):
@@ -83,3 +83,18 @@ def test_write_atomic_replaces_a_file_and_a_failed_write_leaves_the_old_one_alon
     with pytest.raises(OSError, match="No space"):
         write_atomic(path, b"newer")
     assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+
+
+def test_unwritable_gives_the_systems_reason_or_none(tmp_path, monkeypatch):
+    from nmt import files
+
+    assert unwritable(tmp_path / "new" / "folder") is None and (tmp_path / "new" / "folder").is_dir()
+    assert unwritable(tmp_path / "absent", create=False) is not None  # nothing there to write into
+
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(files.tempfile, "TemporaryFile", refused)
+    assert unwritable(tmp_path) == "Permission denied"
+    monkeypatch.setattr(files.tempfile, "TemporaryFile", lambda *a, **k: (_ for _ in ()).throw(OSError()))
+    assert unwritable(tmp_path) == "OSError"  # no words from the system: still a reason, never ""

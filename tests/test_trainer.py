@@ -1003,24 +1003,6 @@ def test_a_model_too_big_for_memory_is_one_sentence(toy_dir, tmp_path, address_s
         make_trainer(cfg)
 
 
-def test_a_checkpoint_from_before_bleu_tokenize_resumes_as_13a(toy_dir, tmp_path):
-    """Such a run scored validation BLEU with 13a whatever its language; a Chinese one continues only
-    with train.bleu_tokenize=13a, so that its best score stays comparable."""
-    from nmt.resume import resume_refusal
-
-    cfg = tiny_config(toy_dir, tmp_path / "run")
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tgt_lang="zh"))
-    saved = cfg.to_dict()
-    del saved["train"]["bleu_tokenize"]
-    assert "train.bleu_tokenize='13a' and this run asks for train.bleu_tokenize='zh'" in resume_refusal(
-        cfg, saved, "old.pt"
-    )
-    assert resume_refusal(with_train(cfg, bleu_tokenize="13a"), saved, "old.pt") is None
-    assert (
-        resume_refusal(with_train(cfg, best_metric="loss"), saved, "old.pt") is None
-    )  # BLEU is not compared
-
-
 def test_resuming_on_changed_data_says_so(toy_dir, tmp_path, caplog):
     """Training data edited in place, with as many lines (so as many batches), used to resume without
     a word; the same data resume silently."""

@@ -221,9 +221,14 @@ class TokenBatchSampler:
             self._position += 1  # counted before handing out: the consumer owns it from here on
             yield batch.tolist()
 
+    @property
+    def position(self) -> int:
+        """Batches of the current epoch handed out to this rank so far."""
+        return self._position
+
     def state_dict(self) -> dict[str, Any]:
         everyone = self._epoch_batches()[0]
-        left = sum(len(batch) for batch in everyone[self._position * self.world_size :])
+        left = sum(len(batch) for batch in everyone[self._position * self.world_size :])  # (only at a save)
         return {
             "epoch": self.epoch,
             "position": self._position,
@@ -240,8 +245,9 @@ class TokenBatchSampler:
 
         Saved with another world size (and the same data, max_tokens and seed), the ranks go on with the
         epoch's batches the saved ranks had not taken, evened out over this world size: every example
-        is still seen once in the epoch. Saved with other data, max_tokens or seed, the epoch goes on at
-        the same fraction, in the new order. Returns what changed in the order, to be told, or None.
+        is still seen once in the epoch. Saved with other data, max_tokens or seed, the epoch goes on in
+        the new order at the same share of its examples (``done``). Returns what changed in the order,
+        to be told, or None.
         """
         self.epoch = int(state["epoch"])
         saved_world_size = int(state.get("world_size", self.world_size))
@@ -327,14 +333,12 @@ def _even_out(batches: list[np.ndarray], world_size: int, quiet: bool = False) -
         largest = max(range(len(batches)), key=lambda i: len(batches[i]))
         if len(batches[largest]) < 2:
             shortfall = world_size - len(batches) % world_size
-            if quiet:
-                pass
-            elif len(batches) < world_size:  # no max_tokens helps: too few examples for the ranks
+            if not quiet and len(batches) < world_size:  # no max_tokens helps: too few examples for the ranks
                 log.warning(
                     "%d examples for %d ranks: some are seen up to %d times this epoch",
                     len(batches), world_size, -(-world_size // len(batches)),
                 )  # fmt: skip
-            else:
+            elif not quiet:
                 log.warning(
                     "every batch holds one example and %d batches do not divide among %d ranks: %d examples "
                     "are seen twice this epoch (raise data.max_tokens to avoid it)",
@@ -385,10 +389,10 @@ class BatchLoader:
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict()
 
-    def load_state_dict(self, state: dict[str, int]) -> str | None:
+    def load_state_dict(self, state: dict[str, Any]) -> str | None:
         return self.sampler.load_state_dict(state)
 
     def padding_efficiency(self) -> float:

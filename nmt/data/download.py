@@ -157,10 +157,8 @@ def download_file(url: str, dest: Path, sha256: str) -> Path:
         try:
             with os.fdopen(fd, "wb") as out:
                 digest = _fetch(url, out, dest.name)
-        except (
-            _WriteFailed,
-            OSError,
-        ) as e:  # the file's, while writing or closing (the network's are OfflineError)
+        # The file's errors, while writing or closing it (the network's are OfflineError).
+        except (_WriteFailed, OSError) as e:
             error = e.__cause__ if isinstance(e, _WriteFailed) else e
             raise DownloadError(
                 f"could not write {dest} ({getattr(error, 'strerror', None) or error}); make room in "
