@@ -148,6 +148,30 @@ def uses_projected_loss(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.float32
 
 
+def _check_settings(cfg: Config, tgt_vocab: int, is_main: bool) -> None:
+    """Refuse settings that would fail only later in the run; warn (rank 0) about likely slips."""
+    if cfg.decode.beam >= tgt_vocab:  # validation would fail only once it is reached
+        raise TrainingError(
+            f"decode.beam={cfg.decode.beam} needs more than {cfg.decode.beam} target tokens and the "
+            f"tokenizer has {tgt_vocab}; lower decode.beam."
+        )
+    if not is_main:
+        return
+    if cfg.train.lr > 0.01:  # allowed, (0, 1), but a likely slip of a digit
+        log.warning(
+            "train.lr=%g is far above the 1e-4 to 2e-3 that AdamW trains Transformers with; the loss may not go "
+            "down",
+            cfg.train.lr,
+        )
+    if cfg.train.warmup_steps > cfg.train.max_steps:
+        log.warning(
+            "train.warmup_steps=%d > train.max_steps=%d: the learning rate never reaches train.lr=%g",
+            cfg.train.warmup_steps,
+            cfg.train.max_steps,
+            cfg.train.lr,
+        )
+
+
 def _model_too_big(cfg: Config, tok: Any, error: BaseException) -> str:
     m = cfg.model
     with torch.device("meta"):  # shapes only: counting needs no memory
@@ -176,45 +200,11 @@ class Trainer:
         self.dist = dist or DistInfo()
         self.writer = writer if self.dist.is_main else None
         self.ckpt_dir = self.run_dir / "checkpoints"
-        try:
-            self.device = resolve_device(cfg.train.device, "train.device")
-            if self.device.type == "cuda" and self.dist.enabled:
-                self.device = torch.device("cuda", self.dist.local_rank)
-            self.dtype = resolve_dtype(cfg.train.precision, self.device, "train.precision", torch.float16)
-        except ValueError as e:
-            raise TrainingError(str(e)) from None
+        self.device, self.dtype = self._device_and_dtype()
         self.projected_loss = uses_projected_loss(self.device, self.dtype)
-        tgt_vocab = data.tokenizer.tgt_vocab_size
-        if cfg.decode.beam >= tgt_vocab:  # validation would fail only once it is reached
-            raise TrainingError(
-                f"decode.beam={cfg.decode.beam} needs more than {cfg.decode.beam} target tokens and the "
-                f"tokenizer has {tgt_vocab}; lower decode.beam."
-            )
-        if cfg.train.lr > 0.01 and self.dist.is_main:  # allowed, (0, 1), but a likely slip of a digit
-            log.warning(
-                "train.lr=%g is far above the 1e-4 to 2e-3 that AdamW trains Transformers with; the loss may "
-                "not go down",
-                cfg.train.lr,
-            )
-        if cfg.train.warmup_steps > cfg.train.max_steps and self.dist.is_main:
-            log.warning(
-                "train.warmup_steps=%d > train.max_steps=%d: the learning rate never reaches train.lr=%g",
-                cfg.train.warmup_steps,
-                cfg.train.max_steps,
-                cfg.train.lr,
-            )
+        _check_settings(cfg, data.tokenizer.tgt_vocab_size, self.dist.is_main)
         seed_everything(cfg.train.seed)
-
-        tok = data.tokenizer
-        try:
-            self.raw_model = Transformer(cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, pad_id=PAD_ID).to(
-                self.device
-            )
-        except (MemoryError, RuntimeError) as e:  # the CPU allocator's, or torch.OutOfMemoryError
-            out_of_memory = not isinstance(e, RuntimeError) or isinstance(e, torch.OutOfMemoryError)
-            if not (out_of_memory or "can't allocate memory" in str(e)):
-                raise
-            raise TrainingError(_model_too_big(cfg, tok, e)) from None
+        self.raw_model = self._build_model()
         # What a training step calls: the model (logits), or the loss around it; compiled, under DDP.
         self.loss_model: nn.Module = ProjectedLoss(self.raw_model) if self.projected_loss else self.raw_model
         self.model: nn.Module = self.loss_model
@@ -258,6 +248,29 @@ class Trainer:
     def log_to(self, writer: EventLog | None) -> None:
         """Send TensorBoard scalars and validation reports to ``writer`` (rank 0 only) from now on."""
         self.writer = self.validator.writer = writer if self.dist.is_main else None
+
+    def _device_and_dtype(self) -> tuple[torch.device, torch.dtype]:
+        """train.device and train.precision resolved; under DDP on GPUs, this rank's GPU."""
+        try:
+            device = resolve_device(self.cfg.train.device, "train.device")
+            if device.type == "cuda" and self.dist.enabled:
+                device = torch.device("cuda", self.dist.local_rank)
+            return device, resolve_dtype(self.cfg.train.precision, device, "train.precision", torch.float16)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
+
+    def _build_model(self) -> Transformer:
+        """The model on the training device; one that does not fit in memory is one sentence."""
+        tok = self.data.tokenizer
+        try:
+            return Transformer(self.cfg.model, tok.src_vocab_size, tok.tgt_vocab_size, pad_id=PAD_ID).to(
+                self.device
+            )
+        except (MemoryError, RuntimeError) as e:  # the CPU allocator's, or torch.OutOfMemoryError
+            out_of_memory = not isinstance(e, RuntimeError) or isinstance(e, torch.OutOfMemoryError)
+            if not (out_of_memory or "can't allocate memory" in str(e)):
+                raise
+            raise TrainingError(_model_too_big(self.cfg, tok, e)) from None
 
     # ------------------------------------------------------------------ data
     def _batch_stream(self) -> Iterator[Batch]:
