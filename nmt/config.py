@@ -92,6 +92,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    # These are the default model group's (configs/model/small.yaml), but for its higher dropouts.
     d_model: int = 256
     n_heads: int = 4
     enc_layers: int = 3
