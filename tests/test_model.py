@@ -121,6 +121,20 @@ def test_attention_matches_naive_reference(case, kernel, monkeypatch):
     assert len(sdpa_calls) == (kernel == "sdpa")
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_a_query_with_no_key_to_attend_gets_what_sdpa_gives_on_either_path(training, monkeypatch):
+    """A source all padding (a cross-attention key mask all False) gives zeros from SDPA; the explicit
+    path for short keys must give the same, not NaN, or one such row would turn a batch's loss into NaN."""
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(d_model=16, n_heads=4).double().train(training)
+    x, memory = torch.randn(2, 3, 16, dtype=torch.float64), torch.randn(2, 5, 16, dtype=torch.float64)
+    mask = torch.tensor([[True] * 5, [False] * 5])[:, None, None, :]  # (B, 1, 1, S): row 1 sees nothing
+    explicit = attn(x, memory=memory, mask=mask)
+    monkeypatch.setattr(attention_module, "CPU_EXPLICIT_MAX_KEYS", 0)  # every length to SDPA
+    torch.testing.assert_close(explicit, attn(x, memory=memory, mask=mask), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(explicit[1], attn.out_proj.bias.expand(3, 16))  # zeros through out_proj
+
+
 def test_self_attention_cache_grows_and_reorders():
     cache = SelfAttentionCache(initial_capacity=2)
     chunks = [torch.randn(3, 2, length, 4) for length in (1, 3, 1, 4)]

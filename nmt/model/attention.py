@@ -155,4 +155,11 @@ class MultiHeadAttention(nn.Module):
         scores = torch.matmul(q, k.transpose(-2, -1)).mul_(self.head_dim**-0.5)  # (B, H, T, Tk)
         if mask is not None:
             scores = scores.masked_fill_(~mask, float("-inf"))
-        return torch.matmul(self.weights_dropout(scores.softmax(dim=-1)), v)  # (B, H, T, Dh)
+        probs = scores.softmax(dim=-1)
+        if mask is not None:
+            # A query with no key to attend (a source all padding) gets zeros, as from SDPA, not NaN. (On
+            # the CPU the check costs no wait; compiled, the fill is fused instead of branched on.)
+            blind = ~mask.any(dim=-1, keepdim=True)
+            if torch.compiler.is_compiling() or bool(blind.any()):
+                probs = probs.masked_fill(blind, 0.0)
+        return torch.matmul(self.weights_dropout(probs), v)  # (B, H, T, Dh)
