@@ -32,7 +32,7 @@ from nmt.checkpoint import CheckpointError, checkpoint_file, config_from_checkpo
 from nmt.config import Config, ConfigError, DecodeConfig
 from nmt.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
 from nmt.device import avoid_per_shape_attention_kernels, resolve_device, resolve_dtype
-from nmt.search import Hypothesis, beam_search, greedy_search, position_cap
+from nmt.search import Hypothesis, beam_search, greedy_search
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,6 @@ class Translator:
         model_cfg = getattr(model, "cfg", None)
         self.max_positions: int | None = getattr(model_cfg, "max_positions", None)
         self.max_src_len = max_src_len or self.max_positions
-        self.max_len_cap = position_cap(model, None)
         # The checkpoint's config, when loaded from one (from_checkpoint).
         self.checkpoint_config: Config | None = None
 
@@ -283,12 +282,8 @@ class Translator:
     def _search(
         self, src: torch.Tensor, src_mask: torch.Tensor, cfg: DecodeConfig, nbest: int, need_scores: bool
     ) -> list[list[Hypothesis]]:
-        lengths = dict(
-            max_len_a=cfg.max_len_a,
-            max_len_b=cfg.max_len_b,
-            min_len=cfg.min_len,
-            max_len_cap=self.max_len_cap,
-        )
+        # Outputs are also capped by the model's positions, as the searches do by default.
+        lengths = dict(max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b, min_len=cfg.min_len)
         if cfg.beam == 1 and not need_scores:  # beam search's result with less bookkeeping, but no scores
             return [
                 [Hypothesis(tokens, 0.0, 0.0)]

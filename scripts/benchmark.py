@@ -277,9 +277,8 @@ class Side:
     scheduler: Any
     attention: str
     num_params: int
-    loss_model: nn.Module | None = (
-        None  # ProjectedLoss around the model (possibly compiled), as in the trainer
-    )
+    # ProjectedLoss around the model (possibly compiled), as in the trainer; None: the loss of the logits.
+    loss_model: nn.Module | None = None
     loss: Callable = label_smoothed_nll  # of the logits, as in the trainer: compiled with --compile
 
 

@@ -176,8 +176,8 @@ def nmt_runner(translator: Translator, beam: int) -> Runner:
     """Decode with nmt (through :func:`decode_all`), recording each batch's decoder steps and
     output tokens."""
     model, cfg = translator.model, translator.decode_cfg
+    # As the translator decodes: outputs also capped by the model's positions, the searches' default.
     lengths = dict(max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b, min_len=cfg.min_len)
-    lengths["max_len_cap"] = translator.max_len_cap
     decode = type(model).decode.__get__(model)  # the method, not an earlier wrapper
     counter = threading.local()  # decoder calls of the batch this thread is decoding
 
